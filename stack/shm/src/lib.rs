@@ -1,1 +1,68 @@
-//! placeholder
+//! Shared-memory foundation of Shunt: memfd segments, SPSC byte FIFOs, fixed-record event rings,
+//! eventfd doorbells and file-descriptor passing.
+//!
+//! # Why it looks like this
+//!
+//! Shunt moves bytes between co-located processes (the daemon and its applications, or two
+//! applications in cut-through) without copying them through a kernel socket. The bytes live in a
+//! *segment*: a sealed memfd that both processes map. Inside a segment sit single-producer /
+//! single-consumer byte [`fifo`]s (one per direction of a session) and [`ring`]s of 64-byte
+//! records (control and IO events). A process that has just made data available rings the peer's
+//! [`doorbell`] (an eventfd) — but only when the peer may be asleep, so a busy stream costs no
+//! system calls at all. File descriptors for segments and doorbells travel over a Unix socket with
+//! [`fdpass`].
+//!
+//! # The peer is not trusted
+//!
+//! Everything a peer can write — every byte of a segment, including the FIFO and ring headers —
+//! is treated as hostile input. The rules, applied in every module:
+//!
+//! * geometry (capacity, offsets) is read **once** at attach time, validated and copied into
+//!   private memory; it is never re-read;
+//! * each side keeps a private copy of its own index and only *publishes* it; the peer's index is
+//!   validated on every load (`tail - head <= capacity`), and a violation turns the endpoint into a
+//!   sticky `Corrupt` state instead of an out-of-bounds access;
+//! * every data offset is masked with the private mask, so no value read from shared memory can
+//!   steer an access outside the FIFO's own data area;
+//! * segments are refused unless they carry `F_SEAL_SHRINK`, so the peer cannot truncate the file
+//!   and make our accesses fault with `SIGBUS`;
+//! * bookkeeping that must stay consistent (the segment allocator, the out-of-order interval
+//!   list) lives in process-private memory only.
+//!
+//! A hostile peer can therefore make us read garbage *data*, or make an endpoint report
+//! `Corrupt`, but it cannot make this process touch memory outside the region or panic.
+//!
+//! # Unsafe code
+//!
+//! The crate denies `unsafe_code`; only [`region`] (mapping, raw pointers, atomics placed in
+//! shared memory) and the small `fifo::slices` module (building zero-copy slices under the SPSC
+//! ownership argument) opt back in. [`fdpass`] and [`doorbell`] are safe wrappers over `rustix`.
+//!
+//! # Testing
+//!
+//! Unit tests sit at the bottom of each module and run under Miri (`cargo +nightly miri test -p
+//! shunt-shm --lib`); the FIFO, has-event, want-tx-space and ring wake-up protocols are
+//! model-checked with loom (`tests/loom.rs`); `tests/cross_process.rs` streams more than 4 GiB
+//! between two real processes. See the crate README for the exact commands.
+
+pub mod alloc;
+pub mod doorbell;
+pub mod fdpass;
+pub mod fifo;
+pub mod region;
+pub mod ring;
+pub mod segment;
+mod sync;
+
+pub use alloc::SegmentAllocator;
+pub use doorbell::{Doorbell, wait_readable};
+pub use fdpass::{recv_with_fds, send_with_fds, seqpacket_pair};
+pub use fifo::{
+    Consumer, FIFO_HEADER_LEN, FifoError, OooInterval, Producer, ReadSlices, WriteSlices,
+    fifo_footprint, init_fifo,
+};
+pub use region::{OutOfBounds, Region};
+pub use ring::{
+    RECORD_LEN, RingConsumer, RingError, RingProducer, Wake, init_ring, ring_footprint,
+};
+pub use segment::{SEGMENT_HEADER_LEN, Segment, SegmentError};

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Installs what building and testing Shunt needs. Safe to re-run.
+set -euo pipefail
+
+# Miri and loom runs use the nightly toolchain's Miri component.
+if ! cargo +nightly miri --version >/dev/null 2>&1; then
+    rustup component add --toolchain nightly miri rust-src
+fi
+rustup component add rustfmt clippy >/dev/null
+
+if ! command -v cargo-nextest >/dev/null 2>&1; then
+    cargo install --locked cargo-nextest@0.9.143
+fi

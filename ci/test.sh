@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Sets up and runs every check CI runs: formatting, lints, the test suite, Miri and loom.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash ci/setup.sh
+
+echo "== cargo fmt"
+cargo fmt --all -- --check
+
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+echo "== cargo nextest"
+cargo nextest run --workspace --locked --no-fail-fast
+
+echo "== miri (shared-memory FIFOs and rings)"
+MIRIFLAGS="${MIRIFLAGS:-}" cargo +nightly miri test --locked -p shunt-shm --lib

@@ -1,0 +1,348 @@
+//! A cut-through session: reads and writes go straight to the shared FIFOs.
+
+use std::io::{self, IoSlice, IoSliceMut};
+use std::net::SocketAddr;
+use std::task::Waker;
+use std::time::Duration;
+
+use shunt_sapi::event::Event;
+use shunt_shm::fifo::{Consumer, Producer};
+
+use crate::Error;
+use crate::peer::SegmentKey;
+use crate::worker::{State, Worker};
+
+pub(crate) struct SessionState {
+    pub(crate) session_id: u64,
+    pub(crate) segment: SegmentKey,
+    pub(crate) slot: u32,
+    rx: Consumer,
+    tx: Producer,
+    pub(crate) local: SocketAddr,
+    pub(crate) remote: SocketAddr,
+    pub(crate) is_client: bool,
+    /// The peer closed: it reads no more; what it wrote is still readable.
+    peer_closed: bool,
+    /// The peer reset, or died: nothing more will flow.
+    peer_reset: bool,
+    /// We asked the peer for tx-space and have not heard back.
+    tx_space_pending: bool,
+    write_shut: bool,
+    pub(crate) read_waker: Option<Waker>,
+    pub(crate) write_waker: Option<Waker>,
+}
+
+fn wake(w: &mut Option<Waker>) {
+    if let Some(w) = w.take() {
+        w.wake();
+    }
+}
+
+impl SessionState {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(session_id: u64, segment: SegmentKey, slot: u32, rx: Consumer, tx: Producer, local: SocketAddr, remote: SocketAddr, is_client: bool, peer_dead: bool) -> Self {
+        Self {
+            session_id,
+            segment,
+            slot,
+            rx,
+            tx,
+            local,
+            remote,
+            is_client,
+            peer_closed: false,
+            peer_reset: peer_dead,
+            tx_space_pending: false,
+            write_shut: false,
+            read_waker: None,
+            write_waker: None,
+        }
+    }
+
+    pub(crate) fn on_rx_data(&mut self) {
+        // Clear before the app reads, so a write after this read signals again.
+        self.rx.clear_event();
+        wake(&mut self.read_waker);
+    }
+
+    pub(crate) fn on_tx_space(&mut self) {
+        self.tx_space_pending = false;
+        wake(&mut self.write_waker);
+    }
+
+    pub(crate) fn peer_closed(&mut self) {
+        self.peer_closed = true;
+        wake(&mut self.read_waker);
+        wake(&mut self.write_waker);
+    }
+
+    pub(crate) fn peer_reset(&mut self) {
+        self.peer_reset = true;
+        wake(&mut self.read_waker);
+        wake(&mut self.write_waker);
+    }
+
+    /// The peer's process is gone. A session it closed cleanly keeps its data and EOF.
+    pub(crate) fn peer_died(&mut self) {
+        let clean_eof = self.peer_closed || self.rx.is_writer_shutdown();
+        if !clean_eof {
+            self.peer_reset = true;
+        }
+        self.peer_closed = true;
+        wake(&mut self.read_waker);
+        wake(&mut self.write_waker);
+    }
+
+    fn reset_error() -> io::Error {
+        io::Error::new(io::ErrorKind::ConnectionReset, "cut-through peer reset the session")
+    }
+
+    fn corrupt(e: impl std::fmt::Display) -> io::Error {
+        io::Error::new(io::ErrorKind::ConnectionReset, format!("cut-through FIFO corrupt: {e}"))
+    }
+}
+
+/// One established session. Dropping it closes it.
+pub struct Session {
+    worker: Worker,
+    index: usize,
+    closed: bool,
+}
+
+/// Where a session goes, for logs and listings.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionInfo {
+    pub session_id: u64,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub is_client: bool,
+}
+
+enum Notify {
+    RxData,
+    TxSpace,
+}
+
+impl Session {
+    pub(crate) fn new(worker: Worker, index: usize) -> Self {
+        Self {
+            worker,
+            index,
+            closed: false,
+        }
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut State, &mut SessionState) -> T) -> T {
+        let mut st = self.worker.lock();
+        let mut s = st.sessions[self.index].take().expect("a live Session owns its slot");
+        let out = f(&mut st, &mut s);
+        st.sessions[self.index] = Some(s);
+        out
+    }
+
+    fn notify(st: &mut State, s: &SessionState, what: Notify) -> io::Result<()> {
+        let Some(peer) = st.peers.get_mut(&s.segment) else {
+            return Ok(());
+        };
+        let slot = s.slot;
+        peer.notify(match what {
+            Notify::RxData => Event::RxData { slot },
+            Notify::TxSpace => Event::TxSpace { slot },
+        })
+    }
+
+    pub fn info(&self) -> SessionInfo {
+        self.with(|_, s| SessionInfo {
+            session_id: s.session_id,
+            local: s.local,
+            remote: s.remote,
+            is_client: s.is_client,
+        })
+    }
+
+    pub fn worker(&self) -> &Worker {
+        &self.worker
+    }
+
+    /// Reads what is available without blocking; `WouldBlock` when nothing is.
+    pub fn try_read_vectored(&mut self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
+        self.with(|st, s| {
+            if s.peer_reset {
+                return Err(SessionState::reset_error());
+            }
+            let n = s.rx.dequeue_vectored(bufs).map_err(SessionState::corrupt)?;
+            if n > 0 {
+                if s.rx.take_tx_space_request() {
+                    Self::notify(st, s, Notify::TxSpace)?;
+                }
+                return Ok(n);
+            }
+            if s.rx.at_eof().map_err(SessionState::corrupt)? || bufs.iter().all(|b| b.is_empty()) {
+                return Ok(0);
+            }
+            Err(io::ErrorKind::WouldBlock.into())
+        })
+    }
+
+    pub fn try_read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.try_read_vectored(&mut [IoSliceMut::new(buf)])
+    }
+
+    /// Writes what fits without blocking; `WouldBlock` when the FIFO is full.
+    pub fn try_write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        self.with(|st, s| {
+            if s.peer_reset {
+                return Err(SessionState::reset_error());
+            }
+            if s.peer_closed || s.tx.is_reader_closed() {
+                return Err(io::Error::new(io::ErrorKind::BrokenPipe, "cut-through peer closed the session"));
+            }
+            if s.write_shut {
+                return Err(io::Error::new(io::ErrorKind::BrokenPipe, "session was shut down for writing"));
+            }
+            let want: usize = bufs.iter().map(|b| b.len()).sum();
+            if want == 0 {
+                return Ok(0);
+            }
+            let mut n = s.tx.enqueue_vectored(bufs);
+            if n == 0 {
+                // Full: ask to be told when the reader frees space, then look again so a
+                // dequeue that raced with the request is not missed.
+                if !s.tx_space_pending {
+                    s.tx.request_tx_space();
+                    s.tx_space_pending = true;
+                }
+                n = s.tx.enqueue_vectored(bufs);
+                if n == 0 {
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+            }
+            if s.tx.set_event() {
+                Self::notify(st, s, Notify::RxData)?;
+            }
+            Ok(n)
+        })
+    }
+
+    pub fn try_write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.try_write_vectored(&[IoSlice::new(buf)])
+    }
+
+    fn blocking<T>(&mut self, mut op: impl FnMut(&mut Self) -> io::Result<T>) -> io::Result<T> {
+        loop {
+            match op(self) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.worker.wait(Some(Duration::from_secs(1))).map_err(io::Error::from)?;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Spins on the FIFO without sleeping: the lowest latency, at the price of a busy core.
+    pub fn read_busy_poll(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            match self.try_read(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // Peers' close and reset arrive as events; look at them now and then.
+                    self.worker.dispatch().map_err(io::Error::from)?;
+                    std::hint::spin_loop();
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Shuts the write direction: the peer reads what was written, then end-of-stream.
+    pub fn shutdown_write(&mut self) -> io::Result<()> {
+        self.with(|st, s| {
+            if s.write_shut {
+                return Ok(());
+            }
+            s.write_shut = true;
+            s.tx.shutdown();
+            if s.tx.set_event() {
+                Self::notify(st, s, Notify::RxData)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn finish(&mut self, reset: bool) {
+        if self.closed {
+            return;
+        }
+        self.closed = true;
+        let mut st = self.worker.lock();
+        let Some(mut s) = st.sessions[self.index].take() else { return };
+        if reset {
+            s.tx.reset();
+            s.rx.reset();
+        } else {
+            s.tx.shutdown();
+            s.rx.close_reader();
+        }
+        let event = if reset { Event::PeerReset { slot: s.slot } } else { Event::PeerClosed { slot: s.slot } };
+        if let Some(peer) = st.peers.get_mut(&s.segment) {
+            let _ = peer.notify(event);
+            peer.slots.remove(&s.slot);
+        }
+        let (epoch, session_id) = (s.segment.0, s.session_id);
+        self.worker.report_closed(&mut st, epoch, session_id, reset);
+        self.worker.gc_peer(&mut st, s.segment);
+    }
+
+    /// Closes both directions; the peer reads what is left, then end-of-stream.
+    pub fn close(mut self) {
+        self.finish(false);
+    }
+
+    /// Aborts: the peer sees a reset and unread data is discarded.
+    pub fn reset(mut self) {
+        self.finish(true);
+    }
+
+    pub(crate) fn register_read(&self, waker: &Waker) {
+        self.with(|_, s| s.read_waker = Some(waker.clone()));
+    }
+
+    pub(crate) fn register_write(&self, waker: &Waker) {
+        self.with(|_, s| s.write_waker = Some(waker.clone()));
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.finish(false);
+    }
+}
+
+impl io::Read for Session {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.blocking(|s| s.try_read(buf))
+    }
+
+    fn read_vectored(&mut self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
+        self.blocking(|s| s.try_read_vectored(bufs))
+    }
+}
+
+impl io::Write for Session {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.blocking(|s| s.try_write(buf))
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        self.blocking(|s| s.try_write_vectored(bufs))
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl From<Error> for io::ErrorKind {
+    fn from(e: Error) -> Self {
+        io::Error::from(e).kind()
+    }
+}

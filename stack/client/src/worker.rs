@@ -1,0 +1,717 @@
+//! An attached app worker: its connection to shuntd, its event queue, its peers and sessions.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use rustix::event::epoll;
+use rustix::net::{self, AddressFamily, SocketFlags, SocketType};
+use shunt_sapi::event::{Event, FifoPair};
+use shunt_sapi::message::{DaemonReply, MAX_MESSAGE_LEN, Request, Resume, ResumedSession, Scope};
+use shunt_sapi::{ErrorCode, layout};
+use shunt_shm::doorbell::Doorbell;
+use shunt_shm::fdpass;
+use shunt_shm::fifo::{Consumer, Producer};
+use shunt_shm::ring::RingConsumer;
+use shunt_shm::segment::Segment;
+
+use crate::Error;
+use crate::peer::{PeerSegment, SegmentKey};
+use crate::session::{Session, SessionState};
+
+/// How long blocking calls wait for shuntd before giving up.
+const DAEMON_TIMEOUT: Duration = Duration::from_secs(10);
+
+const TOKEN_DOORBELL: u64 = 0;
+const TOKEN_SOCKET: u64 = 1;
+/// Liveness sockets use tokens from here: TOKEN_LIVENESS + (epoch << 32 | segment id).
+const TOKEN_LIVENESS: u64 = 1 << 63;
+
+#[derive(Debug, Clone)]
+pub struct AttachOptions {
+    pub socket: PathBuf,
+    pub namespace: String,
+    pub secret: Vec<u8>,
+    pub app_name: String,
+    pub scope: Scope,
+    /// Events in the worker's queue; 0 takes shuntd's default.
+    pub event_queue_len: u32,
+}
+
+impl AttachOptions {
+    pub fn new(socket: impl Into<PathBuf>) -> Self {
+        Self {
+            socket: socket.into(),
+            namespace: "default".into(),
+            secret: Vec::new(),
+            app_name: std::env::args().next().unwrap_or_else(|| "app".into()),
+            scope: Scope::Local,
+            event_queue_len: 0,
+        }
+    }
+
+    pub fn namespace(mut self, id: &str, secret: &[u8]) -> Self {
+        self.namespace = id.to_owned();
+        self.secret = secret.to_vec();
+        self
+    }
+
+    pub fn app_name(mut self, name: &str) -> Self {
+        self.app_name = name.to_owned();
+        self
+    }
+
+    pub fn scope(mut self, scope: Scope) -> Self {
+        self.scope = scope;
+        self
+    }
+}
+
+pub(crate) struct ListenerState {
+    pub(crate) endpoint: SocketAddr,
+    pub(crate) backlog: VecDeque<(u64, FifoPair, SocketAddr)>,
+    pub(crate) waker: Option<std::task::Waker>,
+}
+
+pub(crate) enum ConnectState {
+    Waiting(Option<std::task::Waker>),
+    Done(Result<(u64, FifoPair, SocketAddr), Error>),
+}
+
+pub(crate) struct Daemon {
+    pub(crate) socket: OwnedFd,
+    pub(crate) queue: RingConsumer,
+    _queue_segment: Arc<Segment>,
+    pub(crate) epoch: u32,
+    worker_id: u32,
+}
+
+pub(crate) struct State {
+    options: AttachOptions,
+    pub(crate) daemon: Option<Daemon>,
+    epoch: u32,
+    next_request: u32,
+    pub(crate) peers: HashMap<SegmentKey, PeerSegment>,
+    pub(crate) sessions: Vec<Option<SessionState>>,
+    pub(crate) listeners: HashMap<u64, ListenerState>,
+    connects: HashMap<u32, ConnectState>,
+    replies: HashMap<u32, DaemonReply>,
+    local_address: SocketAddr,
+}
+
+pub(crate) struct Inner {
+    pub(crate) state: Mutex<State>,
+    epoll: OwnedFd,
+    doorbell: Doorbell,
+}
+
+/// An attached app worker. Cheap to clone; clones share the worker.
+#[derive(Clone)]
+pub struct Worker {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker").field("epoll", &self.inner.epoll.as_raw_fd()).finish_non_exhaustive()
+    }
+}
+
+fn connect_socket(path: &std::path::Path) -> Result<OwnedFd, Error> {
+    let fd = net::socket_with(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None)
+        .map_err(|e| Error::DaemonUnavailable(e.into()))?;
+    let addr = net::SocketAddrUnix::new(path).map_err(|e| Error::DaemonUnavailable(e.into()))?;
+    net::connect(&fd, &addr).map_err(|e| Error::DaemonUnavailable(e.into()))?;
+    Ok(fd)
+}
+
+fn set_nonblocking(fd: BorrowedFd<'_>, on: bool) -> std::io::Result<()> {
+    let flags = rustix::fs::fcntl_getfl(fd)?;
+    let flags = if on { flags | rustix::fs::OFlags::NONBLOCK } else { flags - rustix::fs::OFlags::NONBLOCK };
+    rustix::fs::fcntl_setfl(fd, flags)?;
+    Ok(())
+}
+
+/// Sends one request and waits for its reply on a still-blocking socket (attach only).
+fn request_blocking(fd: BorrowedFd<'_>, req: &Request, fds: &[BorrowedFd<'_>]) -> Result<(DaemonReply, Vec<OwnedFd>), Error> {
+    fdpass::send_with_fds(fd, &req.encode(1), fds).map_err(|_| Error::DaemonGone)?;
+    let mut buf = vec![0u8; MAX_MESSAGE_LEN];
+    let deadline = Instant::now() + DAEMON_TIMEOUT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || !shunt_shm::doorbell::wait_readable(fd, Some(left))? {
+            return Err(Error::Timeout);
+        }
+        let (n, fds) = fdpass::recv_with_fds(fd, &mut buf, 3)?;
+        if n == 0 {
+            return Err(Error::DaemonGone);
+        }
+        let (id, reply) = DaemonReply::decode(&buf[..n]).map_err(|e| Error::Protocol(e.to_string()))?;
+        if id == 1 {
+            return Ok((reply, fds));
+        }
+    }
+}
+
+impl Worker {
+    /// Attaches to shuntd as a new app with one worker.
+    pub fn attach(options: AttachOptions) -> Result<Worker, Error> {
+        let epoll = epoll::create(epoll::CreateFlags::CLOEXEC).map_err(std::io::Error::from)?;
+        let doorbell = Doorbell::new()?;
+        epoll::add(&epoll, doorbell.as_fd(), epoll::EventData::new_u64(TOKEN_DOORBELL), epoll::EventFlags::IN)
+            .map_err(std::io::Error::from)?;
+        let state = State {
+            options,
+            daemon: None,
+            epoch: 0,
+            next_request: 1,
+            peers: HashMap::new(),
+            sessions: Vec::new(),
+            listeners: HashMap::new(),
+            connects: HashMap::new(),
+            replies: HashMap::new(),
+            local_address: "0.0.0.0:0".parse().expect("literal"),
+        };
+        let inner = Arc::new(Inner {
+            state: Mutex::new(state),
+            epoll,
+            doorbell,
+        });
+        let worker = Worker { inner };
+        worker.reattach()?;
+        Ok(worker)
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
+        self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether shuntd is currently reachable. Established sessions flow either way.
+    pub fn is_attached(&self) -> bool {
+        self.lock().daemon.is_some()
+    }
+
+    /// Attaches again after shuntd restarted, keeping every session and re-opening listeners.
+    pub fn reattach(&self) -> Result<(), Error> {
+        let mut st = self.lock();
+        if st.daemon.is_some() {
+            return Ok(());
+        }
+        let socket = connect_socket(&st.options.socket)?;
+        let resume = Resume {
+            listeners: Vec::new(),
+            sessions: st
+                .sessions
+                .iter()
+                .flatten()
+                .map(|s| ResumedSession {
+                    local: s.local,
+                    remote: s.remote,
+                    is_client: s.is_client,
+                })
+                .collect(),
+        };
+        let req = Request::Attach {
+            namespace_id: st.options.namespace.clone(),
+            namespace_secret: st.options.secret.clone(),
+            app_name: st.options.app_name.clone(),
+            scope: st.options.scope,
+            event_queue_len: st.options.event_queue_len,
+            resume,
+        };
+        let (reply, mut fds) = request_blocking(socket.as_fd(), &req, &[self.inner.doorbell.as_fd()])?;
+        let (worker_id, offset, ns_address) = match reply {
+            DaemonReply::Attached { worker_id, event_queue_offset, namespace_address, .. } => {
+                (worker_id, event_queue_offset, namespace_address)
+            }
+            DaemonReply::Failure { code, message } => return Err(Error::Refused { code, message }),
+            other => return Err(Error::Protocol(format!("unexpected attach reply {other:?}"))),
+        };
+        if fds.len() != 1 || offset as usize != layout::event_queue_offset() {
+            return Err(Error::Protocol("attach reply must carry one event-queue segment at the agreed offset".into()));
+        }
+        let seg = Arc::new(Segment::open(fds.remove(0)).map_err(|e| Error::Shm(e.to_string()))?);
+        let queue = RingConsumer::attach(seg.clone(), offset as usize).map_err(|e| Error::Shm(e.to_string()))?;
+        set_nonblocking(socket.as_fd(), true)?;
+        epoll::add(&self.inner.epoll, socket.as_fd(), epoll::EventData::new_u64(TOKEN_SOCKET), epoll::EventFlags::IN)
+            .map_err(std::io::Error::from)?;
+        st.epoch += 1;
+        let epoch = st.epoch;
+        st.local_address = ns_address;
+        st.daemon = Some(Daemon {
+            socket,
+            queue,
+            _queue_segment: seg,
+            epoch,
+            worker_id,
+        });
+        // Listeners belong to shuntd's tables, which a restart emptied: open them again.
+        let listeners: Vec<(u64, SocketAddr)> = st.listeners.iter().map(|(id, l)| (*id, l.endpoint)).collect();
+        drop(st);
+        for (old_id, ep) in listeners {
+            match self.request(Request::Listen { endpoint: ep }) {
+                Ok(DaemonReply::Listening { listener_id, .. }) => {
+                    let mut st = self.lock();
+                    if let Some(l) = st.listeners.remove(&old_id) {
+                        st.listeners.insert(listener_id, l);
+                    }
+                }
+                other => tracing::warn!(endpoint = %ep, result = ?other.err(), "cannot re-open listener after re-attach"),
+            }
+        }
+        tracing::debug!(worker_id, epoch, "attached to shuntd");
+        Ok(())
+    }
+
+    /// The fd to watch for readability; when it is readable, call [`Worker::dispatch`].
+    pub fn readiness_fd(&self) -> RawFd {
+        self.inner.epoll.as_raw_fd()
+    }
+
+    fn next_request(st: &mut State) -> u32 {
+        let id = st.next_request;
+        st.next_request = st.next_request.wrapping_add(1).max(2);
+        id
+    }
+
+    fn send(&self, st: &mut State, id: u32, req: &Request) -> Result<(), Error> {
+        let Some(d) = st.daemon.as_ref() else {
+            return Err(Error::DaemonGone);
+        };
+        fdpass::send_with_fds(d.socket.as_fd(), &req.encode(id), &[]).map_err(|e| {
+            tracing::debug!(error = %e, "shuntd socket failed");
+            Error::DaemonGone
+        })?;
+        Ok(())
+    }
+
+    /// Sends a request and waits for its reply, dispatching events meanwhile.
+    fn request(&self, req: Request) -> Result<DaemonReply, Error> {
+        let id = {
+            let mut st = self.lock();
+            let id = Self::next_request(&mut st);
+            self.send(&mut st, id, &req)?;
+            id
+        };
+        let deadline = Instant::now() + DAEMON_TIMEOUT;
+        loop {
+            if let Some(reply) = self.lock().replies.remove(&id) {
+                return match reply {
+                    DaemonReply::Failure { code, message } => Err(Error::Refused { code, message }),
+                    other => Ok(other),
+                };
+            }
+            if !self.is_attached() {
+                return Err(Error::DaemonGone);
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Timeout);
+            }
+            self.wait(Some(Duration::from_millis(100)))?;
+        }
+    }
+
+    fn ensure_attached(&self) -> Result<(), Error> {
+        if self.is_attached() { Ok(()) } else { self.reattach() }
+    }
+
+    /// Opens a listener at `endpoint` (cut-through only: reachable by co-located apps).
+    pub fn listen(&self, endpoint: SocketAddr) -> Result<Listener, Error> {
+        self.ensure_attached()?;
+        match self.request(Request::Listen { endpoint })? {
+            DaemonReply::Listening { listener_id, endpoint } => {
+                self.lock().listeners.insert(
+                    listener_id,
+                    ListenerState {
+                        endpoint,
+                        backlog: VecDeque::new(),
+                        waker: None,
+                    },
+                );
+                Ok(Listener {
+                    worker: self.clone(),
+                    endpoint,
+                })
+            }
+            other => Err(Error::Protocol(format!("unexpected listen reply {other:?}"))),
+        }
+    }
+
+    /// Starts a connect; finish it with [`Worker::poll_connect`].
+    pub fn start_connect(&self, remote: SocketAddr) -> Result<PendingConnect, Error> {
+        self.ensure_attached()?;
+        let mut st = self.lock();
+        let id = Self::next_request(&mut st);
+        st.connects.insert(id, ConnectState::Waiting(None));
+        if let Err(e) = self.send(&mut st, id, &Request::Connect { remote }) {
+            st.connects.remove(&id);
+            return Err(e);
+        }
+        Ok(PendingConnect { id, remote })
+    }
+
+    /// Finishes a connect if shuntd has answered; `Ok(None)` means not yet.
+    pub fn poll_connect(&self, pending: &PendingConnect) -> Result<Option<Session>, Error> {
+        self.dispatch()?;
+        self.take_connect(pending, None)
+    }
+
+    pub(crate) fn take_connect(&self, pending: &PendingConnect, waker: Option<&std::task::Waker>) -> Result<Option<Session>, Error> {
+        let mut st = self.lock();
+        match st.connects.get_mut(&pending.id) {
+            Some(ConnectState::Waiting(w)) => {
+                if let Some(waker) = waker {
+                    *w = Some(waker.clone());
+                }
+                if st.daemon.is_none() {
+                    st.connects.remove(&pending.id);
+                    return Err(Error::DaemonGone);
+                }
+                Ok(None)
+            }
+            Some(ConnectState::Done(_)) => {
+                let Some(ConnectState::Done(result)) = st.connects.remove(&pending.id) else { unreachable!() };
+                let (session_id, fifos, local) = result?;
+                let s = self.open_session(&mut st, session_id, fifos, local, pending.remote, true)?;
+                Ok(Some(s))
+            }
+            None => Err(Error::Protocol("unknown connect".into())),
+        }
+    }
+
+    /// Connects and waits until the session is established.
+    pub fn connect(&self, remote: SocketAddr) -> Result<Session, Error> {
+        let pending = self.start_connect(remote)?;
+        let deadline = Instant::now() + DAEMON_TIMEOUT;
+        loop {
+            if let Some(s) = self.poll_connect(&pending)? {
+                return Ok(s);
+            }
+            if Instant::now() >= deadline {
+                self.lock().connects.remove(&pending.id);
+                return Err(Error::Timeout);
+            }
+            self.wait(Some(Duration::from_millis(100)))?;
+        }
+    }
+
+    pub(crate) fn open_session(&self, st: &mut State, session_id: u64, fifos: FifoPair, local: SocketAddr, remote: SocketAddr, is_client: bool) -> Result<Session, Error> {
+        let epoch = st.daemon.as_ref().map_or(st.epoch, |d| d.epoch);
+        let key = (epoch, fifos.segment_id);
+        let peer = st.peers.get_mut(&key).ok_or_else(|| Error::Protocol(format!("session in unknown segment {}", fifos.segment_id)))?;
+        let shm = |e: &dyn std::fmt::Display| Error::Shm(e.to_string());
+        let rx = Consumer::attach(peer.segment.clone(), fifos.rx_offset as usize).map_err(|e| shm(&e))?;
+        let tx = Producer::attach(peer.segment.clone(), fifos.tx_offset as usize).map_err(|e| shm(&e))?;
+        let index = st.sessions.iter().position(Option::is_none).unwrap_or_else(|| {
+            st.sessions.push(None);
+            st.sessions.len() - 1
+        });
+        peer.slots.insert(fifos.slot, index);
+        st.sessions[index] = Some(SessionState::new(session_id, key, fifos.slot, rx, tx, local, remote, is_client, peer.dead));
+        Ok(Session::new(self.clone(), index))
+    }
+
+    /// Waits up to `timeout` for something to happen, then dispatches it.
+    pub fn wait(&self, timeout: Option<Duration>) -> Result<(), Error> {
+        shunt_shm::doorbell::wait_readable(self.inner.epoll.as_fd(), timeout)?;
+        self.dispatch()
+    }
+
+    /// Handles everything pending: shuntd messages and events, peer events and hang-ups.
+    /// Never blocks.
+    pub fn dispatch(&self) -> Result<(), Error> {
+        let mut events = epoll::EventVec::with_capacity(64);
+        epoll::wait(&self.inner.epoll, &mut events, 0).map_err(std::io::Error::from)?;
+        let mut st = self.lock();
+        let mut hung_up = Vec::new();
+        let mut socket_ready = false;
+        for ev in &events {
+            match ev.data.u64() {
+                TOKEN_DOORBELL => {
+                    self.inner.doorbell.drain()?;
+                }
+                TOKEN_SOCKET => socket_ready = true,
+                t if t >= TOKEN_LIVENESS => hung_up.push(t - TOKEN_LIVENESS),
+                _ => {}
+            }
+        }
+        if socket_ready {
+            self.read_socket(&mut st);
+        }
+        self.drain_daemon_queue(&mut st);
+        let keys: Vec<SegmentKey> = st.peers.keys().copied().collect();
+        for key in keys {
+            self.drain_peer(&mut st, key);
+        }
+        for packed in hung_up {
+            let key = ((packed >> 32) as u32, packed as u32);
+            self.peer_died(&mut st, key);
+        }
+        Ok(())
+    }
+
+    fn read_socket(&self, st: &mut State) {
+        let mut buf = vec![0u8; MAX_MESSAGE_LEN];
+        loop {
+            let Some(d) = st.daemon.as_ref() else { return };
+            match fdpass::recv_with_fds(d.socket.as_fd(), &mut buf, 3) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Ok((n, fds)) if n > 0 => match DaemonReply::decode(&buf[..n]) {
+                    Ok((_, DaemonReply::SegmentAdded { segment_id, is_client })) => self.add_segment(st, segment_id, is_client, fds),
+                    Ok((id, reply)) => {
+                        if let (DaemonReply::Failure { code, message }, Some(ConnectState::Waiting(w))) = (&reply, st.connects.get_mut(&id)) {
+                            if let Some(w) = w.take() {
+                                w.wake();
+                            }
+                            let r = Err(Error::Refused { code: *code, message: message.clone() });
+                            st.connects.insert(id, ConnectState::Done(r));
+                        } else {
+                            st.replies.insert(id, reply);
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "malformed message from shuntd"),
+                },
+                other => {
+                    tracing::info!(result = ?other.map(|(n, _)| n).map_err(|e| e.to_string()), "shuntd went away; sessions keep flowing");
+                    self.daemon_gone(st);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn daemon_gone(&self, st: &mut State) {
+        if let Some(d) = st.daemon.take() {
+            let _ = epoll::delete(&self.inner.epoll, d.socket.as_fd());
+        }
+        for c in st.connects.values_mut() {
+            if let ConnectState::Waiting(w) = c {
+                if let Some(w) = w.take() {
+                    w.wake();
+                }
+                *c = ConnectState::Done(Err(Error::DaemonGone));
+            }
+        }
+    }
+
+    fn add_segment(&self, st: &mut State, segment_id: u32, is_client: bool, mut fds: Vec<OwnedFd>) {
+        if fds.len() != 3 {
+            tracing::warn!(segment_id, fds = fds.len(), "segment grant without its three fds");
+            return;
+        }
+        let liveness = fds.pop().expect("3");
+        let doorbell = fds.pop().expect("3");
+        let seg = fds.pop().expect("3");
+        let epoch = st.daemon.as_ref().map_or(st.epoch, |d| d.epoch);
+        match PeerSegment::open(seg, doorbell, liveness, is_client) {
+            Ok(peer) => {
+                let token = TOKEN_LIVENESS + ((u64::from(epoch) << 32) | u64::from(segment_id));
+                let watch = epoll::add(&self.inner.epoll, peer.liveness.as_fd(), epoll::EventData::new_u64(token), epoll::EventFlags::RDHUP | epoll::EventFlags::HUP);
+                if let Err(e) = watch {
+                    tracing::warn!(error = %e, "cannot watch peer liveness");
+                }
+                st.peers.insert((epoch, segment_id), peer);
+            }
+            Err(e) => tracing::warn!(segment_id, error = %e, "cannot map a granted segment"),
+        }
+    }
+
+    fn drain_daemon_queue(&self, st: &mut State) {
+        loop {
+            let Some(d) = st.daemon.as_mut() else { return };
+            let rec = match d.queue.pop() {
+                Ok(Some(rec)) => rec,
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "event queue corrupt; detaching");
+                    self.daemon_gone(st);
+                    return;
+                }
+            };
+            match Event::decode(&rec) {
+                Ok(Event::Accepted { listener_id, session_id, fifos, peer }) => {
+                    if let Some(l) = st.listeners.get_mut(&listener_id) {
+                        l.backlog.push_back((session_id, fifos, peer));
+                        if let Some(w) = l.waker.take() {
+                            w.wake();
+                        }
+                    }
+                }
+                Ok(Event::Connected { request_id, session_id, fifos, local }) => {
+                    self.finish_connect(st, request_id, Ok((session_id, fifos, local)));
+                }
+                Ok(Event::ConnectFailed { request_id, code }) => {
+                    let message = format!("connect refused: {code}");
+                    self.finish_connect(st, request_id, Err(Error::Refused { code, message }));
+                }
+                Ok(Event::Reset { session_id }) => {
+                    for s in st.sessions.iter_mut().flatten() {
+                        if s.session_id == session_id {
+                            s.peer_reset();
+                        }
+                    }
+                }
+                Ok(other) => tracing::warn!(event = ?other, "peer event in shuntd's queue; ignored"),
+                Err(e) => tracing::warn!(error = %e, "malformed event from shuntd; ignored"),
+            }
+        }
+    }
+
+    fn finish_connect(&self, st: &mut State, request_id: u32, result: Result<(u64, FifoPair, SocketAddr), Error>) {
+        if let Some(ConnectState::Waiting(w)) = st.connects.get_mut(&request_id) {
+            if let Some(w) = w.take() {
+                w.wake();
+            }
+            st.connects.insert(request_id, ConnectState::Done(result));
+        } else if let Ok((session_id, ..)) = result {
+            // Nobody waits any more (timed out): give the session back.
+            if let Some(d) = &st.daemon {
+                let _ = fdpass::send_with_fds(d.socket.as_fd(), &Request::SessionClosed { session_id, reset: true }.encode(0), &[]);
+            }
+        }
+    }
+
+    fn drain_peer(&self, st: &mut State, key: SegmentKey) {
+        loop {
+            let Some(peer) = st.peers.get_mut(&key) else { return };
+            let rec = match peer.inbound.pop() {
+                Ok(Some(rec)) => rec,
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cut-through ring corrupt; resetting the peer's sessions");
+                    self.peer_died(st, key);
+                    return;
+                }
+            };
+            let event = match Event::decode(&rec) {
+                Ok(ev) => ev,
+                Err(e) => {
+                    tracing::warn!(error = %e, "malformed peer event; ignored");
+                    continue;
+                }
+            };
+            let slot = match event {
+                Event::RxData { slot } | Event::TxSpace { slot } | Event::PeerClosed { slot } | Event::PeerReset { slot } => slot,
+                other => {
+                    tracing::warn!(event = ?other, "shuntd event in a peer ring; ignored");
+                    continue;
+                }
+            };
+            let Some(&index) = peer.slots.get(&slot) else { continue };
+            let Some(Some(s)) = st.sessions.get_mut(index) else { continue };
+            match event {
+                Event::RxData { .. } => s.on_rx_data(),
+                Event::TxSpace { .. } => s.on_tx_space(),
+                Event::PeerClosed { .. } => s.peer_closed(),
+                Event::PeerReset { .. } => s.peer_reset(),
+                _ => {}
+            }
+        }
+    }
+
+    fn peer_died(&self, st: &mut State, key: SegmentKey) {
+        let Some(peer) = st.peers.get_mut(&key) else { return };
+        if !peer.dead {
+            tracing::debug!(segment = key.1, "cut-through peer hung up");
+        }
+        peer.dead = true;
+        let _ = epoll::delete(&self.inner.epoll, peer.liveness.as_fd());
+        let indexes: Vec<usize> = peer.slots.values().copied().collect();
+        for i in indexes {
+            if let Some(Some(s)) = st.sessions.get_mut(i) {
+                s.peer_died();
+            }
+        }
+        self.gc_peer(st, key);
+    }
+
+    /// Unmaps a segment nobody uses any more: no sessions, and the peer is dead or the shuntd
+    /// that could put new sessions in it is gone.
+    pub(crate) fn gc_peer(&self, st: &mut State, key: SegmentKey) {
+        let current = st.daemon.as_ref().map(|d| d.epoch);
+        let Some(peer) = st.peers.get(&key) else { return };
+        if peer.slots.is_empty() && (peer.dead || current != Some(key.0)) {
+            let _ = epoll::delete(&self.inner.epoll, peer.liveness.as_fd());
+            st.peers.remove(&key);
+        }
+    }
+
+    /// Tells shuntd a session is closed, if it is reachable and still knows the session.
+    pub(crate) fn report_closed(&self, st: &mut State, epoch: u32, session_id: u64, reset: bool) {
+        if let Some(d) = &st.daemon
+            && d.epoch == epoch
+        {
+            let msg = Request::SessionClosed { session_id, reset }.encode(0);
+            let _ = fdpass::send_with_fds(d.socket.as_fd(), &msg, &[]);
+        }
+    }
+
+    /// The worker's id at shuntd, for logs.
+    pub fn id(&self) -> Option<u32> {
+        self.lock().daemon.as_ref().map(|d| d.worker_id)
+    }
+
+    /// This worker's address in its namespace.
+    pub fn local_address(&self) -> SocketAddr {
+        self.lock().local_address
+    }
+}
+
+/// A connect shuntd has not answered yet.
+#[derive(Debug)]
+pub struct PendingConnect {
+    pub(crate) id: u32,
+    pub(crate) remote: SocketAddr,
+}
+
+/// A listener. Accepted sessions queue here until taken.
+pub struct Listener {
+    pub(crate) worker: Worker,
+    pub(crate) endpoint: SocketAddr,
+}
+
+impl Listener {
+    pub fn endpoint(&self) -> SocketAddr {
+        self.endpoint
+    }
+
+    pub(crate) fn take(&self, waker: Option<&std::task::Waker>) -> Result<Option<Session>, Error> {
+        let mut st = self.worker.lock();
+        let endpoint = self.endpoint;
+        let Some(lid) = st.listeners.iter().find(|(_, l)| l.endpoint == endpoint).map(|(id, _)| *id) else {
+            return Err(Error::Refused { code: ErrorCode::NoListener, message: "listener closed".into() });
+        };
+        let l = st.listeners.get_mut(&lid).expect("found");
+        match l.backlog.pop_front() {
+            Some((session_id, fifos, peer)) => {
+                let s = self.worker.open_session(&mut st, session_id, fifos, endpoint, peer, false)?;
+                Ok(Some(s))
+            }
+            None => {
+                if let Some(w) = waker {
+                    l.waker = Some(w.clone());
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    /// Takes an accepted session if one is waiting; never blocks.
+    pub fn try_accept(&self) -> Result<Option<Session>, Error> {
+        self.worker.dispatch()?;
+        self.take(None)
+    }
+
+    /// Waits for the next accepted session.
+    pub fn accept(&self) -> Result<Session, Error> {
+        loop {
+            if let Some(s) = self.try_accept()? {
+                return Ok(s);
+            }
+            self.worker.wait(None)?;
+        }
+    }
+}

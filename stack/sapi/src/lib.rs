@@ -1,0 +1,17 @@
+//! The contract between apps and `shuntd`.
+//!
+//! An app worker talks to `shuntd` over one `SOCK_SEQPACKET` Unix socket ([`message`]) and hears
+//! about sessions through a shared-memory event queue rung by an eventfd ([`event`]). Cut-through
+//! peers talk to each other, without `shuntd`, through rings and FIFOs at fixed places in a shared
+//! segment ([`layout`]). Everything here decodes untrusted bytes and never panics on them.
+
+pub mod endpoint;
+pub mod error;
+pub mod event;
+pub mod layout;
+pub mod message;
+
+pub use endpoint::EndpointError;
+pub use error::ErrorCode;
+pub use event::{Event, EventDecodeError};
+pub use message::{DaemonReply, Request};

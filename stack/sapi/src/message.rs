@@ -1,0 +1,506 @@
+//! Session-API messages: protobuf on the wire, checked domain types in the program.
+//!
+//! [`Request::decode`] and [`DaemonReply::decode`] take whatever arrived on the socket. They
+//! return a typed error for anything malformed, so neither side ever acts on half-valid input.
+
+use std::net::SocketAddr;
+
+use prost::Message;
+use shunt_proto::sapi as pb;
+
+use crate::endpoint::{self, EndpointError};
+use crate::error::ErrorCode;
+
+/// Largest datagram either side sends or accepts.
+pub const MAX_MESSAGE_LEN: usize = 64 * 1024;
+/// Longest namespace id and app name accepted.
+pub const MAX_NAME_LEN: usize = 128;
+/// Longest namespace secret accepted.
+pub const MAX_SECRET_LEN: usize = 256;
+/// Most listeners or sessions replayed on one re-attach.
+pub const MAX_RESUMED: usize = 4096;
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum DecodeError {
+    #[error("message of {0} bytes is larger than {MAX_MESSAGE_LEN}")]
+    TooLarge(usize),
+    #[error("not a valid protobuf message: {0}")]
+    Protobuf(#[from] prost::DecodeError),
+    #[error("message has no body")]
+    MissingBody,
+    #[error("field `{field}`: {error}")]
+    Endpoint {
+        field: &'static str,
+        error: EndpointError,
+    },
+    #[error("field `{0}` is too long")]
+    TooLong(&'static str),
+    #[error("field `{0}` has too many entries")]
+    TooMany(&'static str),
+    #[error("field `{0}` has an invalid value")]
+    Invalid(&'static str),
+}
+
+/// Where a worker's listeners and sessions may be reached from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Scope {
+    /// Only cut-through connects from the worker's own namespace.
+    Local,
+    /// Also connects from other namespaces on the node.
+    Global,
+}
+
+impl Scope {
+    fn from_wire(v: i32) -> Result<Self, DecodeError> {
+        match pb::Scope::try_from(v) {
+            Ok(pb::Scope::Local) | Ok(pb::Scope::Unspecified) => Ok(Scope::Local),
+            Ok(pb::Scope::Global) => Ok(Scope::Global),
+            Err(_) => Err(DecodeError::Invalid("scope")),
+        }
+    }
+    fn to_wire(self) -> i32 {
+        match self {
+            Scope::Local => pb::Scope::Local as i32,
+            Scope::Global => pb::Scope::Global as i32,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResumedSession {
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub is_client: bool,
+}
+
+/// What a worker carries over from an earlier shuntd when it re-attaches.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Resume {
+    pub listeners: Vec<SocketAddr>,
+    pub sessions: Vec<ResumedSession>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    Attach {
+        namespace_id: String,
+        namespace_secret: Vec<u8>,
+        app_name: String,
+        scope: Scope,
+        event_queue_len: u32,
+        resume: Resume,
+    },
+    AttachWorker {
+        app_id: u64,
+        app_token: Vec<u8>,
+        event_queue_len: u32,
+        resume: Resume,
+    },
+    Listen {
+        endpoint: SocketAddr,
+    },
+    Unlisten {
+        listener_id: u64,
+    },
+    Connect {
+        remote: SocketAddr,
+    },
+    SessionClosed {
+        session_id: u64,
+        reset: bool,
+    },
+}
+
+fn endpoint(field: &'static str, ep: Option<&pb::Endpoint>) -> Result<SocketAddr, DecodeError> {
+    endpoint::from_proto(ep).map_err(|error| DecodeError::Endpoint { field, error })
+}
+
+fn bounded_string(field: &'static str, s: String, max: usize) -> Result<String, DecodeError> {
+    if s.len() > max {
+        Err(DecodeError::TooLong(field))
+    } else {
+        Ok(s)
+    }
+}
+
+fn resume(
+    listeners: Vec<pb::ResumedListener>,
+    sessions: Vec<pb::ResumedSession>,
+) -> Result<Resume, DecodeError> {
+    if listeners.len() > MAX_RESUMED {
+        return Err(DecodeError::TooMany("listeners"));
+    }
+    if sessions.len() > MAX_RESUMED {
+        return Err(DecodeError::TooMany("sessions"));
+    }
+    Ok(Resume {
+        listeners: listeners
+            .iter()
+            .map(|l| endpoint("listeners.endpoint", l.endpoint.as_ref()))
+            .collect::<Result<_, _>>()?,
+        sessions: sessions
+            .iter()
+            .map(|s| {
+                Ok(ResumedSession {
+                    local: endpoint("sessions.local", s.local.as_ref())?,
+                    remote: endpoint("sessions.remote", s.remote.as_ref())?,
+                    is_client: s.is_client,
+                })
+            })
+            .collect::<Result<_, DecodeError>>()?,
+    })
+}
+
+fn resume_to_wire(r: &Resume) -> (Vec<pb::ResumedListener>, Vec<pb::ResumedSession>) {
+    (
+        r.listeners
+            .iter()
+            .map(|l| pb::ResumedListener {
+                endpoint: Some(endpoint::to_proto(*l)),
+            })
+            .collect(),
+        r.sessions
+            .iter()
+            .map(|s| pb::ResumedSession {
+                local: Some(endpoint::to_proto(s.local)),
+                remote: Some(endpoint::to_proto(s.remote)),
+                is_client: s.is_client,
+            })
+            .collect(),
+    )
+}
+
+impl TryFrom<pb::AppRequest> for Request {
+    type Error = DecodeError;
+
+    fn try_from(req: pb::AppRequest) -> Result<Self, DecodeError> {
+        use pb::app_request::Body;
+        Ok(match req.body.ok_or(DecodeError::MissingBody)? {
+            Body::Attach(a) => {
+                if a.namespace_secret.len() > MAX_SECRET_LEN {
+                    return Err(DecodeError::TooLong("namespace_secret"));
+                }
+                Request::Attach {
+                    namespace_id: bounded_string("namespace_id", a.namespace_id, MAX_NAME_LEN)?,
+                    namespace_secret: a.namespace_secret,
+                    app_name: bounded_string("app_name", a.app_name, MAX_NAME_LEN)?,
+                    scope: Scope::from_wire(a.scope)?,
+                    event_queue_len: a.event_queue_len,
+                    resume: resume(a.listeners, a.sessions)?,
+                }
+            }
+            Body::AttachWorker(a) => {
+                if a.app_token.len() > MAX_SECRET_LEN {
+                    return Err(DecodeError::TooLong("app_token"));
+                }
+                Request::AttachWorker {
+                    app_id: a.app_id,
+                    app_token: a.app_token,
+                    event_queue_len: a.event_queue_len,
+                    resume: resume(a.listeners, a.sessions)?,
+                }
+            }
+            Body::Listen(l) => Request::Listen {
+                endpoint: endpoint("endpoint", l.endpoint.as_ref())?,
+            },
+            Body::Unlisten(u) => Request::Unlisten {
+                listener_id: u.listener_id,
+            },
+            Body::Connect(c) => Request::Connect {
+                remote: endpoint("remote", c.remote.as_ref())?,
+            },
+            Body::SessionClosed(c) => Request::SessionClosed {
+                session_id: c.session_id,
+                reset: c.reset,
+            },
+        })
+    }
+}
+
+impl Request {
+    /// Decodes one datagram into its request id and request.
+    pub fn decode(bytes: &[u8]) -> Result<(u32, Request), DecodeError> {
+        if bytes.len() > MAX_MESSAGE_LEN {
+            return Err(DecodeError::TooLarge(bytes.len()));
+        }
+        let msg = pb::AppRequest::decode(bytes)?;
+        let id = msg.request_id;
+        Ok((id, Request::try_from(msg)?))
+    }
+
+    pub fn encode(&self, request_id: u32) -> Vec<u8> {
+        use pb::app_request::Body;
+        let body = match self {
+            Request::Attach {
+                namespace_id,
+                namespace_secret,
+                app_name,
+                scope,
+                event_queue_len,
+                resume,
+            } => {
+                let (listeners, sessions) = resume_to_wire(resume);
+                Body::Attach(pb::Attach {
+                    namespace_id: namespace_id.clone(),
+                    namespace_secret: namespace_secret.clone(),
+                    app_name: app_name.clone(),
+                    scope: scope.to_wire(),
+                    event_queue_len: *event_queue_len,
+                    listeners,
+                    sessions,
+                })
+            }
+            Request::AttachWorker {
+                app_id,
+                app_token,
+                event_queue_len,
+                resume,
+            } => {
+                let (listeners, sessions) = resume_to_wire(resume);
+                Body::AttachWorker(pb::AttachWorker {
+                    app_id: *app_id,
+                    app_token: app_token.clone(),
+                    event_queue_len: *event_queue_len,
+                    listeners,
+                    sessions,
+                })
+            }
+            Request::Listen { endpoint: ep } => Body::Listen(pb::Listen {
+                endpoint: Some(endpoint::to_proto(*ep)),
+            }),
+            Request::Unlisten { listener_id } => Body::Unlisten(pb::Unlisten {
+                listener_id: *listener_id,
+            }),
+            Request::Connect { remote } => Body::Connect(pb::Connect {
+                remote: Some(endpoint::to_proto(*remote)),
+            }),
+            Request::SessionClosed { session_id, reset } => {
+                Body::SessionClosed(pb::SessionClosed {
+                    session_id: *session_id,
+                    reset: *reset,
+                })
+            }
+        };
+        pb::AppRequest {
+            request_id,
+            body: Some(body),
+        }
+        .encode_to_vec()
+    }
+}
+
+/// What shuntd sends an app worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DaemonReply {
+    /// Followed by one fd: the event-queue segment.
+    Attached {
+        app_id: u64,
+        app_token: Vec<u8>,
+        worker_id: u32,
+        event_queue_offset: u64,
+        namespace_address: SocketAddr,
+    },
+    Listening {
+        listener_id: u64,
+        endpoint: SocketAddr,
+    },
+    Ack,
+    Failure {
+        code: ErrorCode,
+        message: String,
+    },
+    /// Followed by three fds: segment memfd, peer doorbell, liveness socket.
+    SegmentAdded {
+        segment_id: u32,
+        is_client: bool,
+    },
+}
+
+impl DaemonReply {
+    /// How many fds travel with this message.
+    pub fn fd_count(&self) -> usize {
+        match self {
+            DaemonReply::Attached { .. } => 1,
+            DaemonReply::SegmentAdded { .. } => 3,
+            _ => 0,
+        }
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<(u32, DaemonReply), DecodeError> {
+        use pb::daemon_message::Body;
+        if bytes.len() > MAX_MESSAGE_LEN {
+            return Err(DecodeError::TooLarge(bytes.len()));
+        }
+        let msg = pb::DaemonMessage::decode(bytes)?;
+        let reply = match msg.body.ok_or(DecodeError::MissingBody)? {
+            Body::AttachReply(a) => DaemonReply::Attached {
+                app_id: a.app_id,
+                app_token: a.app_token,
+                worker_id: a.worker_id,
+                event_queue_offset: a.event_queue_offset,
+                namespace_address: endpoint("namespace_address", a.namespace_address.as_ref())?,
+            },
+            Body::ListenReply(l) => DaemonReply::Listening {
+                listener_id: l.listener_id,
+                endpoint: endpoint("endpoint", l.endpoint.as_ref())?,
+            },
+            Body::Ack(_) => DaemonReply::Ack,
+            Body::Failure(f) => DaemonReply::Failure {
+                code: ErrorCode::from_wire(f.code),
+                message: f.message,
+            },
+            Body::SegmentAdded(s) => DaemonReply::SegmentAdded {
+                segment_id: s.segment_id,
+                is_client: s.is_client,
+            },
+        };
+        Ok((msg.request_id, reply))
+    }
+
+    pub fn encode(&self, request_id: u32) -> Vec<u8> {
+        use pb::daemon_message::Body;
+        let body = match self {
+            DaemonReply::Attached {
+                app_id,
+                app_token,
+                worker_id,
+                event_queue_offset,
+                namespace_address,
+            } => Body::AttachReply(pb::AttachReply {
+                app_id: *app_id,
+                app_token: app_token.clone(),
+                worker_id: *worker_id,
+                event_queue_offset: *event_queue_offset,
+                namespace_address: Some(endpoint::to_proto(*namespace_address)),
+            }),
+            DaemonReply::Listening {
+                listener_id,
+                endpoint: ep,
+            } => Body::ListenReply(pb::ListenReply {
+                listener_id: *listener_id,
+                endpoint: Some(endpoint::to_proto(*ep)),
+            }),
+            DaemonReply::Ack => Body::Ack(pb::Ack {}),
+            DaemonReply::Failure { code, message } => Body::Failure(pb::Failure {
+                code: code.to_wire(),
+                message: message.clone(),
+            }),
+            DaemonReply::SegmentAdded {
+                segment_id,
+                is_client,
+            } => Body::SegmentAdded(pb::SegmentAdded {
+                segment_id: *segment_id,
+                is_client: *is_client,
+            }),
+        };
+        pb::DaemonMessage {
+            request_id,
+            body: Some(body),
+        }
+        .encode_to_vec()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn requests_round_trip() {
+        let reqs = [
+            Request::Attach {
+                namespace_id: "default".into(),
+                namespace_secret: b"s3cret".to_vec(),
+                app_name: "envoy".into(),
+                scope: Scope::Global,
+                event_queue_len: 4096,
+                resume: Resume {
+                    listeners: vec!["127.0.0.1:80".parse().unwrap()],
+                    sessions: vec![ResumedSession {
+                        local: "10.0.0.1:4000".parse().unwrap(),
+                        remote: "[::1]:80".parse().unwrap(),
+                        is_client: true,
+                    }],
+                },
+            },
+            Request::Listen {
+                endpoint: "[::]:9000".parse().unwrap(),
+            },
+            Request::Connect {
+                remote: "127.0.0.1:9000".parse().unwrap(),
+            },
+            Request::SessionClosed {
+                session_id: 77,
+                reset: true,
+            },
+        ];
+        for req in reqs {
+            assert_eq!(Request::decode(&req.encode(5)), Ok((5, req)));
+        }
+    }
+
+    #[test]
+    fn replies_round_trip() {
+        let replies = [
+            DaemonReply::Failure {
+                code: ErrorCode::WrongSecret,
+                message: "no".into(),
+            },
+            DaemonReply::SegmentAdded {
+                segment_id: 3,
+                is_client: true,
+            },
+            DaemonReply::Ack,
+        ];
+        for r in replies {
+            assert_eq!(DaemonReply::decode(&r.encode(1)), Ok((1, r)));
+        }
+    }
+
+    #[test]
+    fn rejects_oversized_fields_and_missing_parts() {
+        let long = Request::Attach {
+            namespace_id: "x".repeat(MAX_NAME_LEN + 1),
+            namespace_secret: vec![],
+            app_name: String::new(),
+            scope: Scope::Local,
+            event_queue_len: 0,
+            resume: Resume::default(),
+        };
+        assert_eq!(
+            Request::decode(&long.encode(1)),
+            Err(DecodeError::TooLong("namespace_id"))
+        );
+        let no_body = pb::AppRequest {
+            request_id: 1,
+            body: None,
+        }
+        .encode_to_vec();
+        assert_eq!(Request::decode(&no_body), Err(DecodeError::MissingBody));
+        let no_remote = pb::AppRequest {
+            request_id: 1,
+            body: Some(pb::app_request::Body::Connect(pb::Connect { remote: None })),
+        }
+        .encode_to_vec();
+        assert!(matches!(
+            Request::decode(&no_remote),
+            Err(DecodeError::Endpoint {
+                field: "remote",
+                ..
+            })
+        ));
+        assert_eq!(
+            Request::decode(&vec![0u8; MAX_MESSAGE_LEN + 1]),
+            Err(DecodeError::TooLarge(MAX_MESSAGE_LEN + 1))
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn decoding_garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = Request::decode(&bytes);
+            let _ = DaemonReply::decode(&bytes);
+        }
+    }
+}

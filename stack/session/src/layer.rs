@@ -1,0 +1,847 @@
+//! The session layer: attach, listen, connect and close, over any transport.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use shunt_sapi::ErrorCode;
+use shunt_sapi::event::Event;
+use shunt_sapi::message::{Resume, Scope};
+use subtle::ConstantTimeEq;
+
+use crate::app::{AppId, AppRecord, LinkError, ListenerId, PeerCred, WorkerId, WorkerLink, WorkerRecord};
+use crate::cut_through::{CutThrough, CutThroughConfig};
+use crate::namespace::{Namespace, NamespaceError, Namespaces};
+use crate::rules::{Rule, RuleAction, RuleError, RulesTable};
+use crate::tables::{FiveTuple, ListenerTable, SessionTable};
+use crate::transport::{ConnectRequest, ConnectionId, Transport, TransportError, TransportProto};
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SessionLayerConfig {
+    pub cut_through: CutThroughConfig,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error(transparent)]
+    Namespace(#[from] NamespaceError),
+    #[error("denied by {table} rule `{tag}`")]
+    Denied { table: RuleTable, tag: String },
+    #[error("no listener at {0}")]
+    NoListener(SocketAddr),
+    #[error("{0} is already in use")]
+    AddressInUse(SocketAddr),
+    #[error("no free local port in namespace `{0}`")]
+    NoLocalPort(String),
+    #[error("unknown app or wrong app token")]
+    BadAppToken,
+    #[error("unknown worker {0}")]
+    UnknownWorker(WorkerId),
+    #[error("unknown listener {0:?}")]
+    UnknownListener(ListenerId),
+    #[error("transport: {0}")]
+    Transport(#[from] TransportError),
+    #[error("worker {0} cannot be told: {1}")]
+    Link(WorkerId, LinkError),
+    #[error(transparent)]
+    Rule(#[from] RuleError),
+}
+
+impl SessionError {
+    /// The code an app sees for this error.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            SessionError::Namespace(NamespaceError::WrongSecret(_)) => ErrorCode::WrongSecret,
+            SessionError::Namespace(NamespaceError::Unknown(_)) => ErrorCode::UnknownNamespace,
+            SessionError::Namespace(_) | SessionError::Rule(_) => ErrorCode::InvalidRequest,
+            SessionError::Denied { .. } => ErrorCode::Denied,
+            SessionError::NoListener(_) => ErrorCode::NoListener,
+            SessionError::AddressInUse(_) | SessionError::NoLocalPort(_) => ErrorCode::AddressInUse,
+            SessionError::BadAppToken => ErrorCode::WrongSecret,
+            SessionError::UnknownWorker(_) | SessionError::UnknownListener(_) => {
+                ErrorCode::InvalidRequest
+            }
+            SessionError::Transport(TransportError::SegmentFull) => ErrorCode::SegmentFull,
+            SessionError::Transport(_) => ErrorCode::Internal,
+            SessionError::Link(_, LinkError::QueueFull) => ErrorCode::EventQueueFull,
+            SessionError::Link(..) => ErrorCode::PeerGone,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RuleTable {
+    Local,
+    Global,
+}
+
+impl RuleTable {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RuleTable::Local => "local",
+            RuleTable::Global => "global",
+        }
+    }
+}
+
+impl std::fmt::Display for RuleTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionId(pub u64);
+
+impl SessionId {
+    /// The shuntd worker thread the session is pinned to.
+    pub fn thread(self) -> usize {
+        (self.0 >> 40) as usize
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionState {
+    Connecting,
+    Ready,
+    /// Carried over from an earlier shuntd: flowing, but not set up by this one.
+    Resumed,
+}
+
+impl SessionState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionState::Connecting => "connecting",
+            SessionState::Ready => "ready",
+            SessionState::Resumed => "resumed",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct SessionRecord {
+    pub id: SessionId,
+    pub worker: WorkerId,
+    pub app: AppId,
+    pub namespace: String,
+    pub transport: TransportProto,
+    pub connection: Option<ConnectionId>,
+    pub tuple: FiveTuple,
+    pub is_client: bool,
+    pub state: SessionState,
+    pub peer: Option<SessionId>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ListenerRecord {
+    pub id: ListenerId,
+    pub app: AppId,
+    pub endpoint: SocketAddr,
+    pub namespace: String,
+    pub scope: Scope,
+    pub workers: Vec<WorkerId>,
+    rotor: usize,
+}
+
+/// Who is attaching and how to reach them.
+pub struct AttachRequest {
+    pub namespace_id: String,
+    pub namespace_secret: Vec<u8>,
+    pub app_name: String,
+    pub scope: Scope,
+    pub cred: PeerCred,
+    pub thread: usize,
+    pub link: Arc<dyn WorkerLink>,
+    pub doorbell: OwnedFd,
+    pub resume: Resume,
+}
+
+#[derive(Debug, Clone)]
+pub struct Attached {
+    pub app: AppId,
+    pub app_token: [u8; 32],
+    pub worker: WorkerId,
+    pub namespace_address: IpAddr,
+}
+
+/// What a connect did, for the caller's logs and metrics.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectOutcome {
+    pub client_session: SessionId,
+    pub server_session: SessionId,
+    pub transport: TransportProto,
+}
+
+/// A rule that matched while deciding a connect.
+#[derive(Debug, Clone, Copy)]
+pub struct RuleHit {
+    pub table: RuleTable,
+    pub action: RuleAction,
+}
+
+#[derive(Default)]
+struct Registry {
+    next_app: u64,
+    next_worker: u32,
+    next_listener: u64,
+    next_session: HashMap<usize, u64>,
+    apps: BTreeMap<AppId, AppRecord>,
+    workers: BTreeMap<WorkerId, WorkerRecord>,
+    listeners: BTreeMap<ListenerId, ListenerRecord>,
+    local_listeners: HashMap<String, ListenerTable<ListenerId>>,
+    global_listeners: ListenerTable<ListenerId>,
+    sessions: BTreeMap<SessionId, SessionRecord>,
+    table: SessionTable<SessionId>,
+    /// Next source port to try per namespace address.
+    port_cursor: HashMap<IpAddr, u16>,
+}
+
+impl Registry {
+    fn session_id(&mut self, thread: usize) -> SessionId {
+        let n = self.next_session.entry(thread).or_default();
+        *n += 1;
+        SessionId(((thread as u64) << 40) | (*n & ((1 << 40) - 1)))
+    }
+
+    fn alloc_local_port(&mut self, ip: IpAddr, remote: SocketAddr, proto: TransportProto) -> Option<u16> {
+        const FIRST: u16 = 1024;
+        let cursor = self.port_cursor.entry(ip).or_insert(FIRST);
+        for _ in 0..(u16::MAX - FIRST) {
+            let port = *cursor;
+            *cursor = if *cursor == u16::MAX { FIRST } else { *cursor + 1 };
+            let key = FiveTuple {
+                proto,
+                local: SocketAddr::new(ip, port),
+                remote,
+            };
+            if !self.table.local_in_use(&key) {
+                return Some(port);
+            }
+        }
+        None
+    }
+}
+
+/// Counters the daemon exposes; plain atomics so this crate stays free of a metrics library.
+#[derive(Debug, Default)]
+pub struct LayerCounters {
+    pub rule_hits: Mutex<HashMap<(RuleTable, &'static str), u64>>,
+    pub attach_failures: Mutex<HashMap<&'static str, u64>>,
+    pub connects: AtomicU64,
+    pub connect_failures: Mutex<HashMap<&'static str, u64>>,
+}
+
+impl LayerCounters {
+    fn bump<K: std::hash::Hash + Eq>(map: &Mutex<HashMap<K, u64>>, key: K) {
+        *map.lock().unwrap_or_else(|e| e.into_inner()).entry(key).or_default() += 1;
+    }
+}
+
+pub struct SessionLayer {
+    namespaces: RwLock<Namespaces>,
+    global_rules: RwLock<RulesTable>,
+    registry: Mutex<Registry>,
+    cut_through: CutThrough,
+    pub counters: LayerCounters,
+}
+
+fn random_token() -> [u8; 32] {
+    let mut t = [0u8; 32];
+    // The OS RNG only fails on a broken system; a zero token still never matches, because
+    // attach_worker rejects all-zero tokens.
+    let _ = getrandom::fill(&mut t);
+    t
+}
+
+impl SessionLayer {
+    pub fn new(config: SessionLayerConfig) -> Self {
+        Self {
+            namespaces: RwLock::new(Namespaces::default()),
+            global_rules: RwLock::new(RulesTable::default()),
+            registry: Mutex::new(Registry::default()),
+            cut_through: CutThrough::new(config.cut_through),
+            counters: LayerCounters::default(),
+        }
+    }
+
+    fn registry(&self) -> MutexGuard<'_, Registry> {
+        self.registry.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn transport(&self, proto: TransportProto) -> &dyn Transport {
+        match proto {
+            TransportProto::CutThrough => &self.cut_through,
+        }
+    }
+
+    pub fn cut_through(&self) -> &CutThrough {
+        &self.cut_through
+    }
+
+    // ---- namespaces and rules (control plane) ----
+
+    pub fn add_namespace(&self, ns: Namespace, replace: bool) -> Result<(), NamespaceError> {
+        self.namespaces.write().unwrap_or_else(|e| e.into_inner()).insert(ns, replace)
+    }
+
+    pub fn delete_namespace(&self, id: &str) -> Result<(), NamespaceError> {
+        self.namespaces.write().unwrap_or_else(|e| e.into_inner()).remove(id).map(|_| ())
+    }
+
+    pub fn with_namespaces<T>(&self, f: impl FnOnce(&Namespaces) -> T) -> T {
+        f(&self.namespaces.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Adds a rule to a namespace's local table (`Some(ns)`) or the global table (`None`).
+    pub fn add_rule(&self, namespace: Option<&str>, rule: Rule) -> Result<bool, SessionError> {
+        match namespace {
+            None => Ok(self.global_rules.write().unwrap_or_else(|e| e.into_inner()).add(rule)?),
+            Some(id) => {
+                let mut nss = self.namespaces.write().unwrap_or_else(|e| e.into_inner());
+                let ns = nss.get_mut(id).ok_or_else(|| NamespaceError::Unknown(id.to_owned()))?;
+                Ok(ns.local_rules.add(rule)?)
+            }
+        }
+    }
+
+    pub fn delete_rule(&self, namespace: Option<&str>, tag: &str) -> Result<Rule, SessionError> {
+        match namespace {
+            None => Ok(self.global_rules.write().unwrap_or_else(|e| e.into_inner()).remove(tag)?),
+            Some(id) => {
+                let mut nss = self.namespaces.write().unwrap_or_else(|e| e.into_inner());
+                let ns = nss.get_mut(id).ok_or_else(|| NamespaceError::Unknown(id.to_owned()))?;
+                Ok(ns.local_rules.remove(tag)?)
+            }
+        }
+    }
+
+    pub fn list_rules(&self, namespace: Option<&str>) -> Result<Vec<Rule>, SessionError> {
+        match namespace {
+            None => Ok(self.global_rules.read().unwrap_or_else(|e| e.into_inner()).iter().cloned().collect()),
+            Some(id) => {
+                let nss = self.namespaces.read().unwrap_or_else(|e| e.into_inner());
+                let ns = nss.get(id).ok_or_else(|| NamespaceError::Unknown(id.to_owned()))?;
+                Ok(ns.local_rules.iter().cloned().collect())
+            }
+        }
+    }
+
+    // ---- apps ----
+
+    pub fn attach(&self, req: AttachRequest) -> Result<Attached, SessionError> {
+        let address = {
+            let nss = self.namespaces.read().unwrap_or_else(|e| e.into_inner());
+            match nss.authenticate(&req.namespace_id, &req.namespace_secret) {
+                Ok(ns) => ns.address,
+                Err(e) => {
+                    let reason = match e {
+                        NamespaceError::WrongSecret(_) => "wrong_secret",
+                        _ => "unknown_namespace",
+                    };
+                    LayerCounters::bump(&self.counters.attach_failures, reason);
+                    return Err(e.into());
+                }
+            }
+        };
+        let mut reg = self.registry();
+        reg.next_app += 1;
+        let app = AppId(reg.next_app);
+        let token = random_token();
+        reg.apps.insert(
+            app,
+            AppRecord {
+                id: app,
+                name: req.app_name,
+                namespace: req.namespace_id,
+                scope: req.scope,
+                cred: req.cred,
+                token,
+                workers: Vec::new(),
+            },
+        );
+        let worker = Self::add_worker(&mut reg, app, req.thread, req.link, req.doorbell);
+        drop(reg);
+        self.resume(worker, &req.resume);
+        Ok(Attached {
+            app,
+            app_token: token,
+            worker,
+            namespace_address: address,
+        })
+    }
+
+    /// Adds a worker to an attached app, proven by the token its first worker received.
+    pub fn attach_worker(
+        &self,
+        app: AppId,
+        token: &[u8],
+        thread: usize,
+        link: Arc<dyn WorkerLink>,
+        doorbell: OwnedFd,
+        resume: &Resume,
+    ) -> Result<Attached, SessionError> {
+        let mut reg = self.registry();
+        let (ok, ns) = match reg.apps.get(&app) {
+            Some(rec) => (
+                token.len() == 32 && bool::from(rec.token.ct_eq(token)) && rec.token != [0; 32],
+                rec.namespace.clone(),
+            ),
+            None => (false, String::new()),
+        };
+        if !ok {
+            LayerCounters::bump(&self.counters.attach_failures, "bad_app_token");
+            return Err(SessionError::BadAppToken);
+        }
+        let address = self
+            .with_namespaces(|n| n.get(&ns).map(|n| n.address))
+            .ok_or(NamespaceError::Unknown(ns))?;
+        let worker = Self::add_worker(&mut reg, app, thread, link, doorbell);
+        let token = reg.apps[&app].token;
+        drop(reg);
+        self.resume(worker, resume);
+        Ok(Attached {
+            app,
+            app_token: token,
+            worker,
+            namespace_address: address,
+        })
+    }
+
+    fn add_worker(reg: &mut Registry, app: AppId, thread: usize, link: Arc<dyn WorkerLink>, doorbell: OwnedFd) -> WorkerId {
+        reg.next_worker += 1;
+        let id = WorkerId(reg.next_worker);
+        reg.workers.insert(
+            id,
+            WorkerRecord {
+                id,
+                app,
+                thread,
+                link,
+                doorbell: Arc::new(doorbell),
+                listeners: Vec::new(),
+            },
+        );
+        if let Some(a) = reg.apps.get_mut(&app) {
+            a.workers.push(id);
+        }
+        id
+    }
+
+    /// Re-creates what a worker carried over from an earlier shuntd.
+    fn resume(&self, worker: WorkerId, resume: &Resume) {
+        for ep in &resume.listeners {
+            if let Err(e) = self.listen(worker, *ep) {
+                tracing::warn!(%worker, endpoint = %ep, error = %e, "cannot restore listener after re-attach");
+            }
+        }
+        let mut reg = self.registry();
+        let Some(w) = reg.workers.get(&worker) else { return };
+        let (app, thread) = (w.app, w.thread);
+        let namespace = reg.apps[&app].namespace.clone();
+        for s in &resume.sessions {
+            let id = reg.session_id(thread);
+            let tuple = FiveTuple {
+                proto: TransportProto::CutThrough,
+                local: s.local,
+                remote: s.remote,
+            };
+            if reg.table.insert_established(tuple, id).is_err() {
+                continue;
+            }
+            reg.sessions.insert(
+                id,
+                SessionRecord {
+                    id,
+                    worker,
+                    app,
+                    namespace: namespace.clone(),
+                    transport: TransportProto::CutThrough,
+                    connection: None,
+                    tuple,
+                    is_client: s.is_client,
+                    state: SessionState::Resumed,
+                    peer: None,
+                },
+            );
+        }
+    }
+
+    /// A worker's socket closed: its listeners go, and its sessions' peers are reset.
+    pub fn detach_worker(&self, worker: WorkerId) {
+        let mut reg = self.registry();
+        let Some(rec) = reg.workers.remove(&worker) else { return };
+        for lid in rec.listeners {
+            Self::remove_listener_worker(&mut reg, lid, worker);
+        }
+        let gone_conns = self.cut_through.worker_gone(worker);
+        let doomed: Vec<SessionId> = reg
+            .sessions
+            .values()
+            .filter(|s| s.worker == worker || s.connection.is_some_and(|c| gone_conns.contains(&c)))
+            .map(|s| s.id)
+            .collect();
+        for id in doomed {
+            let Some(s) = reg.sessions.remove(&id) else { continue };
+            reg.table.remove(&s.tuple);
+            if s.worker != worker {
+                // The peer survives; tell it through shuntd too, in case it missed the hang-up.
+                if let Some(peer) = reg.workers.get(&s.worker) {
+                    let _ = peer.link.post(&Event::Reset { session_id: s.id.0 });
+                }
+            }
+        }
+        let app = rec.app;
+        let empty = reg.apps.get_mut(&app).map(|a| {
+            a.workers.retain(|w| *w != worker);
+            a.workers.is_empty()
+        });
+        if empty == Some(true) {
+            reg.apps.remove(&app);
+        }
+    }
+
+    // ---- listeners ----
+
+    pub fn listen(&self, worker: WorkerId, endpoint: SocketAddr) -> Result<ListenerId, SessionError> {
+        let mut reg = self.registry();
+        let w = reg.workers.get(&worker).ok_or(SessionError::UnknownWorker(worker))?;
+        let app = w.app;
+        let (namespace, scope) = {
+            let a = &reg.apps[&app];
+            (a.namespace.clone(), a.scope)
+        };
+        let proto = TransportProto::CutThrough;
+        let existing = match scope {
+            Scope::Local => reg.local_listeners.get(&namespace).and_then(|t| t.lookup_exact(proto, endpoint)),
+            Scope::Global => reg.global_listeners.lookup_exact(proto, endpoint),
+        };
+        if let Some(lid) = existing {
+            // Another worker of the same app joins the listener; anyone else is refused.
+            let l = reg.listeners.get_mut(&lid).expect("table and registry agree");
+            if l.app != app {
+                return Err(SessionError::AddressInUse(endpoint));
+            }
+            if !l.workers.contains(&worker) {
+                l.workers.push(worker);
+                reg.workers.get_mut(&worker).expect("checked").listeners.push(lid);
+            }
+            return Ok(lid);
+        }
+        self.transport(proto).start_listen(endpoint)?;
+        reg.next_listener += 1;
+        let lid = ListenerId(reg.next_listener);
+        let inserted = match scope {
+            Scope::Local => reg.local_listeners.entry(namespace.clone()).or_default().insert(proto, endpoint, lid),
+            Scope::Global => reg.global_listeners.insert(proto, endpoint, lid),
+        };
+        debug_assert!(inserted);
+        reg.listeners.insert(
+            lid,
+            ListenerRecord {
+                id: lid,
+                app,
+                endpoint,
+                namespace,
+                scope,
+                workers: vec![worker],
+                rotor: 0,
+            },
+        );
+        reg.workers.get_mut(&worker).expect("checked").listeners.push(lid);
+        Ok(lid)
+    }
+
+    pub fn unlisten(&self, worker: WorkerId, lid: ListenerId) -> Result<(), SessionError> {
+        let mut reg = self.registry();
+        let w = reg.workers.get_mut(&worker).ok_or(SessionError::UnknownWorker(worker))?;
+        if !w.listeners.contains(&lid) {
+            return Err(SessionError::UnknownListener(lid));
+        }
+        w.listeners.retain(|l| *l != lid);
+        Self::remove_listener_worker(&mut reg, lid, worker);
+        Ok(())
+    }
+
+    fn remove_listener_worker(reg: &mut Registry, lid: ListenerId, worker: WorkerId) {
+        let Some(l) = reg.listeners.get_mut(&lid) else { return };
+        l.workers.retain(|w| *w != worker);
+        if !l.workers.is_empty() {
+            return;
+        }
+        let l = reg.listeners.remove(&lid).expect("present");
+        let proto = TransportProto::CutThrough;
+        match l.scope {
+            Scope::Local => {
+                if let Some(t) = reg.local_listeners.get_mut(&l.namespace) {
+                    t.remove(proto, l.endpoint);
+                }
+            }
+            Scope::Global => {
+                reg.global_listeners.remove(proto, l.endpoint);
+            }
+        }
+    }
+
+    // ---- connect ----
+
+    fn count_rule(&self, table: RuleTable, action: &RuleAction) {
+        LayerCounters::bump(&self.counters.rule_hits, (table, action.as_str()));
+    }
+
+    /// Connects `worker` to `remote`. On success both workers have been told, through their
+    /// event queues, and each already holds the segment the session lives in.
+    pub fn connect(&self, worker: WorkerId, request_id: u32, remote: SocketAddr) -> Result<ConnectOutcome, SessionError> {
+        let result = self.try_connect(worker, request_id, remote);
+        match &result {
+            Ok(_) => {
+                self.counters.connects.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => LayerCounters::bump(&self.counters.connect_failures, e.code().as_str()),
+        }
+        result
+    }
+
+    fn try_connect(&self, worker: WorkerId, request_id: u32, mut remote: SocketAddr) -> Result<ConnectOutcome, SessionError> {
+        let proto = TransportProto::CutThrough;
+        let mut reg = self.registry();
+        let w = reg.workers.get(&worker).ok_or(SessionError::UnknownWorker(worker))?;
+        let (client_app, client_thread) = (w.app, w.thread);
+        let (namespace, client_scope) = {
+            let a = &reg.apps[&client_app];
+            (a.namespace.clone(), a.scope)
+        };
+        let ns_address = self
+            .with_namespaces(|n| n.get(&namespace).map(|n| n.address))
+            .ok_or_else(|| NamespaceError::Unknown(namespace.clone()))?;
+        let unspecified_local = SocketAddr::new(ns_address, 0);
+
+        // Egress: the client's namespace decides whether, and where, it may connect.
+        let egress = self.with_namespaces(|n| {
+            n.get(&namespace)
+                .and_then(|ns| ns.local_rules.lookup(unspecified_local, remote).cloned())
+        });
+        if let Some(rule) = egress {
+            self.count_rule(RuleTable::Local, &rule.action);
+            match rule.action {
+                RuleAction::Deny => {
+                    return Err(SessionError::Denied {
+                        table: RuleTable::Local,
+                        tag: rule.tag,
+                    });
+                }
+                RuleAction::Redirect(to) => remote = to,
+                RuleAction::Allow => {}
+            }
+        }
+
+        let lid = reg
+            .local_listeners
+            .get(&namespace)
+            .and_then(|t| t.lookup(proto, remote))
+            .or_else(|| match client_scope {
+                Scope::Global => reg.global_listeners.lookup(proto, remote),
+                Scope::Local => None,
+            })
+            .ok_or(SessionError::NoListener(remote))?;
+
+        let port = reg
+            .alloc_local_port(ns_address, remote, proto)
+            .ok_or_else(|| SessionError::NoLocalPort(namespace.clone()))?;
+        let local = SocketAddr::new(ns_address, port);
+
+        // Ingress: the node's global table decides whether the listener may take it.
+        let listener_ep = reg.listeners[&lid].endpoint;
+        if let Some(rule) = self
+            .global_rules
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .lookup(SocketAddr::new(remote.ip(), listener_ep.port()), local)
+            .cloned()
+        {
+            self.count_rule(RuleTable::Global, &rule.action);
+            if rule.action == RuleAction::Deny {
+                return Err(SessionError::Denied {
+                    table: RuleTable::Global,
+                    tag: rule.tag,
+                });
+            }
+        }
+
+        let l = reg.listeners.get_mut(&lid).expect("looked up");
+        let server = l.workers[l.rotor % l.workers.len()];
+        l.rotor = l.rotor.wrapping_add(1);
+        let server_app = l.app;
+        let server_ns = l.namespace.clone();
+
+        let client_tuple = FiveTuple { proto, local, remote };
+        let client_id = reg.session_id(client_thread);
+        reg.table.insert_half_open(client_tuple, client_id).map_err(|_| SessionError::AddressInUse(local))?;
+
+        let (client_rec, server_rec) = (&reg.workers[&worker], &reg.workers[&server]);
+        let (client_link, server_link) = (client_rec.link.clone(), server_rec.link.clone());
+        let server_thread = server_rec.thread;
+        if !server_link.has_room(1) {
+            reg.table.remove(&client_tuple);
+            return Err(SessionError::Link(server, LinkError::QueueFull));
+        }
+        let connected = {
+            let (cd, sd) = (client_rec.doorbell.clone(), server_rec.doorbell.clone());
+            let req = ConnectRequest {
+                client: worker,
+                server,
+                local,
+                remote,
+                client_doorbell: cd.as_fd(),
+                server_doorbell: sd.as_fd(),
+            };
+            match self.transport(proto).connect(&req) {
+                Ok(c) => c,
+                Err(e) => {
+                    reg.table.remove(&client_tuple);
+                    return Err(e.into());
+                }
+            }
+        };
+        let server_id = reg.session_id(server_thread);
+        let conn = connected.id;
+
+        // Grants first, then events: a worker must hold the segment before it hears of it.
+        let deliver = || -> Result<(), SessionError> {
+            if let Some(g) = connected.server_grant {
+                server_link.grant_segment(g).map_err(|e| SessionError::Link(server, e))?;
+            }
+            server_link
+                .post(&Event::Accepted {
+                    listener_id: lid.0,
+                    session_id: server_id.0,
+                    fifos: connected.server_fifos,
+                    peer: local,
+                })
+                .map_err(|e| SessionError::Link(server, e))?;
+            if let Some(g) = connected.client_grant {
+                client_link.grant_segment(g).map_err(|e| SessionError::Link(worker, e))?;
+            }
+            client_link
+                .post(&Event::Connected {
+                    request_id,
+                    session_id: client_id.0,
+                    fifos: connected.client_fifos,
+                    local,
+                })
+                .map_err(|e| SessionError::Link(worker, e))
+        };
+        if let Err(e) = deliver() {
+            reg.table.remove(&client_tuple);
+            let t = self.transport(proto);
+            let _ = t.reset(conn);
+            t.cleanup(conn);
+            return Err(e);
+        }
+
+        reg.table.establish(&client_tuple).expect("inserted half-open above");
+        let server_tuple = client_tuple.reversed();
+        let _ = reg.table.insert_established(server_tuple, server_id);
+        reg.sessions.insert(
+            client_id,
+            SessionRecord {
+                id: client_id,
+                worker,
+                app: client_app,
+                namespace,
+                transport: proto,
+                connection: Some(conn),
+                tuple: client_tuple,
+                is_client: true,
+                state: SessionState::Ready,
+                peer: Some(server_id),
+            },
+        );
+        reg.sessions.insert(
+            server_id,
+            SessionRecord {
+                id: server_id,
+                worker: server,
+                app: server_app,
+                namespace: server_ns,
+                transport: proto,
+                connection: Some(conn),
+                tuple: server_tuple,
+                is_client: false,
+                state: SessionState::Ready,
+                peer: Some(client_id),
+            },
+        );
+        Ok(ConnectOutcome {
+            client_session: client_id,
+            server_session: server_id,
+            transport: proto,
+        })
+    }
+
+    /// An app closed (or reset) its side of a session.
+    pub fn session_closed(&self, worker: WorkerId, session: SessionId, reset: bool) -> Result<(), SessionError> {
+        let mut reg = self.registry();
+        let owned = reg.sessions.get(&session).is_some_and(|s| s.worker == worker);
+        if !owned {
+            return Err(SessionError::UnknownWorker(worker));
+        }
+        let s = reg.sessions.remove(&session).expect("checked");
+        reg.table.remove(&s.tuple);
+        if let Some(conn) = s.connection {
+            let t = self.transport(s.transport);
+            if reset {
+                let _ = t.reset(conn);
+            }
+            t.close(conn, s.is_client)?;
+        }
+        Ok(())
+    }
+
+    // ---- listings ----
+
+    pub fn sessions(&self) -> Vec<SessionRecord> {
+        self.registry().sessions.values().cloned().collect()
+    }
+
+    pub fn session_bytes(&self, s: &SessionRecord) -> Option<(u64, u64)> {
+        let stats = self.transport(s.transport).stats(s.connection?)?;
+        Some(if s.is_client {
+            (stats.client_to_server, stats.server_to_client)
+        } else {
+            (stats.server_to_client, stats.client_to_server)
+        })
+    }
+
+    pub fn apps(&self) -> Vec<(AppId, String, String, PeerCred, usize, Vec<SocketAddr>)> {
+        let reg = self.registry();
+        reg.apps
+            .values()
+            .map(|a| {
+                let listeners = reg.listeners.values().filter(|l| l.app == a.id).map(|l| l.endpoint).collect();
+                (a.id, a.name.clone(), a.namespace.clone(), a.cred, a.workers.len(), listeners)
+            })
+            .collect()
+    }
+
+    pub fn counts(&self) -> LayerCounts {
+        let reg = self.registry();
+        LayerCounts {
+            apps: reg.apps.len(),
+            workers: reg.workers.len(),
+            listeners: reg.listeners.len(),
+            sessions: reg.sessions.len(),
+            half_open: reg.table.half_open_len(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LayerCounts {
+    pub apps: usize,
+    pub workers: usize,
+    pub listeners: usize,
+    pub sessions: usize,
+    pub half_open: usize,
+}

@@ -1,0 +1,17 @@
+//! Shunt's session layer, as run inside `shuntd`.
+//!
+//! Apps attach into a [`namespace`] by proving its secret. Their listeners and sessions live in
+//! [`tables`]; connects are filtered or redirected by the [`rules`] tables; and every session is
+//! carried by a [`transport`]. Only one transport exists so far, [`cut_through`], which joins
+//! two co-located app workers FIFO-to-FIFO in a shared segment. [`layer::SessionLayer`] ties them
+//! together and never branches on which transport carries a session.
+
+pub mod app;
+pub mod cut_through;
+pub mod layer;
+pub mod namespace;
+pub mod rules;
+pub mod tables;
+pub mod transport;
+
+pub use layer::{SessionLayer, SessionLayerConfig};

@@ -1,0 +1,279 @@
+//! shuntd's configuration: a YAML file, or the built-in default so a bare `shuntd` runs.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use shunt_session::cut_through::CutThroughConfig;
+use shunt_session::rules::{self, PortRange, Rule, RuleAction, RuleError};
+
+/// The configuration used when no file is given.
+pub const DEFAULT_CONFIG: &str = include_str!("default.yaml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid configuration: {0}")]
+    Parse(#[from] serde_yaml_ng::Error),
+    #[error("`{field}`: {reason}")]
+    Invalid { field: String, reason: String },
+}
+
+fn invalid(field: impl Into<String>, reason: impl std::fmt::Display) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        reason: reason.to_string(),
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub app_socket: PathBuf,
+    pub control_socket: PathBuf,
+    #[serde(default)]
+    pub metrics_address: String,
+    pub workers: usize,
+    pub event_queue_len: u32,
+    pub cut_through: CutThroughSection,
+    pub namespaces: Vec<NamespaceSection>,
+    #[serde(default)]
+    pub rules: Vec<RuleSection>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CutThroughSection {
+    pub fifo_size: u32,
+    pub segment_size: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamespaceSection {
+    pub id: String,
+    #[serde(default)]
+    pub secret: String,
+    pub address: IpAddr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuleScopeSection {
+    Local,
+    Global,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuleActionSection {
+    Allow,
+    Deny,
+    Redirect,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleSection {
+    pub scope: RuleScopeSection,
+    #[serde(default)]
+    pub namespace: Option<String>,
+    #[serde(default)]
+    pub local: Option<String>,
+    #[serde(default)]
+    pub local_ports: Option<String>,
+    #[serde(default)]
+    pub remote: Option<String>,
+    #[serde(default)]
+    pub remote_ports: Option<String>,
+    pub action: RuleActionSection,
+    #[serde(default)]
+    pub redirect_to: Option<SocketAddr>,
+    pub tag: String,
+}
+
+/// Parses "*", "80" or "8000-8080".
+pub fn parse_port_range(s: &str) -> Result<PortRange, String> {
+    let s = s.trim();
+    if s == "*" || s.is_empty() {
+        return Ok(PortRange::ANY);
+    }
+    let port = |p: &str| p.trim().parse::<u16>().map_err(|_| format!("`{p}` is not a port"));
+    match s.split_once('-') {
+        Some((a, b)) => PortRange::new(port(a)?, port(b)?).map_err(|e| e.to_string()),
+        None => Ok(PortRange::single(port(s)?)),
+    }
+}
+
+/// Builds a rule from its user-facing parts, defaulting unset prefixes to "any" of the family
+/// the other prefix (or the redirect target) implies.
+pub fn build_rule(
+    local: Option<&str>,
+    local_ports: Option<&str>,
+    remote: Option<&str>,
+    remote_ports: Option<&str>,
+    action: RuleActionSection,
+    redirect_to: Option<SocketAddr>,
+    tag: &str,
+) -> Result<Rule, (&'static str, String)> {
+    let v6_hint = [local, remote]
+        .into_iter()
+        .flatten()
+        .any(|p| p.contains(':'))
+        || redirect_to.is_some_and(|r| r.is_ipv6());
+    let any = if v6_hint { "::/0" } else { "0.0.0.0/0" };
+    let prefix = |field, p: Option<&str>| {
+        rules::parse_prefix(p.unwrap_or(any)).map_err(|e: RuleError| (field, e.to_string()))
+    };
+    let ports = |field, p: Option<&str>| parse_port_range(p.unwrap_or("*")).map_err(|e| (field, e));
+    let action = match (action, redirect_to) {
+        (RuleActionSection::Allow, _) => RuleAction::Allow,
+        (RuleActionSection::Deny, _) => RuleAction::Deny,
+        (RuleActionSection::Redirect, Some(to)) => RuleAction::Redirect(to),
+        (RuleActionSection::Redirect, None) => {
+            return Err(("redirect_to", "a redirect needs a target".into()));
+        }
+    };
+    let rule = Rule {
+        local: prefix("local", local)?,
+        local_ports: ports("local_ports", local_ports)?,
+        remote: prefix("remote", remote)?,
+        remote_ports: ports("remote_ports", remote_ports)?,
+        action,
+        tag: tag.to_owned(),
+    };
+    rule.validate().map_err(|e| ("rule", e.to_string()))?;
+    Ok(rule)
+}
+
+impl RuleSection {
+    pub fn to_rule(&self) -> Result<Rule, (&'static str, String)> {
+        build_rule(
+            self.local.as_deref(),
+            self.local_ports.as_deref(),
+            self.remote.as_deref(),
+            self.remote_ports.as_deref(),
+            self.action,
+            self.redirect_to,
+            &self.tag,
+        )
+    }
+}
+
+impl Config {
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let text = match path {
+            Some(p) => std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                path: p.to_owned(),
+                source,
+            })?,
+            None => DEFAULT_CONFIG.to_owned(),
+        };
+        Self::parse(&text)
+    }
+
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        // Start from the default and overlay the file, so a file may set only what it changes.
+        let mut merged: serde_yaml_ng::Value = serde_yaml_ng::from_str(DEFAULT_CONFIG)?;
+        let overlay: serde_yaml_ng::Value = serde_yaml_ng::from_str(text)?;
+        if let (serde_yaml_ng::Value::Mapping(base), serde_yaml_ng::Value::Mapping(over)) =
+            (&mut merged, overlay)
+        {
+            for (k, v) in over {
+                base.insert(k, v);
+            }
+        }
+        let config: Config = serde_yaml_ng::from_value(merged)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let fifo = self.cut_through.fifo_size;
+        if !fifo.is_power_of_two() || !(4096..=(1 << 30)).contains(&fifo) {
+            return Err(invalid("cut_through.fifo_size", "must be a power of two from 4096 to 1 GiB"));
+        }
+        if self.cut_through.segment_size < 4 * fifo as usize {
+            return Err(invalid("cut_through.segment_size", "must hold at least two FIFO pairs"));
+        }
+        if self.cut_through.segment_size > u32::MAX as usize {
+            return Err(invalid("cut_through.segment_size", "must be below 4 GiB"));
+        }
+        if !self.event_queue_len.is_power_of_two() || self.event_queue_len < 16 {
+            return Err(invalid("event_queue_len", "must be a power of two, at least 16"));
+        }
+        if !self.metrics_address.is_empty() && self.metrics_address.parse::<SocketAddr>().is_err() {
+            return Err(invalid("metrics_address", "must be ip:port or empty"));
+        }
+        for (i, r) in self.rules.iter().enumerate() {
+            r.to_rule().map_err(|(field, e)| invalid(format!("rules[{i}].{field}"), e))?;
+            if r.scope == RuleScopeSection::Local && r.namespace.is_none() {
+                return Err(invalid(format!("rules[{i}].namespace"), "local rules name a namespace"));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn worker_count(&self) -> usize {
+        if self.workers == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            self.workers
+        }
+    }
+
+    pub fn cut_through(&self) -> CutThroughConfig {
+        CutThroughConfig {
+            fifo_size: self.cut_through.fifo_size,
+            segment_size: self.cut_through.segment_size,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_config_is_valid() {
+        let c = Config::load(None).unwrap();
+        assert_eq!(c.namespaces[0].id, "default");
+        assert!(c.rules.is_empty());
+    }
+
+    #[test]
+    fn overlay_changes_only_given_keys() {
+        let c = Config::parse("workers: 3\nmetrics_address: ''\n").unwrap();
+        assert_eq!(c.workers, 3);
+        assert_eq!(c.metrics_address, "");
+        assert_eq!(c.cut_through.fifo_size, 1 << 20);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let e = Config::parse("cut_through: {fifo_size: 1000, segment_size: 67108864}").unwrap_err();
+        assert!(e.to_string().contains("cut_through.fifo_size"), "{e}");
+        let e = Config::parse(
+            "rules: [{scope: global, remote: 10.0.0.0/8, remote_ports: '9-1', action: deny, tag: x}]",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("rules[0].remote_ports"), "{e}");
+        let e = Config::parse("rules: [{scope: local, action: deny, tag: x}]").unwrap_err();
+        assert!(e.to_string().contains("rules[0].namespace"), "{e}");
+        let e = Config::parse("bogus: 1").unwrap_err();
+        assert!(e.to_string().contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn port_ranges_parse() {
+        assert_eq!(parse_port_range("*"), Ok(PortRange::ANY));
+        assert_eq!(parse_port_range("80"), Ok(PortRange::single(80)));
+        assert_eq!(parse_port_range("80-90"), Ok(PortRange::new(80, 90).unwrap()));
+        assert!(parse_port_range("x").is_err());
+        assert!(parse_port_range("90-80").is_err());
+    }
+}

@@ -1,0 +1,150 @@
+//! `shuntd`, Shunt's node service.
+//!
+//! - [`config`]: the YAML configuration and its built-in default.
+//! - [`app_server`]: the attach socket and the worker threads apps are pinned to.
+//! - [`link`]: how the session layer reaches an attached app worker.
+//! - [`control`]: the gRPC control API.
+//! - [`metrics`]: Prometheus metrics.
+//!
+//! [`build`] assembles them and returns what it bound, so tests can run a whole daemon
+//! in-process on temporary paths.
+
+pub mod app_server;
+pub mod config;
+pub mod control;
+pub mod link;
+pub mod metrics;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use shunt_proto::control::control_server::ControlServer;
+use shunt_session::namespace::Namespace;
+use shunt_session::{SessionLayer, SessionLayerConfig};
+use tokio_stream::wrappers::UnixListenerStream;
+
+use crate::app_server::{AppServer, ServerCounters};
+use crate::config::{Config, RuleScopeSection};
+
+/// A running daemon.
+pub struct Bound {
+    pub layer: Arc<SessionLayer>,
+    pub metrics: Arc<metrics::Metrics>,
+    /// Where `/metrics` is served, if enabled.
+    pub metrics_address: Option<SocketAddr>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Bound {
+    /// Runs until one of the daemon's services stops, which only an error does.
+    pub async fn wait(self) -> anyhow::Result<()> {
+        let (done, _, _) = futures_select(self.tasks).await;
+        done.context("a shuntd service stopped")?;
+        anyhow::bail!("a shuntd service stopped")
+    }
+}
+
+async fn futures_select(
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+) -> (Result<(), tokio::task::JoinError>, usize, usize) {
+    let n = tasks.len();
+    let (tx, mut rx) = tokio::sync::mpsc::channel(n.max(1));
+    for (i, t) in tasks.into_iter().enumerate() {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let _ = tx.send((t.await, i)).await;
+        });
+    }
+    match rx.recv().await {
+        Some((r, i)) => (r, i, n),
+        None => (Ok(()), 0, n),
+    }
+}
+
+/// Builds the session layer from `config` and starts every service. Must run inside a tokio
+/// runtime, which will host the control plane (gRPC, metrics, accept loop).
+pub async fn build(config: &Config) -> anyhow::Result<Bound> {
+    let layer = Arc::new(SessionLayer::new(SessionLayerConfig {
+        cut_through: config.cut_through(),
+    }));
+    for ns in &config.namespaces {
+        let n = Namespace::new(&ns.id, ns.secret.as_bytes(), ns.address)
+            .with_context(|| format!("namespace `{}`", ns.id))?;
+        layer.add_namespace(n, false)?;
+    }
+    for (i, r) in config.rules.iter().enumerate() {
+        let rule = r.to_rule().map_err(|(f, e)| anyhow::anyhow!("rules[{i}].{f}: {e}"))?;
+        let ns = match r.scope {
+            RuleScopeSection::Global => None,
+            RuleScopeSection::Local => r.namespace.as_deref(),
+        };
+        layer.add_rule(ns, rule).with_context(|| format!("rules[{i}]"))?;
+    }
+
+    let counters = Arc::new(ServerCounters::default());
+    let workers = config.worker_count();
+    let server = Arc::new(AppServer::start(workers, layer.clone(), counters.clone(), config.event_queue_len)?);
+    let app_listener = app_server::bind_seqpacket(&config.app_socket)
+        .with_context(|| format!("app socket {}", config.app_socket.display()))?;
+    set_socket_mode(&config.app_socket)?;
+
+    let mut tasks = Vec::new();
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = server.accept_loop(app_listener).await {
+            tracing::error!(error = %e, "app socket failed");
+        }
+    }));
+
+    if let Some(dir) = config.control_socket.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let _ = std::fs::remove_file(&config.control_socket);
+    let control_listener = tokio::net::UnixListener::bind(&config.control_socket)
+        .with_context(|| format!("control socket {}", config.control_socket.display()))?;
+    let control = control::ControlService::new(layer.clone(), workers);
+    tasks.push(tokio::spawn(async move {
+        let r = tonic::transport::Server::builder()
+            .add_service(ControlServer::new(control))
+            .serve_with_incoming(UnixListenerStream::new(control_listener))
+            .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "control API failed");
+        }
+    }));
+
+    let metrics = Arc::new(metrics::Metrics::new(layer.clone(), counters)?);
+    let mut metrics_address = None;
+    if !config.metrics_address.is_empty() {
+        let listener = tokio::net::TcpListener::bind(&config.metrics_address)
+            .await
+            .with_context(|| format!("metrics address {}", config.metrics_address))?;
+        metrics_address = Some(listener.local_addr()?);
+        let m = metrics.clone();
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = metrics::serve(m, listener).await {
+                tracing::error!(error = %e, "metrics endpoint failed");
+            }
+        }));
+    }
+    tracing::info!(
+        app_socket = %config.app_socket.display(),
+        control_socket = %config.control_socket.display(),
+        metrics = ?metrics_address,
+        workers,
+        "shuntd ready"
+    );
+    Ok(Bound {
+        layer,
+        metrics,
+        metrics_address,
+        tasks,
+    })
+}
+
+/// Apps in other containers attach as other users; namespace secrets, not file modes, decide
+/// who gets in.
+fn set_socket_mode(path: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777))
+}

@@ -1,0 +1,204 @@
+//! Cut-through sessions between real app workers through a real `shuntd` process.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::{Daemon, recv_all, send_pattern};
+use shunt_client::{AttachOptions, Error, Worker};
+use shunt_sapi::ErrorCode;
+
+fn ep(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+#[test]
+fn transfers_64_mib_each_way_intact() {
+    let d = Daemon::start("");
+    let server = d.attach("server");
+    let listener = server.listen(ep("127.0.0.1:7000")).unwrap();
+    let client = d.attach("client");
+    let server_thread = thread::spawn(move || {
+        let mut s = listener.accept().unwrap();
+        let (n, crc) = recv_all(&mut s);
+        let back = send_pattern(&mut s, 2, 64 << 20);
+        (n, crc, back)
+    });
+    let mut c = client.connect(ep("127.0.0.1:7000")).unwrap();
+    let sent = send_pattern(&mut c, 1, 64 << 20);
+    c.shutdown_write().unwrap();
+    let (back_n, back_crc) = recv_all(&mut c);
+    let (n, crc, server_sent) = server_thread.join().unwrap();
+    assert_eq!((n, crc), (64 << 20, sent), "client -> server bytes differ");
+    assert_eq!((back_n, back_crc), (64 << 20, server_sent), "server -> client bytes differ");
+}
+
+#[test]
+fn half_close_works_in_both_directions() {
+    let d = Daemon::start("");
+    let server = d.attach("server");
+    let listener = server.listen(ep("127.0.0.1:7001")).unwrap();
+    let client = d.attach("client");
+    let mut c = client.connect(ep("127.0.0.1:7001")).unwrap();
+    let mut s = listener.accept().unwrap();
+
+    // Server closes its write side first; the client still writes afterwards.
+    s.write_all(b"bye").unwrap();
+    s.shutdown_write().unwrap();
+    let mut got = Vec::new();
+    c.read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"bye");
+    c.write_all(b"still talking").unwrap();
+    c.shutdown_write().unwrap();
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"still talking");
+}
+
+#[test]
+fn wrong_secret_and_unknown_namespace_are_refused() {
+    let d = Daemon::start("namespaces: [{id: blue, secret: '1234', address: 10.0.0.1}]\n");
+    let wrong = Worker::attach(AttachOptions::new(d.socket()).namespace("blue", b"4321")).unwrap_err();
+    assert_eq!(wrong.code(), Some(ErrorCode::WrongSecret), "{wrong}");
+    let unknown = Worker::attach(AttachOptions::new(d.socket()).namespace("green", b"1234")).unwrap_err();
+    assert_eq!(unknown.code(), Some(ErrorCode::UnknownNamespace), "{unknown}");
+    let ok = Worker::attach(AttachOptions::new(d.socket()).namespace("blue", b"1234")).unwrap();
+    assert_eq!(ok.local_address().ip().to_string(), "10.0.0.1");
+}
+
+#[test]
+fn denied_connect_is_refused_and_allowed_one_flows() {
+    let d = Daemon::start(
+        "rules:\n  - {scope: local, namespace: default, remote: 127.0.0.1/32, remote_ports: '7100-7199', action: deny, tag: no-71xx}\n",
+    );
+    let server = d.attach("server");
+    let _denied = server.listen(ep("127.0.0.1:7150")).unwrap();
+    let allowed = server.listen(ep("127.0.0.1:7250")).unwrap();
+    let client = d.attach("client");
+    let err = client.connect(ep("127.0.0.1:7150")).unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::Denied), "{err}");
+    let err = client.connect(ep("127.0.0.1:7999")).unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::NoListener), "{err}");
+    let mut c = client.connect(ep("127.0.0.1:7250")).unwrap();
+    c.write_all(b"hi").unwrap();
+    let mut s = allowed.accept().unwrap();
+    let mut buf = [0u8; 2];
+    s.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"hi");
+}
+
+#[test]
+fn session_survives_shuntd_sigkill_and_apps_reattach() {
+    let mut d = Daemon::start("");
+    let server = d.attach("server");
+    let listener = server.listen(ep("127.0.0.1:7300")).unwrap();
+    let client = d.attach("client");
+    let mut c = client.connect(ep("127.0.0.1:7300")).unwrap();
+    let mut s = listener.accept().unwrap();
+
+    let reader = thread::spawn(move || recv_all(&mut s));
+    let first = send_pattern(&mut c, 9, 8 << 20);
+    let _ = first;
+    d.kill();
+    // The session keeps flowing with shuntd dead.
+    let mut crc = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut sent = 8u64 << 20;
+    // Re-send the first part's bytes into the hasher so it covers the whole stream.
+    {
+        let mut off = 0u64;
+        while off < sent {
+            let n = (sent - off).min(buf.len() as u64) as usize;
+            common::pattern(9, off, &mut buf[..n]);
+            crc.update(&buf[..n]);
+            off += n as u64;
+        }
+    }
+    let total = 48u64 << 20;
+    while sent < total {
+        let n = (total - sent).min(buf.len() as u64) as usize;
+        common::pattern(9, sent, &mut buf[..n]);
+        c.write_all(&buf[..n]).unwrap();
+        crc.update(&buf[..n]);
+        sent += n as u64;
+        if sent == 24 << 20 {
+            d.restart();
+        }
+    }
+    c.shutdown_write().unwrap();
+    let (n, got) = reader.join().unwrap();
+    assert_eq!((n, got), (total, crc.finalize()), "bytes lost or corrupted across the restart");
+
+    // Both apps notice and re-attach; new sessions work through the new shuntd.
+    assert!(common::eventually(Duration::from_secs(5), || {
+        let _ = client.dispatch();
+        !client.is_attached()
+    }));
+    client.reattach().unwrap();
+    let _ = server.dispatch();
+    server.reattach().unwrap();
+    let mut c2 = client.connect(ep("127.0.0.1:7300")).unwrap();
+    c2.write_all(b"again").unwrap();
+    let mut s2 = listener.accept().unwrap();
+    let mut buf = [0u8; 5];
+    s2.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"again");
+}
+
+#[test]
+fn peer_killed_mid_transfer_gives_reset_within_a_second() {
+    let d = Daemon::start("");
+    let server = d.attach("server");
+    let listener = server.listen(ep("127.0.0.1:7400")).unwrap();
+    // The client is a separate process we can SIGKILL: this test binary, re-run in a role.
+    if std::env::var_os("SHUNT_TEST_ROLE").is_some() {
+        return;
+    }
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "client_role_writes_forever", "--nocapture"])
+        .env("SHUNT_TEST_ROLE", "client")
+        .env("SHUNT_TEST_SOCKET", d.socket())
+        .spawn()
+        .unwrap();
+    let mut s = listener.accept().unwrap();
+    let mut buf = [0u8; 4096];
+    s.read_exact(&mut buf).unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let killed_at = Instant::now();
+    let err = loop {
+        match s.read(&mut buf) {
+            Ok(0) => break None,
+            Ok(_) => continue,
+            Err(e) => break Some(e),
+        }
+    };
+    let elapsed = killed_at.elapsed();
+    assert!(elapsed < Duration::from_secs(1), "noticed after {elapsed:?}");
+    assert_eq!(err.map(|e| e.kind()), Some(std::io::ErrorKind::ConnectionReset));
+}
+
+#[test]
+fn client_role_writes_forever() {
+    let Some(sock) = std::env::var_os("SHUNT_TEST_SOCKET") else {
+        return; // Only meaningful as the child of the test above.
+    };
+    let w = Worker::attach(AttachOptions::new(sock)).unwrap();
+    let mut c = w.connect(ep("127.0.0.1:7400")).unwrap();
+    let buf = vec![7u8; 64 * 1024];
+    loop {
+        if c.write_all(&buf).is_err() {
+            return;
+        }
+    }
+}
+
+#[test]
+fn attach_errors_are_typed_when_shuntd_is_absent() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = Worker::attach(AttachOptions::new(dir.path().join("none.sock"))).unwrap_err();
+    assert!(matches!(err, Error::DaemonUnavailable(_)), "{err}");
+}
