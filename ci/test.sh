@@ -16,3 +16,6 @@ cargo nextest run --workspace --locked --no-fail-fast
 
 echo "== miri (shared-memory FIFOs and rings)"
 MIRIFLAGS="${MIRIFLAGS:-}" cargo +nightly miri test --locked -p shunt-shm --lib
+
+echo "== loom (SPSC and notification protocols)"
+RUSTFLAGS="--cfg loom" cargo test --locked --release -p shunt-shm --test loom

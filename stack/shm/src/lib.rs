@@ -38,6 +38,28 @@
 //! shared memory) and the small `fifo::slices` module (building zero-copy slices under the SPSC
 //! ownership argument) opt back in. [`fdpass`] and [`doorbell`] are safe wrappers over `rustix`.
 //!
+//! # Example
+//!
+//! ```
+//! use std::sync::Arc;
+//! use shunt_shm::{Consumer, Producer, Region, fifo_footprint, init_fifo};
+//!
+//! // A heap region stands in for a segment (`Segment::create` for real sharing).
+//! let region = Arc::new(Region::heap(fifo_footprint(4096)));
+//! init_fifo(&region, 0, 4096).unwrap();
+//! let mut tx = Producer::attach(region.clone(), 0).unwrap();
+//! let mut rx = Consumer::attach(region, 0).unwrap();
+//!
+//! assert_eq!(tx.enqueue(b"hello"), 5);
+//! if tx.set_event() {
+//!     // 0 -> 1 transition: ring the consumer's doorbell here.
+//! }
+//! rx.clear_event(); // before reading, so that later writes signal again
+//! let mut buf = [0u8; 16];
+//! assert_eq!(rx.dequeue(&mut buf).unwrap(), 5);
+//! assert_eq!(&buf[..5], b"hello");
+//! ```
+//!
 //! # Testing
 //!
 //! Unit tests sit at the bottom of each module and run under Miri (`cargo +nightly miri test -p

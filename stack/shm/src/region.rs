@@ -37,6 +37,7 @@
 #![allow(unsafe_code)]
 
 use std::alloc::{Layout, alloc_zeroed, dealloc, handle_alloc_error};
+use std::collections::HashSet;
 use std::fmt;
 use std::io;
 use std::os::fd::BorrowedFd;
@@ -64,7 +65,7 @@ pub struct OutOfBounds {
 }
 
 /// Which end of a FIFO or ring an endpoint is; used for claims.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum Role {
     Producer,
     Consumer,
@@ -85,7 +86,8 @@ pub struct Region {
     base: NonNull<u8>,
     len: usize,
     backing: Backing,
-    claims: Mutex<Vec<(usize, Role)>>,
+    /// Attached endpoints, `(offset, role)`; process-private.
+    claims: Mutex<HashSet<(usize, Role)>>,
     #[cfg(loom)]
     shadow: shadow::Shadow,
 }
@@ -169,7 +171,7 @@ impl Region {
             base,
             len,
             backing,
-            claims: Mutex::new(Vec::new()),
+            claims: Mutex::new(HashSet::new()),
             #[cfg(loom)]
             shadow: shadow::Shadow::new(len),
         }
@@ -317,23 +319,19 @@ impl Region {
     /// Claims `(offset, role)` for an attaching endpoint; `false` if it is already claimed.
     pub(crate) fn claim(&self, offset: usize, role: Role) -> bool {
         let mut claims = self.claims.lock().unwrap_or_else(PoisonError::into_inner);
-        if claims.contains(&(offset, role)) {
-            return false;
-        }
-        claims.push((offset, role));
-        true
+        claims.insert((offset, role))
     }
 
     /// Releases a claim taken with [`Region::claim`].
     pub(crate) fn release_claim(&self, offset: usize, role: Role) {
         let mut claims = self.claims.lock().unwrap_or_else(PoisonError::into_inner);
-        claims.retain(|c| *c != (offset, role));
+        claims.remove(&(offset, role));
     }
 
     /// Whether any endpoint is attached at `offset`.
     pub(crate) fn is_claimed(&self, offset: usize) -> bool {
         let claims = self.claims.lock().unwrap_or_else(PoisonError::into_inner);
-        claims.iter().any(|c| c.0 == offset)
+        claims.contains(&(offset, Role::Producer)) || claims.contains(&(offset, Role::Consumer))
     }
 }
 

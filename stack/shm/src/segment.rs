@@ -119,7 +119,7 @@ fn check_len(len: u64) -> Result<usize, SegmentError> {
     if ulen < min {
         return Err(SegmentError::TooSmall { len, min });
     }
-    if ulen % page_size != 0 {
+    if !ulen.is_multiple_of(page_size) {
         return Err(bad_length);
     }
     Ok(ulen)
@@ -415,6 +415,31 @@ mod tests {
         let mut b = [0u8; 4];
         again.region().copy_out(100, &mut b).unwrap();
         assert_eq!(&b, b"kept");
+    }
+
+    #[test]
+    #[cfg_attr(miri, ignore = "memfd/mmap syscalls")]
+    fn fifo_across_two_mappings() {
+        use crate::fifo::{Consumer, Producer, fifo_footprint, init_fifo};
+        use std::sync::Arc;
+        let len = (SEGMENT_HEADER_LEN + fifo_footprint(4096)).next_multiple_of(page());
+        let a = Segment::create("fifo", len).unwrap();
+        init_fifo(a.region(), 64, 4096).unwrap();
+        let b = Arc::new(Segment::open(a.try_clone_fd().unwrap()).unwrap());
+        let a = Arc::new(a);
+        // Two mappings of the same memory, as two processes would have.
+        let mut p = Producer::attach(a, 64).unwrap();
+        let mut c = Consumer::attach(b, 64).unwrap();
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        let mut got = Vec::new();
+        let mut sent = 0;
+        while got.len() < data.len() {
+            sent += p.enqueue(&data[sent..]);
+            let mut buf = [0u8; 3000];
+            let n = c.dequeue(&mut buf).unwrap();
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(got, data);
     }
 
     #[test]

@@ -416,6 +416,16 @@ impl Drop for Fifo {
 }
 
 /// The writing end of a FIFO. `Send`, not `Sync`, not `Clone`: there is exactly one.
+///
+/// ```compile_fail
+/// fn assert_sync<T: Sync>() {}
+/// assert_sync::<shunt_shm::Producer>();
+/// ```
+///
+/// ```compile_fail
+/// fn assert_clone<T: Clone>() {}
+/// assert_clone::<shunt_shm::Producer>();
+/// ```
 pub struct Producer {
     fifo: Fifo,
     /// Private tail; the shared one is only ever stored to.
@@ -592,6 +602,10 @@ impl Producer {
     /// advanced (always 0 when `offset > 0`; `data.len()` plus any out-of-order bytes it joined
     /// when `offset == 0`).
     ///
+    /// Bytes that overlap earlier out-of-order writes are simply written again (a TCP
+    /// retransmission carries the same bytes). The interval bookkeeping is producer-private and
+    /// fixed-size ([`MAX_OOO_INTERVALS`]); nothing is allocated.
+    ///
     /// Errors: [`FifoError::Full`] if `offset + data.len()` exceeds the free space,
     /// [`FifoError::TooManyHoles`] if the out-of-order interval table is full (nothing written
     /// in either case), [`FifoError::Corrupt`].
@@ -665,6 +679,16 @@ impl Producer {
 }
 
 /// The reading end of a FIFO. `Send`, not `Sync`, not `Clone`: there is exactly one.
+///
+/// ```compile_fail
+/// fn assert_sync<T: Sync>() {}
+/// assert_sync::<shunt_shm::Consumer>();
+/// ```
+///
+/// ```compile_fail
+/// fn assert_clone<T: Clone>() {}
+/// assert_clone::<shunt_shm::Consumer>();
+/// ```
 pub struct Consumer {
     fifo: Fifo,
     /// Private head; the shared one is only ever stored to.

@@ -103,6 +103,16 @@ fn attach_validates_header() {
         Consumer::attach(r.clone(), r.len()),
         Err(FifoError::OutOfBounds(_))
     ));
+    // Offsets are often learned from the peer: absurd ones are errors, never overflows.
+    let huge = usize::MAX & !(FIFO_ALIGN - 1);
+    assert!(matches!(
+        Producer::attach(r.clone(), huge),
+        Err(FifoError::OutOfBounds(_))
+    ));
+    assert_eq!(
+        Consumer::attach(r.clone(), usize::MAX).unwrap_err(),
+        FifoError::Misaligned(usize::MAX)
+    );
     init_fifo(&r, GUARD, CAP).unwrap();
     let p = Producer::attach(r.clone(), GUARD).unwrap();
     assert_eq!(p.capacity(), CAP);
