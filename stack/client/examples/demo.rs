@@ -34,13 +34,18 @@ fn drain(mut read: impl Read) -> u64 {
 
 fn report(transport: &str, bytes: u64, secs: f64) -> f64 {
     let gbps = bytes as f64 * 8.0 / secs / 1e9;
-    println!("{transport:<14} {:>8.1} MiB in {secs:>6.3} s  {gbps:>7.2} Gbit/s", bytes as f64 / (1 << 20) as f64);
+    println!(
+        "{transport:<14} {:>8.1} MiB in {secs:>6.3} s  {gbps:>7.2} Gbit/s",
+        bytes as f64 / (1 << 20) as f64
+    );
     gbps
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
-    let socket = args.next().unwrap_or_else(|| "/run/shunt/shuntd.sock".into());
+    let socket = args
+        .next()
+        .unwrap_or_else(|| "/run/shunt/shuntd.sock".into());
     let bytes: u64 = args.next().map_or(Ok(2 << 30), |b| b.parse())?;
 
     let server = Worker::attach(AttachOptions::new(&socket).app_name("demo-server"))?;

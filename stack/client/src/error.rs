@@ -32,9 +32,18 @@ impl From<Error> for std::io::Error {
         use std::io::ErrorKind;
         match e {
             Error::Io(io) => io,
-            Error::Refused { code: ErrorCode::Denied, .. } => std::io::Error::new(ErrorKind::PermissionDenied, e),
-            Error::Refused { code: ErrorCode::NoListener, .. } => std::io::Error::new(ErrorKind::ConnectionRefused, e),
-            Error::Refused { code: ErrorCode::AddressInUse, .. } => std::io::Error::new(ErrorKind::AddrInUse, e),
+            Error::Refused {
+                code: ErrorCode::Denied,
+                ..
+            } => std::io::Error::new(ErrorKind::PermissionDenied, e),
+            Error::Refused {
+                code: ErrorCode::NoListener,
+                ..
+            } => std::io::Error::new(ErrorKind::ConnectionRefused, e),
+            Error::Refused {
+                code: ErrorCode::AddressInUse,
+                ..
+            } => std::io::Error::new(ErrorKind::AddrInUse, e),
             Error::Timeout => std::io::Error::new(ErrorKind::TimedOut, e),
             other => std::io::Error::other(other),
         }

@@ -7,11 +7,14 @@
 //!
 //! The library starts no threads and needs no runtime. Everything happens in the caller's calls;
 //! [`Worker::readiness_fd`] is an fd to put in the caller's own epoll (or Envoy's dispatcher),
-//! after which the caller runs [`Worker::dispatch`].
+//! after which the caller runs [`Worker::dispatch`]. With the `tokio` feature, [`tokio_io`] adds
+//! `AsyncRead`/`AsyncWrite` sessions driven by the caller's runtime.
 
 mod error;
 mod peer;
 mod session;
+#[cfg(feature = "tokio")]
+pub mod tokio_io;
 mod worker;
 
 pub use error::Error;

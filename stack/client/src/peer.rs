@@ -29,7 +29,12 @@ pub(crate) struct PeerSegment {
 }
 
 impl PeerSegment {
-    pub(crate) fn open(segment: OwnedFd, peer_doorbell: OwnedFd, liveness: OwnedFd, is_client: bool) -> Result<Self, Error> {
+    pub(crate) fn open(
+        segment: OwnedFd,
+        peer_doorbell: OwnedFd,
+        liveness: OwnedFd,
+        is_client: bool,
+    ) -> Result<Self, Error> {
         let shm = |e: &dyn std::fmt::Display| Error::Shm(e.to_string());
         let segment = Arc::new(Segment::open(segment).map_err(|e| shm(&e))?);
         let (inbound, outbound) = layout::ct_rings(is_client);
@@ -57,7 +62,10 @@ impl PeerSegment {
                 // so this peer is broken or hostile: stop talking to it.
                 tracing::warn!(error = %e, "cut-through peer ring unusable; treating peer as dead");
                 self.dead = true;
-                Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, e.to_string()))
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionReset,
+                    e.to_string(),
+                ))
             }
         }
     }

@@ -40,7 +40,17 @@ fn wake(w: &mut Option<Waker>) {
 
 impl SessionState {
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn new(session_id: u64, segment: SegmentKey, slot: u32, rx: Consumer, tx: Producer, local: SocketAddr, remote: SocketAddr, is_client: bool, peer_dead: bool) -> Self {
+    pub(crate) fn new(
+        session_id: u64,
+        segment: SegmentKey,
+        slot: u32,
+        rx: Consumer,
+        tx: Producer,
+        local: SocketAddr,
+        remote: SocketAddr,
+        is_client: bool,
+        peer_dead: bool,
+    ) -> Self {
         Self {
             session_id,
             segment,
@@ -94,11 +104,17 @@ impl SessionState {
     }
 
     fn reset_error() -> io::Error {
-        io::Error::new(io::ErrorKind::ConnectionReset, "cut-through peer reset the session")
+        io::Error::new(
+            io::ErrorKind::ConnectionReset,
+            "cut-through peer reset the session",
+        )
     }
 
     fn corrupt(e: impl std::fmt::Display) -> io::Error {
-        io::Error::new(io::ErrorKind::ConnectionReset, format!("cut-through FIFO corrupt: {e}"))
+        io::Error::new(
+            io::ErrorKind::ConnectionReset,
+            format!("cut-through FIFO corrupt: {e}"),
+        )
     }
 }
 
@@ -118,6 +134,15 @@ pub struct SessionInfo {
     pub is_client: bool,
 }
 
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("index", &self.index)
+            .field("closed", &self.closed)
+            .finish_non_exhaustive()
+    }
+}
+
 enum Notify {
     RxData,
     TxSpace,
@@ -134,7 +159,9 @@ impl Session {
 
     fn with<T>(&self, f: impl FnOnce(&mut State, &mut SessionState) -> T) -> T {
         let mut st = self.worker.lock();
-        let mut s = st.sessions[self.index].take().expect("a live Session owns its slot");
+        let mut s = st.sessions[self.index]
+            .take()
+            .expect("a live Session owns its slot");
         let out = f(&mut st, &mut s);
         st.sessions[self.index] = Some(s);
         out
@@ -195,10 +222,16 @@ impl Session {
                 return Err(SessionState::reset_error());
             }
             if s.peer_closed || s.tx.is_reader_closed() {
-                return Err(io::Error::new(io::ErrorKind::BrokenPipe, "cut-through peer closed the session"));
+                return Err(io::Error::new(
+                    io::ErrorKind::BrokenPipe,
+                    "cut-through peer closed the session",
+                ));
             }
             if s.write_shut {
-                return Err(io::Error::new(io::ErrorKind::BrokenPipe, "session was shut down for writing"));
+                return Err(io::Error::new(
+                    io::ErrorKind::BrokenPipe,
+                    "session was shut down for writing",
+                ));
             }
             let want: usize = bufs.iter().map(|b| b.len()).sum();
             if want == 0 {
@@ -232,7 +265,9 @@ impl Session {
         loop {
             match op(self) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.worker.wait(Some(Duration::from_secs(1))).map_err(io::Error::from)?;
+                    self.worker
+                        .wait(Some(Duration::from_secs(1)))
+                        .map_err(io::Error::from)?;
                 }
                 other => return other,
             }
@@ -274,7 +309,9 @@ impl Session {
         }
         self.closed = true;
         let mut st = self.worker.lock();
-        let Some(mut s) = st.sessions[self.index].take() else { return };
+        let Some(s) = st.sessions[self.index].take() else {
+            return;
+        };
         if reset {
             s.tx.reset();
             s.rx.reset();
@@ -282,7 +319,11 @@ impl Session {
             s.tx.shutdown();
             s.rx.close_reader();
         }
-        let event = if reset { Event::PeerReset { slot: s.slot } } else { Event::PeerClosed { slot: s.slot } };
+        let event = if reset {
+            Event::PeerReset { slot: s.slot }
+        } else {
+            Event::PeerClosed { slot: s.slot }
+        };
         if let Some(peer) = st.peers.get_mut(&s.segment) {
             let _ = peer.notify(event);
             peer.slots.remove(&s.slot);

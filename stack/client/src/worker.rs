@@ -2,7 +2,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -116,13 +116,20 @@ pub struct Worker {
 
 impl std::fmt::Debug for Worker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Worker").field("epoll", &self.inner.epoll.as_raw_fd()).finish_non_exhaustive()
+        f.debug_struct("Worker")
+            .field("epoll", &self.inner.epoll.as_raw_fd())
+            .finish_non_exhaustive()
     }
 }
 
 fn connect_socket(path: &std::path::Path) -> Result<OwnedFd, Error> {
-    let fd = net::socket_with(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None)
-        .map_err(|e| Error::DaemonUnavailable(e.into()))?;
+    let fd = net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::SEQPACKET,
+        SocketFlags::CLOEXEC,
+        None,
+    )
+    .map_err(|e| Error::DaemonUnavailable(e.into()))?;
     let addr = net::SocketAddrUnix::new(path).map_err(|e| Error::DaemonUnavailable(e.into()))?;
     net::connect(&fd, &addr).map_err(|e| Error::DaemonUnavailable(e.into()))?;
     Ok(fd)
@@ -130,13 +137,21 @@ fn connect_socket(path: &std::path::Path) -> Result<OwnedFd, Error> {
 
 fn set_nonblocking(fd: BorrowedFd<'_>, on: bool) -> std::io::Result<()> {
     let flags = rustix::fs::fcntl_getfl(fd)?;
-    let flags = if on { flags | rustix::fs::OFlags::NONBLOCK } else { flags - rustix::fs::OFlags::NONBLOCK };
+    let flags = if on {
+        flags | rustix::fs::OFlags::NONBLOCK
+    } else {
+        flags - rustix::fs::OFlags::NONBLOCK
+    };
     rustix::fs::fcntl_setfl(fd, flags)?;
     Ok(())
 }
 
 /// Sends one request and waits for its reply on a still-blocking socket (attach only).
-fn request_blocking(fd: BorrowedFd<'_>, req: &Request, fds: &[BorrowedFd<'_>]) -> Result<(DaemonReply, Vec<OwnedFd>), Error> {
+fn request_blocking(
+    fd: BorrowedFd<'_>,
+    req: &Request,
+    fds: &[BorrowedFd<'_>],
+) -> Result<(DaemonReply, Vec<OwnedFd>), Error> {
     fdpass::send_with_fds(fd, &req.encode(1), fds).map_err(|_| Error::DaemonGone)?;
     let mut buf = vec![0u8; MAX_MESSAGE_LEN];
     let deadline = Instant::now() + DAEMON_TIMEOUT;
@@ -149,7 +164,8 @@ fn request_blocking(fd: BorrowedFd<'_>, req: &Request, fds: &[BorrowedFd<'_>]) -
         if n == 0 {
             return Err(Error::DaemonGone);
         }
-        let (id, reply) = DaemonReply::decode(&buf[..n]).map_err(|e| Error::Protocol(e.to_string()))?;
+        let (id, reply) =
+            DaemonReply::decode(&buf[..n]).map_err(|e| Error::Protocol(e.to_string()))?;
         if id == 1 {
             return Ok((reply, fds));
         }
@@ -161,8 +177,13 @@ impl Worker {
     pub fn attach(options: AttachOptions) -> Result<Worker, Error> {
         let epoll = epoll::create(epoll::CreateFlags::CLOEXEC).map_err(std::io::Error::from)?;
         let doorbell = Doorbell::new()?;
-        epoll::add(&epoll, doorbell.as_fd(), epoll::EventData::new_u64(TOKEN_DOORBELL), epoll::EventFlags::IN)
-            .map_err(std::io::Error::from)?;
+        epoll::add(
+            &epoll,
+            doorbell.as_fd(),
+            epoll::EventData::new_u64(TOKEN_DOORBELL),
+            epoll::EventFlags::IN,
+        )
+        .map_err(std::io::Error::from)?;
         let state = State {
             options,
             daemon: None,
@@ -222,22 +243,38 @@ impl Worker {
             event_queue_len: st.options.event_queue_len,
             resume,
         };
-        let (reply, mut fds) = request_blocking(socket.as_fd(), &req, &[self.inner.doorbell.as_fd()])?;
+        let (reply, mut fds) =
+            request_blocking(socket.as_fd(), &req, &[self.inner.doorbell.as_fd()])?;
         let (worker_id, offset, ns_address) = match reply {
-            DaemonReply::Attached { worker_id, event_queue_offset, namespace_address, .. } => {
-                (worker_id, event_queue_offset, namespace_address)
-            }
+            DaemonReply::Attached {
+                worker_id,
+                event_queue_offset,
+                namespace_address,
+                ..
+            } => (worker_id, event_queue_offset, namespace_address),
             DaemonReply::Failure { code, message } => return Err(Error::Refused { code, message }),
-            other => return Err(Error::Protocol(format!("unexpected attach reply {other:?}"))),
+            other => {
+                return Err(Error::Protocol(format!(
+                    "unexpected attach reply {other:?}"
+                )));
+            }
         };
         if fds.len() != 1 || offset as usize != layout::event_queue_offset() {
-            return Err(Error::Protocol("attach reply must carry one event-queue segment at the agreed offset".into()));
+            return Err(Error::Protocol(
+                "attach reply must carry one event-queue segment at the agreed offset".into(),
+            ));
         }
         let seg = Arc::new(Segment::open(fds.remove(0)).map_err(|e| Error::Shm(e.to_string()))?);
-        let queue = RingConsumer::attach(seg.clone(), offset as usize).map_err(|e| Error::Shm(e.to_string()))?;
+        let queue = RingConsumer::attach(seg.clone(), offset as usize)
+            .map_err(|e| Error::Shm(e.to_string()))?;
         set_nonblocking(socket.as_fd(), true)?;
-        epoll::add(&self.inner.epoll, socket.as_fd(), epoll::EventData::new_u64(TOKEN_SOCKET), epoll::EventFlags::IN)
-            .map_err(std::io::Error::from)?;
+        epoll::add(
+            &self.inner.epoll,
+            socket.as_fd(),
+            epoll::EventData::new_u64(TOKEN_SOCKET),
+            epoll::EventFlags::IN,
+        )
+        .map_err(std::io::Error::from)?;
         st.epoch += 1;
         let epoch = st.epoch;
         st.local_address = ns_address;
@@ -249,7 +286,11 @@ impl Worker {
             worker_id,
         });
         // Listeners belong to shuntd's tables, which a restart emptied: open them again.
-        let listeners: Vec<(u64, SocketAddr)> = st.listeners.iter().map(|(id, l)| (*id, l.endpoint)).collect();
+        let listeners: Vec<(u64, SocketAddr)> = st
+            .listeners
+            .iter()
+            .map(|(id, l)| (*id, l.endpoint))
+            .collect();
         drop(st);
         for (old_id, ep) in listeners {
             match self.request(Request::Listen { endpoint: ep }) {
@@ -259,7 +300,9 @@ impl Worker {
                         st.listeners.insert(listener_id, l);
                     }
                 }
-                other => tracing::warn!(endpoint = %ep, result = ?other.err(), "cannot re-open listener after re-attach"),
+                other => {
+                    tracing::warn!(endpoint = %ep, result = ?other.err(), "cannot re-open listener after re-attach")
+                }
             }
         }
         tracing::debug!(worker_id, epoch, "attached to shuntd");
@@ -267,8 +310,8 @@ impl Worker {
     }
 
     /// The fd to watch for readability; when it is readable, call [`Worker::dispatch`].
-    pub fn readiness_fd(&self) -> RawFd {
-        self.inner.epoll.as_raw_fd()
+    pub fn readiness_fd(&self) -> BorrowedFd<'_> {
+        self.inner.epoll.as_fd()
     }
 
     fn next_request(st: &mut State) -> u32 {
@@ -315,14 +358,21 @@ impl Worker {
     }
 
     fn ensure_attached(&self) -> Result<(), Error> {
-        if self.is_attached() { Ok(()) } else { self.reattach() }
+        if self.is_attached() {
+            Ok(())
+        } else {
+            self.reattach()
+        }
     }
 
     /// Opens a listener at `endpoint` (cut-through only: reachable by co-located apps).
     pub fn listen(&self, endpoint: SocketAddr) -> Result<Listener, Error> {
         self.ensure_attached()?;
         match self.request(Request::Listen { endpoint })? {
-            DaemonReply::Listening { listener_id, endpoint } => {
+            DaemonReply::Listening {
+                listener_id,
+                endpoint,
+            } => {
                 self.lock().listeners.insert(
                     listener_id,
                     ListenerState {
@@ -336,7 +386,9 @@ impl Worker {
                     endpoint,
                 })
             }
-            other => Err(Error::Protocol(format!("unexpected listen reply {other:?}"))),
+            other => Err(Error::Protocol(format!(
+                "unexpected listen reply {other:?}"
+            ))),
         }
     }
 
@@ -359,7 +411,11 @@ impl Worker {
         self.take_connect(pending, None)
     }
 
-    pub(crate) fn take_connect(&self, pending: &PendingConnect, waker: Option<&std::task::Waker>) -> Result<Option<Session>, Error> {
+    pub(crate) fn take_connect(
+        &self,
+        pending: &PendingConnect,
+        waker: Option<&std::task::Waker>,
+    ) -> Result<Option<Session>, Error> {
         let mut st = self.lock();
         match st.connects.get_mut(&pending.id) {
             Some(ConnectState::Waiting(w)) => {
@@ -373,9 +429,12 @@ impl Worker {
                 Ok(None)
             }
             Some(ConnectState::Done(_)) => {
-                let Some(ConnectState::Done(result)) = st.connects.remove(&pending.id) else { unreachable!() };
+                let Some(ConnectState::Done(result)) = st.connects.remove(&pending.id) else {
+                    unreachable!()
+                };
                 let (session_id, fifos, local) = result?;
-                let s = self.open_session(&mut st, session_id, fifos, local, pending.remote, true)?;
+                let s =
+                    self.open_session(&mut st, session_id, fifos, local, pending.remote, true)?;
                 Ok(Some(s))
             }
             None => Err(Error::Protocol("unknown connect".into())),
@@ -398,19 +457,37 @@ impl Worker {
         }
     }
 
-    pub(crate) fn open_session(&self, st: &mut State, session_id: u64, fifos: FifoPair, local: SocketAddr, remote: SocketAddr, is_client: bool) -> Result<Session, Error> {
+    pub(crate) fn open_session(
+        &self,
+        st: &mut State,
+        session_id: u64,
+        fifos: FifoPair,
+        local: SocketAddr,
+        remote: SocketAddr,
+        is_client: bool,
+    ) -> Result<Session, Error> {
         let epoch = st.daemon.as_ref().map_or(st.epoch, |d| d.epoch);
         let key = (epoch, fifos.segment_id);
-        let peer = st.peers.get_mut(&key).ok_or_else(|| Error::Protocol(format!("session in unknown segment {}", fifos.segment_id)))?;
+        let peer = st.peers.get_mut(&key).ok_or_else(|| {
+            Error::Protocol(format!("session in unknown segment {}", fifos.segment_id))
+        })?;
         let shm = |e: &dyn std::fmt::Display| Error::Shm(e.to_string());
-        let rx = Consumer::attach(peer.segment.clone(), fifos.rx_offset as usize).map_err(|e| shm(&e))?;
-        let tx = Producer::attach(peer.segment.clone(), fifos.tx_offset as usize).map_err(|e| shm(&e))?;
-        let index = st.sessions.iter().position(Option::is_none).unwrap_or_else(|| {
-            st.sessions.push(None);
-            st.sessions.len() - 1
-        });
+        let rx = Consumer::attach(peer.segment.clone(), fifos.rx_offset as usize)
+            .map_err(|e| shm(&e))?;
+        let tx = Producer::attach(peer.segment.clone(), fifos.tx_offset as usize)
+            .map_err(|e| shm(&e))?;
+        let index = st
+            .sessions
+            .iter()
+            .position(Option::is_none)
+            .unwrap_or_else(|| {
+                st.sessions.push(None);
+                st.sessions.len() - 1
+            });
         peer.slots.insert(fifos.slot, index);
-        st.sessions[index] = Some(SessionState::new(session_id, key, fifos.slot, rx, tx, local, remote, is_client, peer.dead));
+        st.sessions[index] = Some(SessionState::new(
+            session_id, key, fifos.slot, rx, tx, local, remote, is_client, peer.dead,
+        ));
         Ok(Session::new(self.clone(), index))
     }
 
@@ -423,8 +500,17 @@ impl Worker {
     /// Handles everything pending: shuntd messages and events, peer events and hang-ups.
     /// Never blocks.
     pub fn dispatch(&self) -> Result<(), Error> {
-        let mut events = epoll::EventVec::with_capacity(64);
-        epoll::wait(&self.inner.epoll, &mut events, 0).map_err(std::io::Error::from)?;
+        let mut events: Vec<epoll::Event> = Vec::with_capacity(64);
+        let no_wait = rustix::event::Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        epoll::wait(
+            &self.inner.epoll,
+            rustix::buffer::spare_capacity(&mut events),
+            Some(&no_wait),
+        )
+        .map_err(std::io::Error::from)?;
         let mut st = self.lock();
         let mut hung_up = Vec::new();
         let mut socket_ready = false;
@@ -460,13 +546,26 @@ impl Worker {
             match fdpass::recv_with_fds(d.socket.as_fd(), &mut buf, 3) {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
                 Ok((n, fds)) if n > 0 => match DaemonReply::decode(&buf[..n]) {
-                    Ok((_, DaemonReply::SegmentAdded { segment_id, is_client })) => self.add_segment(st, segment_id, is_client, fds),
+                    Ok((
+                        _,
+                        DaemonReply::SegmentAdded {
+                            segment_id,
+                            is_client,
+                        },
+                    )) => self.add_segment(st, segment_id, is_client, fds),
                     Ok((id, reply)) => {
-                        if let (DaemonReply::Failure { code, message }, Some(ConnectState::Waiting(w))) = (&reply, st.connects.get_mut(&id)) {
+                        if let (
+                            DaemonReply::Failure { code, message },
+                            Some(ConnectState::Waiting(w)),
+                        ) = (&reply, st.connects.get_mut(&id))
+                        {
                             if let Some(w) = w.take() {
                                 w.wake();
                             }
-                            let r = Err(Error::Refused { code: *code, message: message.clone() });
+                            let r = Err(Error::Refused {
+                                code: *code,
+                                message: message.clone(),
+                            });
                             st.connects.insert(id, ConnectState::Done(r));
                         } else {
                             st.replies.insert(id, reply);
@@ -499,7 +598,11 @@ impl Worker {
 
     fn add_segment(&self, st: &mut State, segment_id: u32, is_client: bool, mut fds: Vec<OwnedFd>) {
         if fds.len() != 3 {
-            tracing::warn!(segment_id, fds = fds.len(), "segment grant without its three fds");
+            tracing::warn!(
+                segment_id,
+                fds = fds.len(),
+                "segment grant without its three fds"
+            );
             return;
         }
         let liveness = fds.pop().expect("3");
@@ -509,7 +612,12 @@ impl Worker {
         match PeerSegment::open(seg, doorbell, liveness, is_client) {
             Ok(peer) => {
                 let token = TOKEN_LIVENESS + ((u64::from(epoch) << 32) | u64::from(segment_id));
-                let watch = epoll::add(&self.inner.epoll, peer.liveness.as_fd(), epoll::EventData::new_u64(token), epoll::EventFlags::RDHUP | epoll::EventFlags::HUP);
+                let watch = epoll::add(
+                    &self.inner.epoll,
+                    peer.liveness.as_fd(),
+                    epoll::EventData::new_u64(token),
+                    epoll::EventFlags::RDHUP | epoll::EventFlags::HUP,
+                );
                 if let Err(e) = watch {
                     tracing::warn!(error = %e, "cannot watch peer liveness");
                 }
@@ -532,7 +640,12 @@ impl Worker {
                 }
             };
             match Event::decode(&rec) {
-                Ok(Event::Accepted { listener_id, session_id, fifos, peer }) => {
+                Ok(Event::Accepted {
+                    listener_id,
+                    session_id,
+                    fifos,
+                    peer,
+                }) => {
                     if let Some(l) = st.listeners.get_mut(&listener_id) {
                         l.backlog.push_back((session_id, fifos, peer));
                         if let Some(w) = l.waker.take() {
@@ -540,7 +653,12 @@ impl Worker {
                         }
                     }
                 }
-                Ok(Event::Connected { request_id, session_id, fifos, local }) => {
+                Ok(Event::Connected {
+                    request_id,
+                    session_id,
+                    fifos,
+                    local,
+                }) => {
                     self.finish_connect(st, request_id, Ok((session_id, fifos, local)));
                 }
                 Ok(Event::ConnectFailed { request_id, code }) => {
@@ -554,13 +672,20 @@ impl Worker {
                         }
                     }
                 }
-                Ok(other) => tracing::warn!(event = ?other, "peer event in shuntd's queue; ignored"),
+                Ok(other) => {
+                    tracing::warn!(event = ?other, "peer event in shuntd's queue; ignored")
+                }
                 Err(e) => tracing::warn!(error = %e, "malformed event from shuntd; ignored"),
             }
         }
     }
 
-    fn finish_connect(&self, st: &mut State, request_id: u32, result: Result<(u64, FifoPair, SocketAddr), Error>) {
+    fn finish_connect(
+        &self,
+        st: &mut State,
+        request_id: u32,
+        result: Result<(u64, FifoPair, SocketAddr), Error>,
+    ) {
         if let Some(ConnectState::Waiting(w)) = st.connects.get_mut(&request_id) {
             if let Some(w) = w.take() {
                 w.wake();
@@ -569,14 +694,24 @@ impl Worker {
         } else if let Ok((session_id, ..)) = result {
             // Nobody waits any more (timed out): give the session back.
             if let Some(d) = &st.daemon {
-                let _ = fdpass::send_with_fds(d.socket.as_fd(), &Request::SessionClosed { session_id, reset: true }.encode(0), &[]);
+                let _ = fdpass::send_with_fds(
+                    d.socket.as_fd(),
+                    &Request::SessionClosed {
+                        session_id,
+                        reset: true,
+                    }
+                    .encode(0),
+                    &[],
+                );
             }
         }
     }
 
     fn drain_peer(&self, st: &mut State, key: SegmentKey) {
         loop {
-            let Some(peer) = st.peers.get_mut(&key) else { return };
+            let Some(peer) = st.peers.get_mut(&key) else {
+                return;
+            };
             let rec = match peer.inbound.pop() {
                 Ok(Some(rec)) => rec,
                 Ok(None) => return,
@@ -594,14 +729,21 @@ impl Worker {
                 }
             };
             let slot = match event {
-                Event::RxData { slot } | Event::TxSpace { slot } | Event::PeerClosed { slot } | Event::PeerReset { slot } => slot,
+                Event::RxData { slot }
+                | Event::TxSpace { slot }
+                | Event::PeerClosed { slot }
+                | Event::PeerReset { slot } => slot,
                 other => {
                     tracing::warn!(event = ?other, "shuntd event in a peer ring; ignored");
                     continue;
                 }
             };
-            let Some(&index) = peer.slots.get(&slot) else { continue };
-            let Some(Some(s)) = st.sessions.get_mut(index) else { continue };
+            let Some(&index) = peer.slots.get(&slot) else {
+                continue;
+            };
+            let Some(Some(s)) = st.sessions.get_mut(index) else {
+                continue;
+            };
             match event {
                 Event::RxData { .. } => s.on_rx_data(),
                 Event::TxSpace { .. } => s.on_tx_space(),
@@ -613,7 +755,9 @@ impl Worker {
     }
 
     fn peer_died(&self, st: &mut State, key: SegmentKey) {
-        let Some(peer) = st.peers.get_mut(&key) else { return };
+        let Some(peer) = st.peers.get_mut(&key) else {
+            return;
+        };
         if !peer.dead {
             tracing::debug!(segment = key.1, "cut-through peer hung up");
         }
@@ -632,7 +776,9 @@ impl Worker {
     /// that could put new sessions in it is gone.
     pub(crate) fn gc_peer(&self, st: &mut State, key: SegmentKey) {
         let current = st.daemon.as_ref().map(|d| d.epoch);
-        let Some(peer) = st.peers.get(&key) else { return };
+        let Some(peer) = st.peers.get(&key) else {
+            return;
+        };
         if peer.slots.is_empty() && (peer.dead || current != Some(key.0)) {
             let _ = epoll::delete(&self.inner.epoll, peer.liveness.as_fd());
             st.peers.remove(&key);
@@ -681,13 +827,23 @@ impl Listener {
     pub(crate) fn take(&self, waker: Option<&std::task::Waker>) -> Result<Option<Session>, Error> {
         let mut st = self.worker.lock();
         let endpoint = self.endpoint;
-        let Some(lid) = st.listeners.iter().find(|(_, l)| l.endpoint == endpoint).map(|(id, _)| *id) else {
-            return Err(Error::Refused { code: ErrorCode::NoListener, message: "listener closed".into() });
+        let Some(lid) = st
+            .listeners
+            .iter()
+            .find(|(_, l)| l.endpoint == endpoint)
+            .map(|(id, _)| *id)
+        else {
+            return Err(Error::Refused {
+                code: ErrorCode::NoListener,
+                message: "listener closed".into(),
+            });
         };
         let l = st.listeners.get_mut(&lid).expect("found");
         match l.backlog.pop_front() {
             Some((session_id, fifos, peer)) => {
-                let s = self.worker.open_session(&mut st, session_id, fifos, endpoint, peer, false)?;
+                let s = self
+                    .worker
+                    .open_session(&mut st, session_id, fifos, endpoint, peer, false)?;
                 Ok(Some(s))
             }
             None => {

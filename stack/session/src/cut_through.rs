@@ -17,8 +17,8 @@ use std::sync::{Arc, Mutex};
 use shunt_sapi::event::FifoPair;
 use shunt_sapi::layout::{self, CT_MAX_SLOTS, CT_RING_RECORDS};
 use shunt_shm::alloc::SegmentAllocator;
-use shunt_shm::fifo::{self, FifoObserver};
 use shunt_shm::fdpass;
+use shunt_shm::fifo::{self, FifoObserver};
 use shunt_shm::ring;
 use shunt_shm::segment::Segment;
 
@@ -116,7 +116,12 @@ impl CutThrough {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn new_segment(&self, st: &mut State, client: WorkerId, server: WorkerId) -> Result<u32, TransportError> {
+    fn new_segment(
+        &self,
+        st: &mut State,
+        client: WorkerId,
+        server: WorkerId,
+    ) -> Result<u32, TransportError> {
         let id = st.next_segment;
         st.next_segment = st.next_segment.wrapping_add(1);
         let name = format!("shunt-ct-{client}-{server}-{id}");
@@ -131,7 +136,10 @@ impl CutThrough {
         let mut allocator = SegmentAllocator::new(self.config.segment_size);
         // Reserve everything before the FIFO area so FIFOs never overlap the rings.
         allocator
-            .alloc(layout::ct_fifo_area() - shunt_shm::segment::SEGMENT_HEADER_LEN, 64)
+            .alloc(
+                layout::ct_fifo_area() - shunt_shm::segment::SEGMENT_HEADER_LEN,
+                64,
+            )
             .ok_or(TransportError::SegmentFull)?;
         st.segments.insert(
             id,
@@ -154,7 +162,11 @@ impl CutThrough {
     fn connect_pair(&self, req: &ConnectRequest<'_>) -> Result<Connected, TransportError> {
         let footprint = fifo::fifo_footprint(self.config.fifo_size);
         let mut st = self.lock();
-        let candidates = st.pairs.get(&(req.client, req.server)).cloned().unwrap_or_default();
+        let candidates = st
+            .pairs
+            .get(&(req.client, req.server))
+            .cloned()
+            .unwrap_or_default();
         let mut chosen = None;
         for id in candidates {
             let seg = &st.segments[&id];
@@ -169,9 +181,19 @@ impl CutThrough {
         };
         let conn_id = ConnectionId(st.next_connection);
         st.next_connection += 1;
-        let seg = st.segments.get_mut(&seg_id).expect("segment just found or made");
-        let slot = seg.slots.iter().position(|used| !used).ok_or(TransportError::SegmentFull)?;
-        let to_server = seg.allocator.alloc(footprint, 64).ok_or(TransportError::SegmentFull)?;
+        let seg = st
+            .segments
+            .get_mut(&seg_id)
+            .expect("segment just found or made");
+        let slot = seg
+            .slots
+            .iter()
+            .position(|used| !used)
+            .ok_or(TransportError::SegmentFull)?;
+        let to_server = seg
+            .allocator
+            .alloc(footprint, 64)
+            .ok_or(TransportError::SegmentFull)?;
         let Some(to_client) = seg.allocator.alloc(footprint, 64) else {
             seg.allocator.free(to_server);
             return Err(TransportError::SegmentFull);
@@ -277,8 +299,16 @@ impl CutThrough {
     }
 }
 
-fn grant(seg: &mut CtSegment, is_client: bool, peer_doorbell: BorrowedFd<'_>) -> Result<Option<SegmentGrant>, TransportError> {
-    let end = if is_client { &mut seg.client_end } else { &mut seg.server_end };
+fn grant(
+    seg: &mut CtSegment,
+    is_client: bool,
+    peer_doorbell: BorrowedFd<'_>,
+) -> Result<Option<SegmentGrant>, TransportError> {
+    let end = if is_client {
+        &mut seg.client_end
+    } else {
+        &mut seg.server_end
+    };
     let Some(liveness) = end.take() else {
         return Ok(None);
     };
@@ -384,10 +414,10 @@ impl Transport for CutThrough {
         }
         // The surviving peer keeps its own mapping; shuntd's copy of the segment goes.
         for id in dead {
-            if let Some(seg) = st.segments.remove(&id) {
-                if let Some(list) = st.pairs.get_mut(&(seg.client, seg.server)) {
-                    list.retain(|s| *s != id);
-                }
+            if let Some(seg) = st.segments.remove(&id)
+                && let Some(list) = st.pairs.get_mut(&(seg.client, seg.server))
+            {
+                list.retain(|s| *s != id);
             }
         }
         gone

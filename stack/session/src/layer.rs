@@ -11,7 +11,9 @@ use shunt_sapi::event::Event;
 use shunt_sapi::message::{Resume, Scope};
 use subtle::ConstantTimeEq;
 
-use crate::app::{AppId, AppRecord, LinkError, ListenerId, PeerCred, WorkerId, WorkerLink, WorkerRecord};
+use crate::app::{
+    AppId, AppRecord, LinkError, ListenerId, PeerCred, WorkerId, WorkerLink, WorkerRecord,
+};
 use crate::cut_through::{CutThrough, CutThroughConfig};
 use crate::namespace::{Namespace, NamespaceError, Namespaces};
 use crate::rules::{Rule, RuleAction, RuleError, RulesTable};
@@ -71,7 +73,7 @@ impl SessionError {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RuleTable {
     Local,
     Global,
@@ -205,12 +207,21 @@ impl Registry {
         SessionId(((thread as u64) << 40) | (*n & ((1 << 40) - 1)))
     }
 
-    fn alloc_local_port(&mut self, ip: IpAddr, remote: SocketAddr, proto: TransportProto) -> Option<u16> {
+    fn alloc_local_port(
+        &mut self,
+        ip: IpAddr,
+        remote: SocketAddr,
+        proto: TransportProto,
+    ) -> Option<u16> {
         const FIRST: u16 = 1024;
         let cursor = self.port_cursor.entry(ip).or_insert(FIRST);
         for _ in 0..(u16::MAX - FIRST) {
             let port = *cursor;
-            *cursor = if *cursor == u16::MAX { FIRST } else { *cursor + 1 };
+            *cursor = if *cursor == u16::MAX {
+                FIRST
+            } else {
+                *cursor + 1
+            };
             let key = FiveTuple {
                 proto,
                 local: SocketAddr::new(ip, port),
@@ -235,7 +246,10 @@ pub struct LayerCounters {
 
 impl LayerCounters {
     fn bump<K: std::hash::Hash + Eq>(map: &Mutex<HashMap<K, u64>>, key: K) {
-        *map.lock().unwrap_or_else(|e| e.into_inner()).entry(key).or_default() += 1;
+        *map.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(key)
+            .or_default() += 1;
     }
 }
 
@@ -283,11 +297,18 @@ impl SessionLayer {
     // ---- namespaces and rules (control plane) ----
 
     pub fn add_namespace(&self, ns: Namespace, replace: bool) -> Result<(), NamespaceError> {
-        self.namespaces.write().unwrap_or_else(|e| e.into_inner()).insert(ns, replace)
+        self.namespaces
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(ns, replace)
     }
 
     pub fn delete_namespace(&self, id: &str) -> Result<(), NamespaceError> {
-        self.namespaces.write().unwrap_or_else(|e| e.into_inner()).remove(id).map(|_| ())
+        self.namespaces
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id)
+            .map(|_| ())
     }
 
     pub fn with_namespaces<T>(&self, f: impl FnOnce(&Namespaces) -> T) -> T {
@@ -297,10 +318,16 @@ impl SessionLayer {
     /// Adds a rule to a namespace's local table (`Some(ns)`) or the global table (`None`).
     pub fn add_rule(&self, namespace: Option<&str>, rule: Rule) -> Result<bool, SessionError> {
         match namespace {
-            None => Ok(self.global_rules.write().unwrap_or_else(|e| e.into_inner()).add(rule)?),
+            None => Ok(self
+                .global_rules
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .add(rule)?),
             Some(id) => {
                 let mut nss = self.namespaces.write().unwrap_or_else(|e| e.into_inner());
-                let ns = nss.get_mut(id).ok_or_else(|| NamespaceError::Unknown(id.to_owned()))?;
+                let ns = nss
+                    .get_mut(id)
+                    .ok_or_else(|| NamespaceError::Unknown(id.to_owned()))?;
                 Ok(ns.local_rules.add(rule)?)
             }
         }
@@ -308,10 +335,16 @@ impl SessionLayer {
 
     pub fn delete_rule(&self, namespace: Option<&str>, tag: &str) -> Result<Rule, SessionError> {
         match namespace {
-            None => Ok(self.global_rules.write().unwrap_or_else(|e| e.into_inner()).remove(tag)?),
+            None => Ok(self
+                .global_rules
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(tag)?),
             Some(id) => {
                 let mut nss = self.namespaces.write().unwrap_or_else(|e| e.into_inner());
-                let ns = nss.get_mut(id).ok_or_else(|| NamespaceError::Unknown(id.to_owned()))?;
+                let ns = nss
+                    .get_mut(id)
+                    .ok_or_else(|| NamespaceError::Unknown(id.to_owned()))?;
                 Ok(ns.local_rules.remove(tag)?)
             }
         }
@@ -319,10 +352,18 @@ impl SessionLayer {
 
     pub fn list_rules(&self, namespace: Option<&str>) -> Result<Vec<Rule>, SessionError> {
         match namespace {
-            None => Ok(self.global_rules.read().unwrap_or_else(|e| e.into_inner()).iter().cloned().collect()),
+            None => Ok(self
+                .global_rules
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .cloned()
+                .collect()),
             Some(id) => {
                 let nss = self.namespaces.read().unwrap_or_else(|e| e.into_inner());
-                let ns = nss.get(id).ok_or_else(|| NamespaceError::Unknown(id.to_owned()))?;
+                let ns = nss
+                    .get(id)
+                    .ok_or_else(|| NamespaceError::Unknown(id.to_owned()))?;
                 Ok(ns.local_rules.iter().cloned().collect())
             }
         }
@@ -409,7 +450,13 @@ impl SessionLayer {
         })
     }
 
-    fn add_worker(reg: &mut Registry, app: AppId, thread: usize, link: Arc<dyn WorkerLink>, doorbell: OwnedFd) -> WorkerId {
+    fn add_worker(
+        reg: &mut Registry,
+        app: AppId,
+        thread: usize,
+        link: Arc<dyn WorkerLink>,
+        doorbell: OwnedFd,
+    ) -> WorkerId {
         reg.next_worker += 1;
         let id = WorkerId(reg.next_worker);
         reg.workers.insert(
@@ -437,7 +484,9 @@ impl SessionLayer {
             }
         }
         let mut reg = self.registry();
-        let Some(w) = reg.workers.get(&worker) else { return };
+        let Some(w) = reg.workers.get(&worker) else {
+            return;
+        };
         let (app, thread) = (w.app, w.thread);
         let namespace = reg.apps[&app].namespace.clone();
         for s in &resume.sessions {
@@ -471,7 +520,9 @@ impl SessionLayer {
     /// A worker's socket closed: its listeners go, and its sessions' peers are reset.
     pub fn detach_worker(&self, worker: WorkerId) {
         let mut reg = self.registry();
-        let Some(rec) = reg.workers.remove(&worker) else { return };
+        let Some(rec) = reg.workers.remove(&worker) else {
+            return;
+        };
         for lid in rec.listeners {
             Self::remove_listener_worker(&mut reg, lid, worker);
         }
@@ -483,7 +534,9 @@ impl SessionLayer {
             .map(|s| s.id)
             .collect();
         for id in doomed {
-            let Some(s) = reg.sessions.remove(&id) else { continue };
+            let Some(s) = reg.sessions.remove(&id) else {
+                continue;
+            };
             reg.table.remove(&s.tuple);
             if s.worker != worker {
                 // The peer survives; tell it through shuntd too, in case it missed the hang-up.
@@ -504,9 +557,16 @@ impl SessionLayer {
 
     // ---- listeners ----
 
-    pub fn listen(&self, worker: WorkerId, endpoint: SocketAddr) -> Result<ListenerId, SessionError> {
+    pub fn listen(
+        &self,
+        worker: WorkerId,
+        endpoint: SocketAddr,
+    ) -> Result<ListenerId, SessionError> {
         let mut reg = self.registry();
-        let w = reg.workers.get(&worker).ok_or(SessionError::UnknownWorker(worker))?;
+        let w = reg
+            .workers
+            .get(&worker)
+            .ok_or(SessionError::UnknownWorker(worker))?;
         let app = w.app;
         let (namespace, scope) = {
             let a = &reg.apps[&app];
@@ -514,18 +574,28 @@ impl SessionLayer {
         };
         let proto = TransportProto::CutThrough;
         let existing = match scope {
-            Scope::Local => reg.local_listeners.get(&namespace).and_then(|t| t.lookup_exact(proto, endpoint)),
+            Scope::Local => reg
+                .local_listeners
+                .get(&namespace)
+                .and_then(|t| t.lookup_exact(proto, endpoint)),
             Scope::Global => reg.global_listeners.lookup_exact(proto, endpoint),
         };
         if let Some(lid) = existing {
             // Another worker of the same app joins the listener; anyone else is refused.
-            let l = reg.listeners.get_mut(&lid).expect("table and registry agree");
+            let l = reg
+                .listeners
+                .get_mut(&lid)
+                .expect("table and registry agree");
             if l.app != app {
                 return Err(SessionError::AddressInUse(endpoint));
             }
             if !l.workers.contains(&worker) {
                 l.workers.push(worker);
-                reg.workers.get_mut(&worker).expect("checked").listeners.push(lid);
+                reg.workers
+                    .get_mut(&worker)
+                    .expect("checked")
+                    .listeners
+                    .push(lid);
             }
             return Ok(lid);
         }
@@ -533,7 +603,11 @@ impl SessionLayer {
         reg.next_listener += 1;
         let lid = ListenerId(reg.next_listener);
         let inserted = match scope {
-            Scope::Local => reg.local_listeners.entry(namespace.clone()).or_default().insert(proto, endpoint, lid),
+            Scope::Local => reg
+                .local_listeners
+                .entry(namespace.clone())
+                .or_default()
+                .insert(proto, endpoint, lid),
             Scope::Global => reg.global_listeners.insert(proto, endpoint, lid),
         };
         debug_assert!(inserted);
@@ -549,13 +623,20 @@ impl SessionLayer {
                 rotor: 0,
             },
         );
-        reg.workers.get_mut(&worker).expect("checked").listeners.push(lid);
+        reg.workers
+            .get_mut(&worker)
+            .expect("checked")
+            .listeners
+            .push(lid);
         Ok(lid)
     }
 
     pub fn unlisten(&self, worker: WorkerId, lid: ListenerId) -> Result<(), SessionError> {
         let mut reg = self.registry();
-        let w = reg.workers.get_mut(&worker).ok_or(SessionError::UnknownWorker(worker))?;
+        let w = reg
+            .workers
+            .get_mut(&worker)
+            .ok_or(SessionError::UnknownWorker(worker))?;
         if !w.listeners.contains(&lid) {
             return Err(SessionError::UnknownListener(lid));
         }
@@ -565,7 +646,9 @@ impl SessionLayer {
     }
 
     fn remove_listener_worker(reg: &mut Registry, lid: ListenerId, worker: WorkerId) {
-        let Some(l) = reg.listeners.get_mut(&lid) else { return };
+        let Some(l) = reg.listeners.get_mut(&lid) else {
+            return;
+        };
         l.workers.retain(|w| *w != worker);
         if !l.workers.is_empty() {
             return;
@@ -592,7 +675,12 @@ impl SessionLayer {
 
     /// Connects `worker` to `remote`. On success both workers have been told, through their
     /// event queues, and each already holds the segment the session lives in.
-    pub fn connect(&self, worker: WorkerId, request_id: u32, remote: SocketAddr) -> Result<ConnectOutcome, SessionError> {
+    pub fn connect(
+        &self,
+        worker: WorkerId,
+        request_id: u32,
+        remote: SocketAddr,
+    ) -> Result<ConnectOutcome, SessionError> {
         let result = self.try_connect(worker, request_id, remote);
         match &result {
             Ok(_) => {
@@ -603,10 +691,18 @@ impl SessionLayer {
         result
     }
 
-    fn try_connect(&self, worker: WorkerId, request_id: u32, mut remote: SocketAddr) -> Result<ConnectOutcome, SessionError> {
+    fn try_connect(
+        &self,
+        worker: WorkerId,
+        request_id: u32,
+        mut remote: SocketAddr,
+    ) -> Result<ConnectOutcome, SessionError> {
         let proto = TransportProto::CutThrough;
         let mut reg = self.registry();
-        let w = reg.workers.get(&worker).ok_or(SessionError::UnknownWorker(worker))?;
+        let w = reg
+            .workers
+            .get(&worker)
+            .ok_or(SessionError::UnknownWorker(worker))?;
         let (client_app, client_thread) = (w.app, w.thread);
         let (namespace, client_scope) = {
             let a = &reg.apps[&client_app];
@@ -675,9 +771,15 @@ impl SessionLayer {
         let server_app = l.app;
         let server_ns = l.namespace.clone();
 
-        let client_tuple = FiveTuple { proto, local, remote };
+        let client_tuple = FiveTuple {
+            proto,
+            local,
+            remote,
+        };
         let client_id = reg.session_id(client_thread);
-        reg.table.insert_half_open(client_tuple, client_id).map_err(|_| SessionError::AddressInUse(local))?;
+        reg.table
+            .insert_half_open(client_tuple, client_id)
+            .map_err(|_| SessionError::AddressInUse(local))?;
 
         let (client_rec, server_rec) = (&reg.workers[&worker], &reg.workers[&server]);
         let (client_link, server_link) = (client_rec.link.clone(), server_rec.link.clone());
@@ -710,7 +812,9 @@ impl SessionLayer {
         // Grants first, then events: a worker must hold the segment before it hears of it.
         let deliver = || -> Result<(), SessionError> {
             if let Some(g) = connected.server_grant {
-                server_link.grant_segment(g).map_err(|e| SessionError::Link(server, e))?;
+                server_link
+                    .grant_segment(g)
+                    .map_err(|e| SessionError::Link(server, e))?;
             }
             server_link
                 .post(&Event::Accepted {
@@ -721,7 +825,9 @@ impl SessionLayer {
                 })
                 .map_err(|e| SessionError::Link(server, e))?;
             if let Some(g) = connected.client_grant {
-                client_link.grant_segment(g).map_err(|e| SessionError::Link(worker, e))?;
+                client_link
+                    .grant_segment(g)
+                    .map_err(|e| SessionError::Link(worker, e))?;
             }
             client_link
                 .post(&Event::Connected {
@@ -740,7 +846,9 @@ impl SessionLayer {
             return Err(e);
         }
 
-        reg.table.establish(&client_tuple).expect("inserted half-open above");
+        reg.table
+            .establish(&client_tuple)
+            .expect("inserted half-open above");
         let server_tuple = client_tuple.reversed();
         let _ = reg.table.insert_established(server_tuple, server_id);
         reg.sessions.insert(
@@ -781,9 +889,17 @@ impl SessionLayer {
     }
 
     /// An app closed (or reset) its side of a session.
-    pub fn session_closed(&self, worker: WorkerId, session: SessionId, reset: bool) -> Result<(), SessionError> {
+    pub fn session_closed(
+        &self,
+        worker: WorkerId,
+        session: SessionId,
+        reset: bool,
+    ) -> Result<(), SessionError> {
         let mut reg = self.registry();
-        let owned = reg.sessions.get(&session).is_some_and(|s| s.worker == worker);
+        let owned = reg
+            .sessions
+            .get(&session)
+            .is_some_and(|s| s.worker == worker);
         if !owned {
             return Err(SessionError::UnknownWorker(worker));
         }
@@ -819,8 +935,20 @@ impl SessionLayer {
         reg.apps
             .values()
             .map(|a| {
-                let listeners = reg.listeners.values().filter(|l| l.app == a.id).map(|l| l.endpoint).collect();
-                (a.id, a.name.clone(), a.namespace.clone(), a.cred, a.workers.len(), listeners)
+                let listeners = reg
+                    .listeners
+                    .values()
+                    .filter(|l| l.app == a.id)
+                    .map(|l| l.endpoint)
+                    .collect();
+                (
+                    a.id,
+                    a.name.clone(),
+                    a.namespace.clone(),
+                    a.cred,
+                    a.workers.len(),
+                    listeners,
+                )
             })
             .collect()
     }

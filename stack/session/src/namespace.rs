@@ -140,10 +140,16 @@ mod tests {
 
     fn table() -> Namespaces {
         let mut t = Namespaces::default();
-        t.insert(Namespace::new("default", b"", "127.0.0.1".parse().unwrap()).unwrap(), false)
-            .unwrap();
-        t.insert(Namespace::new("blue", b"1234", "10.0.0.1".parse().unwrap()).unwrap(), false)
-            .unwrap();
+        t.insert(
+            Namespace::new("default", b"", "127.0.0.1".parse().unwrap()).unwrap(),
+            false,
+        )
+        .unwrap();
+        t.insert(
+            Namespace::new("blue", b"1234", "10.0.0.1".parse().unwrap()).unwrap(),
+            false,
+        )
+        .unwrap();
         t
     }
 
@@ -170,19 +176,31 @@ mod tests {
     fn replace_keeps_rules_and_changes_secret() {
         let mut t = table();
         let err = t
-            .insert(Namespace::new("blue", b"x", "10.0.0.2".parse().unwrap()).unwrap(), false)
+            .insert(
+                Namespace::new("blue", b"x", "10.0.0.2".parse().unwrap()).unwrap(),
+                false,
+            )
             .unwrap_err();
         assert_eq!(err, NamespaceError::Exists("blue".into()));
-        t.insert(Namespace::new("blue", b"new", "10.0.0.2".parse().unwrap()).unwrap(), true)
-            .unwrap();
+        t.insert(
+            Namespace::new("blue", b"new", "10.0.0.2".parse().unwrap()).unwrap(),
+            true,
+        )
+        .unwrap();
         assert!(t.authenticate("blue", b"1234").is_err());
-        assert_eq!(t.authenticate("blue", b"new").unwrap().address.to_string(), "10.0.0.2");
+        assert_eq!(
+            t.authenticate("blue", b"new").unwrap().address.to_string(),
+            "10.0.0.2"
+        );
     }
 
     #[test]
     fn ids_are_validated() {
         for bad in ["", "a b", "x/y", &"n".repeat(129)] {
-            assert!(Namespace::new(bad, b"", "::1".parse().unwrap()).is_err(), "{bad}");
+            assert!(
+                Namespace::new(bad, b"", "::1".parse().unwrap()).is_err(),
+                "{bad}"
+            );
         }
     }
 }

@@ -254,44 +254,87 @@ mod tests {
     #[test]
     fn more_specific_allow_masks_a_deny() {
         let mut t = RulesTable::default();
-        t.add(rule("10.0.0.0/8", PortRange::ANY, RuleAction::Deny, "deny-10"))
-            .unwrap();
-        t.add(rule("10.1.0.0/16", PortRange::single(80), RuleAction::Allow, "allow-web"))
-            .unwrap();
+        t.add(rule(
+            "10.0.0.0/8",
+            PortRange::ANY,
+            RuleAction::Deny,
+            "deny-10",
+        ))
+        .unwrap();
+        t.add(rule(
+            "10.1.0.0/16",
+            PortRange::single(80),
+            RuleAction::Allow,
+            "allow-web",
+        ))
+        .unwrap();
         let local = sa("0.0.0.0:0");
         assert_eq!(t.lookup(local, sa("10.1.2.3:80")).unwrap().tag, "allow-web");
         assert_eq!(t.lookup(local, sa("10.1.2.3:81")).unwrap().tag, "deny-10");
         assert_eq!(t.lookup(local, sa("10.2.0.1:80")).unwrap().tag, "deny-10");
         assert!(t.lookup(local, sa("11.0.0.1:80")).is_none());
-        assert!(t.lookup(sa("[::]:0"), sa("[::1]:80")).is_none(), "v4 rules never match v6");
+        assert!(
+            t.lookup(sa("[::]:0"), sa("[::1]:80")).is_none(),
+            "v4 rules never match v6"
+        );
     }
 
     #[test]
     fn narrower_port_range_wins_at_equal_prefix() {
         let mut t = RulesTable::default();
-        t.add(rule("10.0.0.0/8", PortRange::new(1, 1000).unwrap(), RuleAction::Deny, "wide"))
-            .unwrap();
-        t.add(rule("10.0.0.0/8", PortRange::new(80, 90).unwrap(), RuleAction::Allow, "narrow"))
-            .unwrap();
-        assert_eq!(t.lookup(sa("0.0.0.0:0"), sa("10.0.0.1:85")).unwrap().tag, "narrow");
-        assert_eq!(t.lookup(sa("0.0.0.0:0"), sa("10.0.0.1:95")).unwrap().tag, "wide");
+        t.add(rule(
+            "10.0.0.0/8",
+            PortRange::new(1, 1000).unwrap(),
+            RuleAction::Deny,
+            "wide",
+        ))
+        .unwrap();
+        t.add(rule(
+            "10.0.0.0/8",
+            PortRange::new(80, 90).unwrap(),
+            RuleAction::Allow,
+            "narrow",
+        ))
+        .unwrap();
+        assert_eq!(
+            t.lookup(sa("0.0.0.0:0"), sa("10.0.0.1:85")).unwrap().tag,
+            "narrow"
+        );
+        assert_eq!(
+            t.lookup(sa("0.0.0.0:0"), sa("10.0.0.1:95")).unwrap().tag,
+            "wide"
+        );
     }
 
     #[test]
     fn equal_specificity_fails_closed() {
         let mut t = RulesTable::default();
-        t.add(rule("10.0.0.0/8", PortRange::ANY, RuleAction::Allow, "a")).unwrap();
-        t.add(rule("10.0.0.0/8", PortRange::ANY, RuleAction::Deny, "d")).unwrap();
-        assert_eq!(t.lookup(sa("0.0.0.0:0"), sa("10.0.0.1:1")).unwrap().action, RuleAction::Deny);
+        t.add(rule("10.0.0.0/8", PortRange::ANY, RuleAction::Allow, "a"))
+            .unwrap();
+        t.add(rule("10.0.0.0/8", PortRange::ANY, RuleAction::Deny, "d"))
+            .unwrap();
+        assert_eq!(
+            t.lookup(sa("0.0.0.0:0"), sa("10.0.0.1:1")).unwrap().action,
+            RuleAction::Deny
+        );
     }
 
     #[test]
     fn tags_replace_and_delete() {
         let mut t = RulesTable::default();
-        assert!(!t.add(rule("::/0", PortRange::ANY, RuleAction::Deny, "x")).unwrap());
-        assert!(t.add(rule("::/0", PortRange::ANY, RuleAction::Allow, "x")).unwrap());
+        assert!(
+            !t.add(rule("::/0", PortRange::ANY, RuleAction::Deny, "x"))
+                .unwrap()
+        );
+        assert!(
+            t.add(rule("::/0", PortRange::ANY, RuleAction::Allow, "x"))
+                .unwrap()
+        );
         assert_eq!(t.len(), 1);
-        assert_eq!(t.lookup(sa("[::]:0"), sa("[::1]:1")).unwrap().action, RuleAction::Allow);
+        assert_eq!(
+            t.lookup(sa("[::]:0"), sa("[::1]:1")).unwrap().action,
+            RuleAction::Allow
+        );
         t.remove("x").unwrap();
         assert!(t.is_empty());
         assert_eq!(t.remove("x").unwrap_err(), RuleError::NoSuchTag("x".into()));
@@ -307,7 +350,10 @@ mod tests {
         assert_eq!(t.add(r.clone()).unwrap_err(), RuleError::MixedFamilies);
         r.local = parse_prefix("0.0.0.0/0").unwrap();
         r.action = RuleAction::Redirect(sa("[::1]:80"));
-        assert!(matches!(t.add(r).unwrap_err(), RuleError::RedirectFamily(_)));
+        assert!(matches!(
+            t.add(r).unwrap_err(),
+            RuleError::RedirectFamily(_)
+        ));
         assert!(PortRange::new(5, 4).is_err());
     }
 

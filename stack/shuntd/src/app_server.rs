@@ -76,7 +76,12 @@ pub fn remove_stale_socket(path: &Path) -> std::io::Result<()> {
             format!("{} exists and is not a socket", path.display()),
         ));
     }
-    let probe = net::socket_with(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None)?;
+    let probe = net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::SEQPACKET,
+        SocketFlags::CLOEXEC,
+        None,
+    )?;
     let in_use = net::SocketAddrUnix::new(path)
         .and_then(|a| net::connect(&probe, &a))
         .is_ok();
@@ -91,7 +96,12 @@ pub fn remove_stale_socket(path: &Path) -> std::io::Result<()> {
 
 impl AppServer {
     /// Starts `n` worker threads.
-    pub fn start(n: usize, layer: Arc<SessionLayer>, counters: Arc<ServerCounters>, event_queue_len: u32) -> std::io::Result<Self> {
+    pub fn start(
+        n: usize,
+        layer: Arc<SessionLayer>,
+        counters: Arc<ServerCounters>,
+        event_queue_len: u32,
+    ) -> std::io::Result<Self> {
         let shared = Shared {
             layer,
             counters,
@@ -101,14 +111,18 @@ impl AppServer {
         for thread in 0..n {
             let (tx, mut rx) = mpsc::unbounded_channel::<NewConnection>();
             let shared = shared.clone();
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            std::thread::Builder::new().name(format!("shunt-wrk-{thread}")).spawn(move || {
-                rt.block_on(async move {
-                    while let Some(conn) = rx.recv().await {
-                        tokio::spawn(serve(conn, thread, shared.clone()));
-                    }
-                })
-            })?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            std::thread::Builder::new()
+                .name(format!("shunt-wrk-{thread}"))
+                .spawn(move || {
+                    rt.block_on(async move {
+                        while let Some(conn) = rx.recv().await {
+                            tokio::spawn(serve(conn, thread, shared.clone()));
+                        }
+                    })
+                })?;
             workers.push(tx);
         }
         Ok(Self {
@@ -119,10 +133,13 @@ impl AppServer {
 
     /// Accepts app connections forever, handing each to the next worker thread.
     pub async fn accept_loop(&self, listener: OwnedFd) -> std::io::Result<()> {
-        let listener = AsyncFd::new(listener)?;
+        let listener = crate::reactor::watch(listener)?;
         loop {
             let mut guard = listener.readable().await?;
-            match net::accept_with(guard.get_inner(), SocketFlags::CLOEXEC | SocketFlags::NONBLOCK) {
+            match net::accept_with(
+                guard.get_inner(),
+                SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+            ) {
                 Ok(fd) => {
                     let cred = net::sockopt::socket_peercred(&fd)
                         .map(|c| PeerCred {
@@ -133,7 +150,10 @@ impl AppServer {
                         .unwrap_or_default();
                     let i = self.next.fetch_add(1, Ordering::Relaxed) % self.workers.len();
                     if self.workers[i].send(NewConnection { fd, cred }).is_err() {
-                        tracing::error!(worker = i, "worker thread is gone; dropping app connection");
+                        tracing::error!(
+                            worker = i,
+                            "worker thread is gone; dropping app connection"
+                        );
                     }
                 }
                 Err(e) if e == rustix::io::Errno::AGAIN => guard.clear_ready(),
@@ -157,7 +177,7 @@ struct Connection {
 }
 
 async fn serve(conn: NewConnection, thread: usize, shared: Shared) {
-    let fd = match AsyncFd::new(conn.fd) {
+    let fd = match crate::reactor::watch(conn.fd) {
         Ok(fd) => fd,
         Err(e) => {
             tracing::warn!(error = %e, "cannot watch app connection");
@@ -174,7 +194,9 @@ async fn serve(conn: NewConnection, thread: usize, shared: Shared) {
     let mut buf = vec![0u8; MAX_MESSAGE_LEN];
     loop {
         let received = {
-            let Ok(mut guard) = c.fd.readable().await else { break };
+            let Ok(mut guard) = c.fd.readable().await else {
+                break;
+            };
             match fdpass::recv_with_fds(guard.get_inner().as_fd(), &mut buf, 1) {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     guard.clear_ready();
@@ -222,14 +244,18 @@ impl Connection {
     }
 
     async fn fail(&self, request_id: u32, code: ErrorCode, message: String) {
-        self.send(request_id, DaemonReply::Failure { code, message }, &[]).await;
+        self.send(request_id, DaemonReply::Failure { code, message }, &[])
+            .await;
     }
 
     async fn handle(&mut self, bytes: &[u8], fds: Vec<OwnedFd>) -> Step {
         let (request_id, request) = match Request::decode(bytes) {
             Ok(r) => r,
             Err(e) => {
-                self.shared.counters.decode_errors.fetch_add(1, Ordering::Relaxed);
+                self.shared
+                    .counters
+                    .decode_errors
+                    .fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(pid = self.cred.pid, error = %e, "malformed session-API message");
                 self.fail(0, ErrorCode::InvalidRequest, e.to_string()).await;
                 return Step::Close;
@@ -237,8 +263,19 @@ impl Connection {
         };
         let worker = self.worker.as_ref().map(|(w, _)| *w);
         match (request, worker) {
-            (Request::Attach { namespace_id, namespace_secret, app_name, scope, event_queue_len, resume }, None) => {
-                let Some((doorbell, link)) = self.make_link(request_id, fds, event_queue_len).await else {
+            (
+                Request::Attach {
+                    namespace_id,
+                    namespace_secret,
+                    app_name,
+                    scope,
+                    event_queue_len,
+                    resume,
+                },
+                None,
+            ) => {
+                let Some((doorbell, link)) = self.make_link(request_id, fds, event_queue_len).await
+                else {
                     return Step::Close;
                 };
                 let req = AttachRequest {
@@ -265,12 +302,28 @@ impl Connection {
                     }
                 }
             }
-            (Request::AttachWorker { app_id, app_token, event_queue_len, resume }, None) => {
-                let Some((doorbell, link)) = self.make_link(request_id, fds, event_queue_len).await else {
+            (
+                Request::AttachWorker {
+                    app_id,
+                    app_token,
+                    event_queue_len,
+                    resume,
+                },
+                None,
+            ) => {
+                let Some((doorbell, link)) = self.make_link(request_id, fds, event_queue_len).await
+                else {
                     return Step::Close;
                 };
                 let app = shunt_session::app::AppId(app_id);
-                match self.shared.layer.attach_worker(app, &app_token, self.thread, link.clone(), doorbell, &resume) {
+                match self.shared.layer.attach_worker(
+                    app,
+                    &app_token,
+                    self.thread,
+                    link.clone(),
+                    doorbell,
+                    &resume,
+                ) {
                     Ok(a) => {
                         tracing::info!(app = app_id, worker = %a.worker, pid = self.cred.pid, "app worker attached");
                         self.attached(request_id, a, link).await;
@@ -284,18 +337,32 @@ impl Connection {
                 }
             }
             (Request::Attach { .. } | Request::AttachWorker { .. }, Some(_)) => {
-                self.fail(request_id, ErrorCode::InvalidRequest, "already attached".into()).await;
+                self.fail(
+                    request_id,
+                    ErrorCode::InvalidRequest,
+                    "already attached".into(),
+                )
+                .await;
                 Step::Continue
             }
             (_, None) => {
-                self.fail(request_id, ErrorCode::NotAttached, "attach first".into()).await;
+                self.fail(request_id, ErrorCode::NotAttached, "attach first".into())
+                    .await;
                 Step::Close
             }
             (Request::Listen { endpoint }, Some(w)) => {
                 match self.shared.layer.listen(w, endpoint) {
                     Ok(lid) => {
                         tracing::debug!(worker = %w, %endpoint, "listening");
-                        self.send(request_id, DaemonReply::Listening { listener_id: lid.0, endpoint }, &[]).await;
+                        self.send(
+                            request_id,
+                            DaemonReply::Listening {
+                                listener_id: lid.0,
+                                endpoint,
+                            },
+                            &[],
+                        )
+                        .await;
                     }
                     Err(e) => {
                         tracing::info!(worker = %w, %endpoint, error = %e, "listen refused");
@@ -305,7 +372,11 @@ impl Connection {
                 Step::Continue
             }
             (Request::Unlisten { listener_id }, Some(w)) => {
-                match self.shared.layer.unlisten(w, shunt_session::app::ListenerId(listener_id)) {
+                match self
+                    .shared
+                    .layer
+                    .unlisten(w, shunt_session::app::ListenerId(listener_id))
+                {
                     Ok(()) => self.send(request_id, DaemonReply::Ack, &[]).await,
                     Err(e) => self.fail(request_id, e.code(), e.to_string()).await,
                 }
@@ -318,7 +389,11 @@ impl Connection {
                 Step::Continue
             }
             (Request::SessionClosed { session_id, reset }, Some(w)) => {
-                if let Err(e) = self.shared.layer.session_closed(w, SessionId(session_id), reset) {
+                if let Err(e) = self
+                    .shared
+                    .layer
+                    .session_closed(w, SessionId(session_id), reset)
+                {
                     tracing::debug!(worker = %w, session_id, error = %e, "close of an unknown session");
                 }
                 Step::Continue
@@ -326,16 +401,22 @@ impl Connection {
         }
     }
 
-    async fn connect_failed(&self, w: WorkerId, request_id: u32, remote: std::net::SocketAddr, e: SessionError) {
+    async fn connect_failed(
+        &self,
+        w: WorkerId,
+        request_id: u32,
+        remote: std::net::SocketAddr,
+        e: SessionError,
+    ) {
         let code = e.code();
         match code {
             ErrorCode::Denied => tracing::info!(worker = %w, %remote, error = %e, "connect denied"),
             _ => tracing::debug!(worker = %w, %remote, error = %e, "connect failed"),
         }
-        let posted = self
-            .worker
-            .as_ref()
-            .is_some_and(|(_, link)| link.post(&Event::ConnectFailed { request_id, code }).is_ok());
+        let posted = self.worker.as_ref().is_some_and(|(_, link)| {
+            link.post(&Event::ConnectFailed { request_id, code })
+                .is_ok()
+        });
         if !posted {
             // The worker's own queue is full: answer on the socket instead.
             self.fail(request_id, code, e.to_string()).await;
@@ -343,15 +424,34 @@ impl Connection {
     }
 
     /// Checks the attach's doorbell fd and builds the worker's event queue.
-    async fn make_link(&self, request_id: u32, mut fds: Vec<OwnedFd>, queue_len: u32) -> Option<(OwnedFd, Arc<DaemonLink>)> {
+    async fn make_link(
+        &self,
+        request_id: u32,
+        mut fds: Vec<OwnedFd>,
+        queue_len: u32,
+    ) -> Option<(OwnedFd, Arc<DaemonLink>)> {
         if fds.len() != 1 {
-            self.fail(request_id, ErrorCode::InvalidRequest, format!("attach carries {} fds, expected 1 doorbell", fds.len())).await;
+            self.fail(
+                request_id,
+                ErrorCode::InvalidRequest,
+                format!("attach carries {} fds, expected 1 doorbell", fds.len()),
+            )
+            .await;
             return None;
         }
         let doorbell_fd = fds.pop().expect("one fd");
-        let queue_len = if queue_len == 0 { self.shared.event_queue_len } else { queue_len };
+        let queue_len = if queue_len == 0 {
+            self.shared.event_queue_len
+        } else {
+            queue_len
+        };
         if !queue_len.is_power_of_two() || !(16..=1 << 20).contains(&queue_len) {
-            self.fail(request_id, ErrorCode::InvalidRequest, "event_queue_len must be a power of two from 16 to 1048576".into()).await;
+            self.fail(
+                request_id,
+                ErrorCode::InvalidRequest,
+                "event_queue_len must be a power of two from 16 to 1048576".into(),
+            )
+            .await;
             return None;
         }
         let built = (|| -> anyhow::Result<(OwnedFd, Arc<DaemonLink>)> {
@@ -365,7 +465,8 @@ impl Connection {
             Ok(v) => Some(v),
             Err(e) => {
                 tracing::warn!(pid = self.cred.pid, error = %e, "cannot set up an app worker");
-                self.fail(request_id, ErrorCode::Internal, e.to_string()).await;
+                self.fail(request_id, ErrorCode::Internal, e.to_string())
+                    .await;
                 None
             }
         }

@@ -102,7 +102,11 @@ pub fn parse_port_range(s: &str) -> Result<PortRange, String> {
     if s == "*" || s.is_empty() {
         return Ok(PortRange::ANY);
     }
-    let port = |p: &str| p.trim().parse::<u16>().map_err(|_| format!("`{p}` is not a port"));
+    let port = |p: &str| {
+        p.trim()
+            .parse::<u16>()
+            .map_err(|_| format!("`{p}` is not a port"))
+    };
     match s.split_once('-') {
         Some((a, b)) => PortRange::new(port(a)?, port(b)?).map_err(|e| e.to_string()),
         None => Ok(PortRange::single(port(s)?)),
@@ -195,24 +199,37 @@ impl Config {
     fn validate(&self) -> Result<(), ConfigError> {
         let fifo = self.cut_through.fifo_size;
         if !fifo.is_power_of_two() || !(4096..=(1 << 30)).contains(&fifo) {
-            return Err(invalid("cut_through.fifo_size", "must be a power of two from 4096 to 1 GiB"));
+            return Err(invalid(
+                "cut_through.fifo_size",
+                "must be a power of two from 4096 to 1 GiB",
+            ));
         }
         if self.cut_through.segment_size < 4 * fifo as usize {
-            return Err(invalid("cut_through.segment_size", "must hold at least two FIFO pairs"));
+            return Err(invalid(
+                "cut_through.segment_size",
+                "must hold at least two FIFO pairs",
+            ));
         }
         if self.cut_through.segment_size > u32::MAX as usize {
             return Err(invalid("cut_through.segment_size", "must be below 4 GiB"));
         }
         if !self.event_queue_len.is_power_of_two() || self.event_queue_len < 16 {
-            return Err(invalid("event_queue_len", "must be a power of two, at least 16"));
+            return Err(invalid(
+                "event_queue_len",
+                "must be a power of two, at least 16",
+            ));
         }
         if !self.metrics_address.is_empty() && self.metrics_address.parse::<SocketAddr>().is_err() {
             return Err(invalid("metrics_address", "must be ip:port or empty"));
         }
         for (i, r) in self.rules.iter().enumerate() {
-            r.to_rule().map_err(|(field, e)| invalid(format!("rules[{i}].{field}"), e))?;
+            r.to_rule()
+                .map_err(|(field, e)| invalid(format!("rules[{i}].{field}"), e))?;
             if r.scope == RuleScopeSection::Local && r.namespace.is_none() {
-                return Err(invalid(format!("rules[{i}].namespace"), "local rules name a namespace"));
+                return Err(invalid(
+                    format!("rules[{i}].namespace"),
+                    "local rules name a namespace",
+                ));
             }
         }
         Ok(())
@@ -255,7 +272,8 @@ mod tests {
 
     #[test]
     fn errors_name_the_field() {
-        let e = Config::parse("cut_through: {fifo_size: 1000, segment_size: 67108864}").unwrap_err();
+        let e =
+            Config::parse("cut_through: {fifo_size: 1000, segment_size: 67108864}").unwrap_err();
         assert!(e.to_string().contains("cut_through.fifo_size"), "{e}");
         let e = Config::parse(
             "rules: [{scope: global, remote: 10.0.0.0/8, remote_ports: '9-1', action: deny, tag: x}]",
@@ -272,7 +290,10 @@ mod tests {
     fn port_ranges_parse() {
         assert_eq!(parse_port_range("*"), Ok(PortRange::ANY));
         assert_eq!(parse_port_range("80"), Ok(PortRange::single(80)));
-        assert_eq!(parse_port_range("80-90"), Ok(PortRange::new(80, 90).unwrap()));
+        assert_eq!(
+            parse_port_range("80-90"),
+            Ok(PortRange::new(80, 90).unwrap())
+        );
         assert!(parse_port_range("x").is_err());
         assert!(parse_port_range("90-80").is_err());
     }

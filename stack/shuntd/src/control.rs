@@ -27,7 +27,9 @@ fn scope_namespace(scope: i32, namespace: &str) -> Result<Option<&str>, Status> 
     match pb::RuleScope::try_from(scope) {
         Ok(pb::RuleScope::Global) => Ok(None),
         Ok(pb::RuleScope::Local) if !namespace.is_empty() => Ok(Some(namespace)),
-        Ok(pb::RuleScope::Local) => Err(Status::invalid_argument("namespace: local rules name a namespace")),
+        Ok(pb::RuleScope::Local) => Err(Status::invalid_argument(
+            "namespace: local rules name a namespace",
+        )),
         _ => Err(Status::invalid_argument("scope: must be local or global")),
     }
 }
@@ -39,9 +41,15 @@ fn ports_to_proto(p: PortRange) -> pb::PortRange {
     }
 }
 
-fn ports_from_proto(field: &'static str, p: Option<&pb::PortRange>) -> Result<Option<String>, Status> {
+fn ports_from_proto(
+    field: &'static str,
+    p: Option<&pb::PortRange>,
+) -> Result<Option<String>, Status> {
     let Some(p) = p else { return Ok(None) };
-    let port = |v: u32| u16::try_from(v).map_err(|_| Status::invalid_argument(format!("{field}: {v} is not a port")));
+    let port = |v: u32| {
+        u16::try_from(v)
+            .map_err(|_| Status::invalid_argument(format!("{field}: {v} is not a port")))
+    };
     Ok(Some(format!("{}-{}", port(p.first)?, port(p.last)?)))
 }
 
@@ -69,12 +77,20 @@ fn rule_from_proto(r: &pb::Rule) -> Result<Rule, Status> {
         Ok(pb::RuleAction::Allow) => RuleActionSection::Allow,
         Ok(pb::RuleAction::Deny) => RuleActionSection::Deny,
         Ok(pb::RuleAction::Redirect) => RuleActionSection::Redirect,
-        _ => return Err(Status::invalid_argument("action: must be allow, deny or redirect")),
+        _ => {
+            return Err(Status::invalid_argument(
+                "action: must be allow, deny or redirect",
+            ));
+        }
     };
     let redirect_to = if r.redirect_to.is_empty() {
         None
     } else {
-        Some(r.redirect_to.parse().map_err(|_| Status::invalid_argument("redirect_to: must be ip:port"))?)
+        Some(
+            r.redirect_to
+                .parse()
+                .map_err(|_| Status::invalid_argument("redirect_to: must be ip:port"))?,
+        )
     };
     let opt = |s: &str| (!s.is_empty()).then(|| s.to_owned());
     build_rule(
@@ -95,7 +111,10 @@ fn status(e: impl std::fmt::Display) -> Status {
 
 #[tonic::async_trait]
 impl Control for ControlService {
-    async fn list_namespaces(&self, _: Request<pb::ListNamespacesRequest>) -> Result<Response<pb::ListNamespacesResponse>, Status> {
+    async fn list_namespaces(
+        &self,
+        _: Request<pb::ListNamespacesRequest>,
+    ) -> Result<Response<pb::ListNamespacesResponse>, Status> {
         let apps = self.layer.apps();
         let namespaces = self.layer.with_namespaces(|nss| {
             nss.iter()
@@ -110,38 +129,67 @@ impl Control for ControlService {
         Ok(Response::new(pb::ListNamespacesResponse { namespaces }))
     }
 
-    async fn add_namespace(&self, req: Request<pb::AddNamespaceRequest>) -> Result<Response<pb::AddNamespaceResponse>, Status> {
+    async fn add_namespace(
+        &self,
+        req: Request<pb::AddNamespaceRequest>,
+    ) -> Result<Response<pb::AddNamespaceResponse>, Status> {
         let req = req.into_inner();
-        let ns = req.namespace.ok_or_else(|| Status::invalid_argument("namespace: missing"))?;
+        let ns = req
+            .namespace
+            .ok_or_else(|| Status::invalid_argument("namespace: missing"))?;
         let address: IpAddr = ns
             .address
             .parse()
             .map_err(|_| Status::invalid_argument("address: must be an IP address"))?;
-        let ns = Namespace::new(&ns.id, &ns.secret, address).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let ns = Namespace::new(&ns.id, &ns.secret, address)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         tracing::info!(namespace = %ns.id, "namespace added through the control API");
-        self.layer.add_namespace(ns, req.replace).map_err(|e| Status::already_exists(e.to_string()))?;
+        self.layer
+            .add_namespace(ns, req.replace)
+            .map_err(|e| Status::already_exists(e.to_string()))?;
         Ok(Response::new(pb::AddNamespaceResponse {}))
     }
 
-    async fn delete_namespace(&self, req: Request<pb::DeleteNamespaceRequest>) -> Result<Response<pb::DeleteNamespaceResponse>, Status> {
+    async fn delete_namespace(
+        &self,
+        req: Request<pb::DeleteNamespaceRequest>,
+    ) -> Result<Response<pb::DeleteNamespaceResponse>, Status> {
         let id = req.into_inner().id;
-        self.layer.delete_namespace(&id).map_err(|e| Status::not_found(e.to_string()))?;
+        self.layer
+            .delete_namespace(&id)
+            .map_err(|e| Status::not_found(e.to_string()))?;
         tracing::info!(namespace = %id, "namespace deleted through the control API");
         Ok(Response::new(pb::DeleteNamespaceResponse {}))
     }
 
-    async fn list_rules(&self, req: Request<pb::ListRulesRequest>) -> Result<Response<pb::ListRulesResponse>, Status> {
+    async fn list_rules(
+        &self,
+        req: Request<pb::ListRulesRequest>,
+    ) -> Result<Response<pb::ListRulesResponse>, Status> {
         let req = req.into_inner();
         let ns = scope_namespace(req.scope, &req.namespace)?;
-        let scope = if ns.is_some() { pb::RuleScope::Local } else { pb::RuleScope::Global };
+        let scope = if ns.is_some() {
+            pb::RuleScope::Local
+        } else {
+            pb::RuleScope::Global
+        };
         let rules = self.layer.list_rules(ns).map_err(status)?;
         Ok(Response::new(pb::ListRulesResponse {
-            rules: rules.iter().map(|r| rule_to_proto(r, scope, ns.unwrap_or(""))).collect(),
+            rules: rules
+                .iter()
+                .map(|r| rule_to_proto(r, scope, ns.unwrap_or("")))
+                .collect(),
         }))
     }
 
-    async fn add_rule(&self, req: Request<pb::AddRuleRequest>) -> Result<Response<pb::AddRuleResponse>, Status> {
-        let r = req.into_inner().rule.ok_or_else(|| Status::invalid_argument("rule: missing"))?;
+    async fn add_rule(
+        &self,
+        req: Request<pb::AddRuleRequest>,
+    ) -> Result<Response<pb::AddRuleResponse>, Status> {
+        let r = req
+            .into_inner()
+            .rule
+            .ok_or_else(|| Status::invalid_argument("rule: missing"))?;
         let ns = scope_namespace(r.scope, &r.namespace)?;
         let rule = rule_from_proto(&r)?;
         tracing::info!(rule = %rule, namespace = ns.unwrap_or("(global)"), "rule added through the control API");
@@ -149,15 +197,23 @@ impl Control for ControlService {
         Ok(Response::new(pb::AddRuleResponse { replaced }))
     }
 
-    async fn delete_rule(&self, req: Request<pb::DeleteRuleRequest>) -> Result<Response<pb::DeleteRuleResponse>, Status> {
+    async fn delete_rule(
+        &self,
+        req: Request<pb::DeleteRuleRequest>,
+    ) -> Result<Response<pb::DeleteRuleResponse>, Status> {
         let req = req.into_inner();
         let ns = scope_namespace(req.scope, &req.namespace)?;
-        self.layer.delete_rule(ns, &req.tag).map_err(|e| Status::not_found(e.to_string()))?;
+        self.layer
+            .delete_rule(ns, &req.tag)
+            .map_err(|e| Status::not_found(e.to_string()))?;
         tracing::info!(tag = %req.tag, namespace = ns.unwrap_or("(global)"), "rule deleted through the control API");
         Ok(Response::new(pb::DeleteRuleResponse {}))
     }
 
-    async fn list_sessions(&self, req: Request<pb::ListSessionsRequest>) -> Result<Response<pb::ListSessionsResponse>, Status> {
+    async fn list_sessions(
+        &self,
+        req: Request<pb::ListSessionsRequest>,
+    ) -> Result<Response<pb::ListSessionsResponse>, Status> {
         let filter = req.into_inner().namespace;
         let apps = self.layer.apps();
         let sessions = self
@@ -176,7 +232,11 @@ impl Control for ControlService {
                     local: s.tuple.local.to_string(),
                     remote: s.tuple.remote.to_string(),
                     app_id: s.app.0,
-                    app_name: apps.iter().find(|a| a.0 == s.app).map(|a| a.1.clone()).unwrap_or_default(),
+                    app_name: apps
+                        .iter()
+                        .find(|a| a.0 == s.app)
+                        .map(|a| a.1.clone())
+                        .unwrap_or_default(),
                     is_client: s.is_client,
                     bytes_sent: sent,
                     bytes_received: received,
@@ -186,7 +246,10 @@ impl Control for ControlService {
         Ok(Response::new(pb::ListSessionsResponse { sessions }))
     }
 
-    async fn list_apps(&self, _: Request<pb::ListAppsRequest>) -> Result<Response<pb::ListAppsResponse>, Status> {
+    async fn list_apps(
+        &self,
+        _: Request<pb::ListAppsRequest>,
+    ) -> Result<Response<pb::ListAppsResponse>, Status> {
         let apps = self
             .layer
             .apps()
@@ -205,7 +268,10 @@ impl Control for ControlService {
         Ok(Response::new(pb::ListAppsResponse { apps }))
     }
 
-    async fn get_stats(&self, _: Request<pb::GetStatsRequest>) -> Result<Response<pb::GetStatsResponse>, Status> {
+    async fn get_stats(
+        &self,
+        _: Request<pb::GetStatsRequest>,
+    ) -> Result<Response<pb::GetStatsResponse>, Status> {
         let counts = self.layer.counts();
         let ct = self.layer.cut_through();
         let c = &self.layer.counters;

@@ -14,6 +14,7 @@ pub mod config;
 pub mod control;
 pub mod link;
 pub mod metrics;
+mod reactor;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -74,17 +75,26 @@ pub async fn build(config: &Config) -> anyhow::Result<Bound> {
         layer.add_namespace(n, false)?;
     }
     for (i, r) in config.rules.iter().enumerate() {
-        let rule = r.to_rule().map_err(|(f, e)| anyhow::anyhow!("rules[{i}].{f}: {e}"))?;
+        let rule = r
+            .to_rule()
+            .map_err(|(f, e)| anyhow::anyhow!("rules[{i}].{f}: {e}"))?;
         let ns = match r.scope {
             RuleScopeSection::Global => None,
             RuleScopeSection::Local => r.namespace.as_deref(),
         };
-        layer.add_rule(ns, rule).with_context(|| format!("rules[{i}]"))?;
+        layer
+            .add_rule(ns, rule)
+            .with_context(|| format!("rules[{i}]"))?;
     }
 
     let counters = Arc::new(ServerCounters::default());
     let workers = config.worker_count();
-    let server = Arc::new(AppServer::start(workers, layer.clone(), counters.clone(), config.event_queue_len)?);
+    let server = Arc::new(AppServer::start(
+        workers,
+        layer.clone(),
+        counters.clone(),
+        config.event_queue_len,
+    )?);
     let app_listener = app_server::bind_seqpacket(&config.app_socket)
         .with_context(|| format!("app socket {}", config.app_socket.display()))?;
     set_socket_mode(&config.app_socket)?;

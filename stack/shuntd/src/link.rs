@@ -23,8 +23,16 @@ pub struct DaemonLink {
 
 impl DaemonLink {
     /// Makes the worker's event queue. `socket` is a duplicate of the worker's connection.
-    pub fn new(socket: OwnedFd, doorbell: Doorbell, queue_len: u32, name: &str) -> anyhow::Result<Self> {
-        let segment = Arc::new(Segment::create(name, layout::event_queue_segment_len(queue_len))?);
+    pub fn new(
+        socket: OwnedFd,
+        doorbell: Doorbell,
+        queue_len: u32,
+        name: &str,
+    ) -> anyhow::Result<Self> {
+        let segment = Arc::new(Segment::create(
+            name,
+            layout::event_queue_segment_len(queue_len),
+        )?);
         let offset = layout::event_queue_offset();
         ring::init_ring(segment.region(), offset, queue_len)?;
         let producer = RingProducer::attach(segment.clone(), offset)?;
@@ -53,7 +61,11 @@ impl WorkerLink for DaemonLink {
             is_client: grant.is_client,
         }
         .encode(0);
-        let fds = [grant.segment.as_fd(), grant.peer_doorbell.as_fd(), grant.liveness.as_fd()];
+        let fds = [
+            grant.segment.as_fd(),
+            grant.peer_doorbell.as_fd(),
+            grant.liveness.as_fd(),
+        ];
         fdpass::send_with_fds(self.socket.as_fd(), &msg, &fds)?;
         Ok(())
     }
@@ -73,6 +85,6 @@ impl WorkerLink for DaemonLink {
 
     fn has_room(&self, n: usize) -> bool {
         let q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-        q.free_records().is_ok_and(|free| free as usize >= n.min(self.queue_len as usize))
+        q.free_slots() as usize >= n.min(self.queue_len as usize)
     }
 }

@@ -56,7 +56,9 @@ fn main() -> anyhow::Result<()> {
         print!("{}", serde_yaml_ng::to_string(&config)?);
         return Ok(());
     }
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async {
         let bound = shuntd::build(&config).await?;
         tokio::select! {

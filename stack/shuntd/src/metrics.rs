@@ -4,7 +4,9 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
 use shunt_session::SessionLayer;
 
 use crate::app_server::ServerCounters;
@@ -50,31 +52,65 @@ impl Metrics {
             registry.register(Box::new(c.clone()))?;
             Ok(c)
         };
-        let counter_vec = |name: &str, help: &str, labels: &[&str]| -> prometheus::Result<IntCounterVec> {
-            let c = IntCounterVec::new(Opts::new(name, help), labels)?;
-            registry.register(Box::new(c.clone()))?;
-            Ok(c)
-        };
-        let gauge_vec = |name: &str, help: &str, labels: &[&str]| -> prometheus::Result<IntGaugeVec> {
-            let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
-            registry.register(Box::new(g.clone()))?;
-            Ok(g)
-        };
+        let counter_vec =
+            |name: &str, help: &str, labels: &[&str]| -> prometheus::Result<IntCounterVec> {
+                let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+                registry.register(Box::new(c.clone()))?;
+                Ok(c)
+            };
+        let gauge_vec =
+            |name: &str, help: &str, labels: &[&str]| -> prometheus::Result<IntGaugeVec> {
+                let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
+                registry.register(Box::new(g.clone()))?;
+                Ok(g)
+            };
         Ok(Self {
             apps: gauge("apps_attached", "Apps currently attached.")?,
             app_workers: gauge("app_workers_attached", "App workers currently attached.")?,
             listeners: gauge("listeners", "Listeners currently open.")?,
-            sessions: gauge_vec("sessions", "Sessions by transport and state.", &["transport", "state"])?,
+            sessions: gauge_vec(
+                "sessions",
+                "Sessions by transport and state.",
+                &["transport", "state"],
+            )?,
             half_open: gauge("half_open_sessions", "Connects in progress.")?,
-            segments: gauge_vec("segments", "Shared-memory segments by transport.", &["transport"])?,
-            ct_bytes: counter("cut_through_bytes_total", "Bytes written into cut-through FIFOs.")?,
-            fifo_full: counter("fifo_full_events_total", "Writes that found a cut-through FIFO full.")?,
-            notifications: counter("notifications_sent_total", "Data notifications peers sent each other.")?,
-            rule_hits: counter_vec("rule_hits_total", "Rule matches by table and action.", &["table", "action"])?,
-            attach_failures: counter_vec("attach_failures_total", "Refused attaches by reason.", &["reason"])?,
+            segments: gauge_vec(
+                "segments",
+                "Shared-memory segments by transport.",
+                &["transport"],
+            )?,
+            ct_bytes: counter(
+                "cut_through_bytes_total",
+                "Bytes written into cut-through FIFOs.",
+            )?,
+            fifo_full: counter(
+                "fifo_full_events_total",
+                "Writes that found a cut-through FIFO full.",
+            )?,
+            notifications: counter(
+                "notifications_sent_total",
+                "Data notifications peers sent each other.",
+            )?,
+            rule_hits: counter_vec(
+                "rule_hits_total",
+                "Rule matches by table and action.",
+                &["table", "action"],
+            )?,
+            attach_failures: counter_vec(
+                "attach_failures_total",
+                "Refused attaches by reason.",
+                &["reason"],
+            )?,
             connects: counter("connects_total", "Connects established.")?,
-            connect_failures: counter_vec("connect_failures_total", "Failed connects by reason.", &["reason"])?,
-            decode_errors: counter("sapi_decode_errors_total", "Malformed session-API messages received.")?,
+            connect_failures: counter_vec(
+                "connect_failures_total",
+                "Failed connects by reason.",
+                &["reason"],
+            )?,
+            decode_errors: counter(
+                "sapi_decode_errors_total",
+                "Malformed session-API messages received.",
+            )?,
             registry,
             layer,
             server,
@@ -103,16 +139,32 @@ impl Metrics {
         raise(&self.notifications, totals.notifications);
         let c = &self.layer.counters;
         for ((table, action), n) in c.rule_hits.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-            raise(&self.rule_hits.with_label_values(&[table.as_str(), action]), *n);
+            raise(
+                &self.rule_hits.with_label_values(&[table.as_str(), action]),
+                *n,
+            );
         }
-        for (reason, n) in c.attach_failures.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        for (reason, n) in c
+            .attach_failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
             raise(&self.attach_failures.with_label_values(&[reason]), *n);
         }
-        for (reason, n) in c.connect_failures.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        for (reason, n) in c
+            .connect_failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
             raise(&self.connect_failures.with_label_values(&[reason]), *n);
         }
         raise(&self.connects, c.connects.load(Ordering::Relaxed));
-        raise(&self.decode_errors, self.server.decode_errors.load(Ordering::Relaxed));
+        raise(
+            &self.decode_errors,
+            self.server.decode_errors.load(Ordering::Relaxed),
+        );
     }
 
     /// The text exposition format.
@@ -126,7 +178,10 @@ impl Metrics {
 }
 
 /// Serves `/metrics` on `listener` until the task is dropped.
-pub async fn serve(metrics: Arc<Metrics>, listener: tokio::net::TcpListener) -> std::io::Result<()> {
+pub async fn serve(
+    metrics: Arc<Metrics>,
+    listener: tokio::net::TcpListener,
+) -> std::io::Result<()> {
     use axum::routing::get;
     let app = axum::Router::new().route(
         "/metrics",
@@ -134,7 +189,10 @@ pub async fn serve(metrics: Arc<Metrics>, listener: tokio::net::TcpListener) -> 
             let m = metrics.clone();
             async move {
                 (
-                    [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4",
+                    )],
                     m.render(),
                 )
             }

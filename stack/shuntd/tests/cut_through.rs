@@ -33,7 +33,11 @@ fn transfers_64_mib_each_way_intact() {
     let (back_n, back_crc) = recv_all(&mut c);
     let (n, crc, server_sent) = server_thread.join().unwrap();
     assert_eq!((n, crc), (64 << 20, sent), "client -> server bytes differ");
-    assert_eq!((back_n, back_crc), (64 << 20, server_sent), "server -> client bytes differ");
+    assert_eq!(
+        (back_n, back_crc),
+        (64 << 20, server_sent),
+        "server -> client bytes differ"
+    );
 }
 
 #[test]
@@ -61,10 +65,16 @@ fn half_close_works_in_both_directions() {
 #[test]
 fn wrong_secret_and_unknown_namespace_are_refused() {
     let d = Daemon::start("namespaces: [{id: blue, secret: '1234', address: 10.0.0.1}]\n");
-    let wrong = Worker::attach(AttachOptions::new(d.socket()).namespace("blue", b"4321")).unwrap_err();
+    let wrong =
+        Worker::attach(AttachOptions::new(d.socket()).namespace("blue", b"4321")).unwrap_err();
     assert_eq!(wrong.code(), Some(ErrorCode::WrongSecret), "{wrong}");
-    let unknown = Worker::attach(AttachOptions::new(d.socket()).namespace("green", b"1234")).unwrap_err();
-    assert_eq!(unknown.code(), Some(ErrorCode::UnknownNamespace), "{unknown}");
+    let unknown =
+        Worker::attach(AttachOptions::new(d.socket()).namespace("green", b"1234")).unwrap_err();
+    assert_eq!(
+        unknown.code(),
+        Some(ErrorCode::UnknownNamespace),
+        "{unknown}"
+    );
     let ok = Worker::attach(AttachOptions::new(d.socket()).namespace("blue", b"1234")).unwrap();
     assert_eq!(ok.local_address().ip().to_string(), "10.0.0.1");
 }
@@ -130,7 +140,11 @@ fn session_survives_shuntd_sigkill_and_apps_reattach() {
     }
     c.shutdown_write().unwrap();
     let (n, got) = reader.join().unwrap();
-    assert_eq!((n, got), (total, crc.finalize()), "bytes lost or corrupted across the restart");
+    assert_eq!(
+        (n, got),
+        (total, crc.finalize()),
+        "bytes lost or corrupted across the restart"
+    );
 
     // Both apps notice and re-attach; new sessions work through the new shuntd.
     assert!(common::eventually(Duration::from_secs(5), || {
@@ -177,8 +191,14 @@ fn peer_killed_mid_transfer_gives_reset_within_a_second() {
         }
     };
     let elapsed = killed_at.elapsed();
-    assert!(elapsed < Duration::from_secs(1), "noticed after {elapsed:?}");
-    assert_eq!(err.map(|e| e.kind()), Some(std::io::ErrorKind::ConnectionReset));
+    assert!(
+        elapsed < Duration::from_secs(1),
+        "noticed after {elapsed:?}"
+    );
+    assert_eq!(
+        err.map(|e| e.kind()),
+        Some(std::io::ErrorKind::ConnectionReset)
+    );
 }
 
 #[test]

@@ -8,7 +8,7 @@
 //! ```text
 //! line 0  (shared, written once) magic | capacity | reserved
 //! line 1  (consumer-owned)       head  | reader_closed
-//! line 2  (producer-owned)       tail  | writer_shutdown
+//! line 2  (producer-owned)       tail  | writer_shutdown | bytes_written | full_events | notifications
 //! line 3  (signals, both)        has_event | want_tx_space | reset
 //! data    capacity bytes (power of two, 4 KiB ..= 1 GiB)
 //! ```
@@ -136,7 +136,12 @@ struct ConsumerLine {
 struct ProducerLine {
     tail: u32,
     writer_shutdown: u32,
-    pad: [u32; 14],
+    /// Statistics, published by the producer for observers (e.g. the node service's metrics).
+    /// Never read back by either endpoint, so a hostile value only skews a metric.
+    bytes_written: u64,
+    full_events: u64,
+    notifications: u64,
+    pad: [u32; 8],
 }
 
 #[allow(dead_code, reason = "layout description")]
@@ -161,6 +166,12 @@ const OFF_READER_CLOSED: usize =
 const OFF_TAIL: usize = offset_of!(FifoHeader, producer) + offset_of!(ProducerLine, tail);
 const OFF_WRITER_SHUTDOWN: usize =
     offset_of!(FifoHeader, producer) + offset_of!(ProducerLine, writer_shutdown);
+const OFF_BYTES_WRITTEN: usize =
+    offset_of!(FifoHeader, producer) + offset_of!(ProducerLine, bytes_written);
+const OFF_FULL_EVENTS: usize =
+    offset_of!(FifoHeader, producer) + offset_of!(ProducerLine, full_events);
+const OFF_NOTIFICATIONS: usize =
+    offset_of!(FifoHeader, producer) + offset_of!(ProducerLine, notifications);
 const OFF_HAS_EVENT: usize = offset_of!(FifoHeader, signals) + offset_of!(SignalLine, has_event);
 const OFF_WANT_TX_SPACE: usize =
     offset_of!(FifoHeader, signals) + offset_of!(SignalLine, want_tx_space);
@@ -271,11 +282,36 @@ pub fn init_fifo_at(
     word(OFF_READER_CLOSED)?.store(0, Ordering::Relaxed);
     word(OFF_TAIL)?.store(position, Ordering::Relaxed);
     word(OFF_WRITER_SHUTDOWN)?.store(0, Ordering::Relaxed);
+    for field in [OFF_BYTES_WRITTEN, OFF_FULL_EVENTS, OFF_NOTIFICATIONS] {
+        region
+            .atomic_u64(offset + field)?
+            .store(0, Ordering::Relaxed);
+    }
     word(OFF_HAS_EVENT)?.store(0, Ordering::Relaxed);
     word(OFF_WANT_TX_SPACE)?.store(0, Ordering::Relaxed);
     word(OFF_RESET)?.store(0, Ordering::Relaxed);
     word(OFF_MAGIC)?.store(FIFO_MAGIC, Ordering::Release);
     Ok(())
+}
+
+/// Checks alignment and magic, then reads the capacity (once; callers keep the private copy)
+/// and checks that the whole FIFO fits the region.
+fn validated_capacity(region: &Region, offset: usize) -> Result<u32, FifoError> {
+    if !offset.is_multiple_of(FIFO_ALIGN) {
+        return Err(FifoError::Misaligned(offset));
+    }
+    let magic = region
+        .atomic_u32(offset + OFF_MAGIC)?
+        .load(Ordering::Acquire);
+    if magic != FIFO_MAGIC {
+        return Err(FifoError::BadMagic(magic));
+    }
+    let capacity = region
+        .atomic_u32(offset + OFF_CAPACITY)?
+        .load(Ordering::Relaxed);
+    check_capacity(capacity)?;
+    check_placement(region, offset, capacity)?;
+    Ok(capacity)
 }
 
 type SharedRegion = Arc<dyn AsRef<Region> + Send + Sync>;
@@ -297,17 +333,7 @@ impl Fifo {
     /// Validates the header at `offset`, copies the geometry and claims `role`.
     fn attach(region: SharedRegion, offset: usize, role: Role) -> Result<Fifo, FifoError> {
         let r: &Region = (*region).as_ref();
-        if !offset.is_multiple_of(FIFO_ALIGN) {
-            return Err(FifoError::Misaligned(offset));
-        }
-        let magic = r.atomic_u32(offset + OFF_MAGIC)?.load(Ordering::Acquire);
-        if magic != FIFO_MAGIC {
-            return Err(FifoError::BadMagic(magic));
-        }
-        // Read once; never again.
-        let capacity = r.atomic_u32(offset + OFF_CAPACITY)?.load(Ordering::Relaxed);
-        check_capacity(capacity)?;
-        check_placement(r, offset, capacity)?;
+        let capacity = validated_capacity(r, offset)?;
         if !r.claim(offset, role) {
             return Err(FifoError::AlreadyAttached);
         }
@@ -373,6 +399,13 @@ impl Fifo {
         Ok(used)
     }
 
+    /// Stores a statistics counter; `Relaxed` because nothing is ordered by it.
+    fn publish_stat(&self, field: usize, value: u64) {
+        if let Ok(w) = self.region().atomic_u64(self.offset + field) {
+            w.store(value, Ordering::Relaxed);
+        }
+    }
+
     fn publish(&self, field: usize, value: u32) {
         if let Some(w) = self.word(field) {
             w.store(value, Ordering::Release);
@@ -433,6 +466,10 @@ pub struct Producer {
     /// Bytes handed out by the last `reserve`.
     reserved: u32,
     ooo: Assembler,
+    /// Private copies of the published statistics (see [`FifoStats`]).
+    bytes_written: u64,
+    full_events: Cell<u64>,
+    notifications: Cell<u64>,
 }
 
 impl std::fmt::Debug for Producer {
@@ -465,7 +502,17 @@ impl Producer {
             .map(|w| w.load(Ordering::Acquire))
             .ok_or(FifoError::Corrupt)?;
         fifo.used(None, Some(tail))?;
+        // Statistics continue from what a previous producer published (they are never trusted
+        // for anything but reporting).
+        let stat = |field| {
+            fifo.region()
+                .atomic_u64(offset + field)
+                .map_or(0, |w| w.load(Ordering::Relaxed))
+        };
         Ok(Producer {
+            bytes_written: stat(OFF_BYTES_WRITTEN),
+            full_events: Cell::new(stat(OFF_FULL_EVENTS)),
+            notifications: Cell::new(stat(OFF_NOTIFICATIONS)),
             fifo,
             tail,
             reserved: 0,
@@ -505,6 +552,9 @@ impl Producer {
         self.tail = self.tail.wrapping_add(advance);
         self.reserved = 0;
         self.fifo.publish(OFF_TAIL, self.tail);
+        self.bytes_written += u64::from(advance);
+        self.fifo
+            .publish_stat(OFF_BYTES_WRITTEN, self.bytes_written);
         advance
     }
 
@@ -652,7 +702,13 @@ impl Producer {
     /// Marks that data is available. Returns `true` only on the 0 -> 1 transition; the caller
     /// then notifies the consumer (e.g. rings its doorbell). Call after publishing data.
     pub fn set_event(&self) -> bool {
-        self.fifo.swap_flag(OFF_HAS_EVENT, 1) == Some(0)
+        let notify = self.fifo.swap_flag(OFF_HAS_EVENT, 1) == Some(0);
+        if notify {
+            self.notifications.set(self.notifications.get() + 1);
+            self.fifo
+                .publish_stat(OFF_NOTIFICATIONS, self.notifications.get());
+        }
+        notify
     }
 
     /// Asks the consumer to notify when it frees space. The caller must re-check
@@ -660,6 +716,9 @@ impl Producer {
     /// a wake-up can be lost (see the module docs).
     pub fn request_tx_space(&self) {
         let _ = self.fifo.swap_flag(OFF_WANT_TX_SPACE, 1);
+        self.full_events.set(self.full_events.get() + 1);
+        self.fifo
+            .publish_stat(OFF_FULL_EVENTS, self.full_events.get());
     }
 
     /// Whether the consumer has closed its end.
@@ -880,6 +939,93 @@ impl Consumer {
     /// Signals an abortive close to the producer.
     pub fn reset(&self) {
         self.fifo.set_flag(OFF_RESET);
+    }
+}
+
+/// Producer-side statistics of one FIFO, as last published by its producer. Counters are
+/// monotonic while one producer is attached and survive re-attachment; a hostile producer can
+/// make them say anything, so they are for reporting only.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FifoStats {
+    /// Bytes made readable to the consumer (in-order plus reassembled out-of-order bytes).
+    pub bytes_written: u64,
+    /// Times the producer found the FIFO full and asked to be woken when space frees.
+    pub full_events: u64,
+    /// Data notifications sent (has_event 0 -> 1 transitions).
+    pub notifications: u64,
+}
+
+/// A read-only view of a FIFO for a third party (the node service, which allocated the FIFO but
+/// is neither endpoint). Claims no role, so it never conflicts with the endpoints.
+pub struct FifoObserver {
+    region: SharedRegion,
+    offset: usize,
+    capacity: u32,
+}
+
+impl std::fmt::Debug for FifoObserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FifoObserver")
+            .field("offset", &self.offset)
+            .field("capacity", &self.capacity)
+            .finish()
+    }
+}
+
+impl FifoObserver {
+    /// Validates the FIFO header at `offset` (alignment, magic, capacity, size).
+    pub fn attach<R>(region: Arc<R>, offset: usize) -> Result<FifoObserver, FifoError>
+    where
+        R: AsRef<Region> + Send + Sync + 'static,
+    {
+        let capacity = validated_capacity((*region).as_ref(), offset)?;
+        Ok(FifoObserver {
+            region,
+            offset,
+            capacity,
+        })
+    }
+
+    /// Capacity in bytes, as validated at attach.
+    pub fn capacity(&self) -> u32 {
+        self.capacity
+    }
+
+    /// The producer's published statistics.
+    pub fn stats(&self) -> FifoStats {
+        let region: &Region = (*self.region).as_ref();
+        let load = |field| {
+            region
+                .atomic_u64(self.offset + field)
+                .map_or(0, |w| w.load(Ordering::Relaxed))
+        };
+        FifoStats {
+            bytes_written: load(OFF_BYTES_WRITTEN),
+            full_events: load(OFF_FULL_EVENTS),
+            notifications: load(OFF_NOTIFICATIONS),
+        }
+    }
+
+    /// Bytes readable right now, or `None` if the indices are inconsistent.
+    pub fn readable(&self) -> Option<u32> {
+        let region: &Region = (*self.region).as_ref();
+        let load = |field| {
+            region
+                .atomic_u32(self.offset + field)
+                .map(|w| w.load(Ordering::Acquire))
+                .ok()
+        };
+        let used = load(OFF_TAIL)?.wrapping_sub(load(OFF_HEAD)?);
+        (used <= self.capacity).then_some(used)
+    }
+
+    /// Aborts the stream for both endpoints (they see [`Producer::is_reset`] /
+    /// [`Consumer::is_reset`]); used when one endpoint's process is gone.
+    pub fn reset(&self) {
+        let region: &Region = (*self.region).as_ref();
+        if let Ok(w) = region.atomic_u32(self.offset + OFF_RESET) {
+            w.store(1, Ordering::Release);
+        }
     }
 }
 

@@ -661,3 +661,70 @@ fn spsc_threads_transfer_in_order() {
     producer.join().unwrap();
     assert_eq!(got, total);
 }
+
+#[test]
+fn observer_sees_producer_statistics() {
+    let (r, mut p, mut c) = pair(CAP, 0);
+    let obs = FifoObserver::attach(r.clone(), GUARD).unwrap();
+    assert_eq!(obs.stats(), FifoStats::default());
+
+    assert_eq!(p.enqueue(&[7u8; 1000]), 1000);
+    assert!(p.set_event());
+    assert!(
+        !p.set_event(),
+        "a pending event is coalesced, not counted twice"
+    );
+    assert_eq!(p.enqueue(&vec![1u8; CAP as usize]), CAP as usize - 1000);
+    p.request_tx_space();
+    assert_eq!(obs.readable(), Some(CAP));
+    assert_eq!(
+        obs.stats(),
+        FifoStats {
+            bytes_written: u64::from(CAP),
+            full_events: 1,
+            notifications: 1,
+        }
+    );
+
+    let mut buf = vec![0u8; CAP as usize];
+    assert_eq!(c.dequeue(&mut buf).unwrap(), CAP as usize);
+    assert!(c.clear_event());
+    assert_eq!(obs.readable(), Some(0));
+    assert!(p.set_event());
+    assert_eq!(obs.stats().notifications, 2);
+}
+
+#[test]
+fn statistics_survive_producer_reattach() {
+    let (r, mut p, _c) = pair(CAP, 0);
+    p.enqueue(&[0u8; 100]);
+    drop(p);
+    let mut p = Producer::attach(r.clone(), GUARD).unwrap();
+    p.enqueue(&[0u8; 50]);
+    let obs = FifoObserver::attach(r, GUARD).unwrap();
+    assert_eq!(obs.stats().bytes_written, 150);
+}
+
+#[test]
+fn observer_claims_no_role_and_validates_the_header() {
+    let (r, _p, _c) = pair(CAP, 0);
+    let a = FifoObserver::attach(r.clone(), GUARD).unwrap();
+    let b = FifoObserver::attach(r.clone(), GUARD).unwrap();
+    assert_eq!(a.capacity(), b.capacity());
+    assert!(matches!(
+        FifoObserver::attach(r.clone(), GUARD + 8),
+        Err(FifoError::Misaligned(_))
+    ));
+    assert!(matches!(
+        FifoObserver::attach(r, 0),
+        Err(FifoError::BadMagic(_))
+    ));
+}
+
+#[test]
+fn observer_reset_reaches_both_endpoints() {
+    let (r, p, c) = pair(CAP, 0);
+    FifoObserver::attach(r, GUARD).unwrap().reset();
+    assert!(p.is_reset());
+    assert!(c.is_reset());
+}

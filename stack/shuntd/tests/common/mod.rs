@@ -66,8 +66,11 @@ impl Daemon {
     pub fn wait_ready(&self) {
         let sock = app_socket(self.dir.path());
         assert!(
-            eventually(Duration::from_secs(10), || std::os::unix::net::UnixStream::connect(&sock).is_ok()
-                || seqpacket_connects(&sock)),
+            eventually(
+                Duration::from_secs(10),
+                || std::os::unix::net::UnixStream::connect(&sock).is_ok()
+                    || seqpacket_connects(&sock)
+            ),
             "shuntd did not come up"
         );
     }
@@ -100,11 +103,20 @@ impl Drop for Daemon {
 }
 
 fn seqpacket_connects(path: &Path) -> bool {
-    use rustix::net::{AddressFamily, SocketFlags, SocketType, SocketAddrUnix, connect, socket_with};
-    let Ok(fd) = socket_with(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None) else {
+    use rustix::net::{
+        AddressFamily, SocketAddrUnix, SocketFlags, SocketType, connect, socket_with,
+    };
+    let Ok(fd) = socket_with(
+        AddressFamily::UNIX,
+        SocketType::SEQPACKET,
+        SocketFlags::CLOEXEC,
+        None,
+    ) else {
         return false;
     };
-    SocketAddrUnix::new(path).and_then(|a| connect(&fd, &a)).is_ok()
+    SocketAddrUnix::new(path)
+        .and_then(|a| connect(&fd, &a))
+        .is_ok()
 }
 
 /// A deterministic byte stream: the byte at position `i` of stream `seed`.
