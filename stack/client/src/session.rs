@@ -51,6 +51,13 @@ impl SessionState {
         is_client: bool,
         peer_dead: bool,
     ) -> Self {
+        // The peer may have written, closed or reset before this side opened the session (an
+        // accept still in the backlog); its events found no session here and were dropped. So
+        // take the state from the FIFOs, and clear the data event before the first read:
+        // otherwise has_event stays set and the peer never notifies again.
+        rx.clear_event();
+        let peer_reset = peer_dead || rx.is_reset() || tx.is_reset();
+        let peer_closed = tx.is_reader_closed();
         Self {
             session_id,
             segment,
@@ -60,8 +67,8 @@ impl SessionState {
             local,
             remote,
             is_client,
-            peer_closed: false,
-            peer_reset: peer_dead,
+            peer_closed,
+            peer_reset,
             tx_space_pending: false,
             write_shut: false,
             read_waker: None,

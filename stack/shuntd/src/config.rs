@@ -168,6 +168,27 @@ impl RuleSection {
     }
 }
 
+/// Merges `over` into `base`: mappings key by key at every depth (so `cut_through: {fifo_size:
+/// 65536}` keeps the default segment size); anything else, lists included, is replaced whole.
+fn overlay_into(base: &mut serde_yaml_ng::Value, over: serde_yaml_ng::Value) {
+    use serde_yaml_ng::Value;
+    match (base, over) {
+        (Value::Mapping(base), Value::Mapping(over)) => {
+            for (k, v) in over {
+                match base.get_mut(&k) {
+                    Some(existing) => overlay_into(existing, v),
+                    None => {
+                        base.insert(k, v);
+                    }
+                }
+            }
+        }
+        // An empty file parses as null: nothing to change.
+        (_, Value::Null) => {}
+        (base, over) => *base = over,
+    }
+}
+
 impl Config {
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
         let text = match path {
@@ -184,13 +205,7 @@ impl Config {
         // Start from the default and overlay the file, so a file may set only what it changes.
         let mut merged: serde_yaml_ng::Value = serde_yaml_ng::from_str(DEFAULT_CONFIG)?;
         let overlay: serde_yaml_ng::Value = serde_yaml_ng::from_str(text)?;
-        if let (serde_yaml_ng::Value::Mapping(base), serde_yaml_ng::Value::Mapping(over)) =
-            (&mut merged, overlay)
-        {
-            for (k, v) in over {
-                base.insert(k, v);
-            }
-        }
+        overlay_into(&mut merged, overlay);
         let config: Config = serde_yaml_ng::from_value(merged)?;
         config.validate()?;
         Ok(config)
@@ -268,6 +283,19 @@ mod tests {
         assert_eq!(c.workers, 3);
         assert_eq!(c.metrics_address, "");
         assert_eq!(c.cut_through.fifo_size, 1 << 20);
+    }
+
+    #[test]
+    fn overlay_merges_nested_sections_and_replaces_lists() {
+        let c = Config::parse("cut_through: {fifo_size: 65536}\nnamespaces: []\n").unwrap();
+        assert_eq!(c.cut_through.fifo_size, 65536);
+        assert_eq!(c.cut_through.segment_size, 64 << 20, "default kept");
+        assert!(c.namespaces.is_empty(), "lists are replaced, not appended");
+        assert_eq!(
+            Config::parse("").unwrap().workers,
+            2,
+            "an empty file changes nothing"
+        );
     }
 
     #[test]

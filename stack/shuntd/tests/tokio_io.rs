@@ -73,3 +73,43 @@ async fn concurrent_async_sessions_arrive_intact() {
     }
     serve.await.unwrap();
 }
+
+/// The client writes (and so raises the FIFO's data event) while its session still sits in the
+/// server's accept backlog, so the server dispatches that event before the session exists and
+/// drops it. The bytes must still arrive, and later writes and the half-close must still wake
+/// the reader. The async path has no timer fallback, so a lost wake-up fails the test.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_before_accept_do_not_strand_later_wakeups() {
+    let d = Daemon::start("");
+    let remote: SocketAddr = "127.0.0.1:7301".parse().unwrap();
+    let server = AsyncWorker::new(d.attach("server")).unwrap();
+    let listener = server.listen(remote).unwrap();
+    let client = AsyncWorker::new(d.attach("client")).unwrap();
+    // A first session maps the segment both workers share, so the next session's events land
+    // in a ring the server already drains.
+    let _first = client.connect(remote).await.unwrap();
+    let _first_accepted = listener.accept().await.unwrap();
+
+    let mut c = client.connect(remote).await.unwrap();
+    c.write_all(b"early").await.unwrap();
+    // shuntd posted Accepted before Connected, and the data event is in the shared ring: this
+    // dispatch sees both while the session is still in the backlog.
+    server.worker().dispatch().unwrap();
+    let mut s = listener.accept().await.unwrap();
+    let mut buf = [0u8; 5];
+    s.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"early");
+
+    let late = tokio::spawn(async move {
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await.unwrap();
+        got
+    });
+    c.write_all(b"late").await.unwrap();
+    c.shutdown().await.unwrap();
+    let got = tokio::time::timeout(std::time::Duration::from_secs(10), late)
+        .await
+        .expect("the server was never woken for the late bytes")
+        .unwrap();
+    assert_eq!(got, b"late");
+}

@@ -1,0 +1,98 @@
+//! `shunt`: inspect and change a running shuntd through its control API.
+
+mod connect;
+mod namespaces;
+mod rules;
+mod status;
+mod table;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// Inspect and change a running shuntd: attached apps, sessions, namespaces, rules and stats.
+#[derive(Parser, Debug)]
+#[command(version, about, propagate_version = true)]
+struct Cli {
+    /// shuntd's control socket.
+    #[arg(
+        long,
+        global = true,
+        env = "SHUNT_CONTROL_SOCKET",
+        default_value = "/run/shunt/control.sock"
+    )]
+    control_socket: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// List sessions with their transport, state, endpoints and byte counts.
+    Sessions {
+        /// Only sessions of this namespace.
+        #[arg(long)]
+        namespace: Option<String>,
+    },
+    /// List attached apps with their namespace, credentials and listeners.
+    Apps,
+    /// Show node-wide counters.
+    Stats,
+    /// List, add or delete app namespaces.
+    #[command(subcommand)]
+    Namespaces(namespaces::NamespacesCommand),
+    /// List, add or delete session rules (local: a namespace's egress; global: ingress).
+    #[command(subcommand)]
+    Rules(rules::RulesCommand),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(output) => {
+            print!("{output}");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<String> {
+    let mut client = connect::control_client(&cli.control_socket).await?;
+    match cli.command {
+        Command::Sessions { namespace } => status::sessions(&mut client, namespace).await,
+        Command::Apps => status::apps(&mut client).await,
+        Command::Stats => status::stats(&mut client).await,
+        Command::Namespaces(cmd) => namespaces::run(&mut client, cmd).await,
+        Command::Rules(cmd) => rules::run(&mut client, cmd).await,
+    }
+}
+
+/// Turns a gRPC status into an error that shows shuntd's message, which names the bad field.
+pub(crate) fn rpc_error(status: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("shuntd refused: {}", status.message())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,279 @@
+//! The `shunt` binary against a real shuntd (run in-process on temporary sockets).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::mpsc;
+
+use shunt_client::{AttachOptions, Worker};
+
+struct Daemon {
+    dir: tempfile::TempDir,
+    _runtime: std::thread::JoinHandle<()>,
+}
+
+impl Daemon {
+    fn start() -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = shuntd::config::Config::load(None).unwrap();
+        config.app_socket = dir.path().join("shuntd.sock");
+        config.control_socket = dir.path().join("control.sock");
+        config.metrics_address = String::new();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let runtime = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let bound = shuntd::build(&config).await.expect("shuntd starts");
+                ready_tx.send(()).unwrap();
+                let _ = bound.wait().await;
+            });
+        });
+        ready_rx.recv().expect("shuntd came up");
+        Daemon {
+            dir,
+            _runtime: runtime,
+        }
+    }
+
+    fn app_socket(&self) -> PathBuf {
+        self.dir.path().join("shuntd.sock")
+    }
+
+    fn shunt(&self, args: &[&str]) -> Output {
+        shunt_at(&self.dir.path().join("control.sock"), args)
+    }
+
+    /// Runs `shunt`, asserts success and returns stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.shunt(args);
+        assert!(
+            out.status.success(),
+            "shunt {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Runs `shunt`, asserts failure and returns stderr.
+    fn fails(&self, args: &[&str]) -> String {
+        let out = self.shunt(args);
+        assert!(!out.status.success(), "shunt {args:?} should fail");
+        String::from_utf8(out.stderr).unwrap()
+    }
+}
+
+fn shunt_at(control_socket: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_shunt"))
+        .arg("--control-socket")
+        .arg(control_socket)
+        .args(args)
+        .output()
+        .expect("run shunt")
+}
+
+#[test]
+fn namespaces_can_be_added_listed_and_deleted() {
+    let d = Daemon::start();
+    let secret = d.dir.path().join("secret");
+    std::fs::write(&secret, "s3cret\n").unwrap();
+    d.ok(&[
+        "namespaces",
+        "add",
+        "shop.cart",
+        "--address",
+        "10.1.0.7",
+        "--secret-file",
+        secret.to_str().unwrap(),
+    ]);
+    let list = d.ok(&["namespaces", "list"]);
+    assert!(
+        list.contains("shop.cart") && list.contains("10.1.0.7"),
+        "{list}"
+    );
+    assert!(!list.contains("s3cret"), "secrets must never be listed");
+
+    // The secret is the file's content without the newline.
+    let attach = |secret: &[u8]| {
+        Worker::attach(AttachOptions::new(d.app_socket()).namespace("shop.cart", secret))
+    };
+    assert!(attach(b"s3cret").is_ok());
+    assert!(attach(b"s3cret\n").is_err());
+
+    let err = d.fails(&["namespaces", "add", "shop.cart", "--address", "10.1.0.8"]);
+    assert!(err.contains("shop.cart"), "{err}");
+    d.ok(&["namespaces", "del", "shop.cart"]);
+    assert!(!d.ok(&["namespaces", "list"]).contains("shop.cart"));
+}
+
+#[test]
+fn rules_round_trip_through_the_control_api() {
+    let d = Daemon::start();
+    d.ok(&[
+        "rules",
+        "add",
+        "--scope",
+        "global",
+        "--tag",
+        "no-db",
+        "--action",
+        "deny",
+        "--local",
+        "127.0.0.0/8",
+        "--local-ports",
+        "5432",
+    ]);
+    d.ok(&[
+        "rules",
+        "add",
+        "--scope",
+        "local",
+        "--namespace",
+        "default",
+        "--tag",
+        "to-proxy",
+        "--action",
+        "redirect",
+        "--redirect-to",
+        "127.0.0.1:15001",
+        "--remote",
+        "10.0.0.0/8",
+        "--remote-ports",
+        "80-90",
+    ]);
+    let list = d.ok(&["rules", "list"]);
+    let row = |tag: &str| {
+        list.lines()
+            .find(|l| l.contains(tag))
+            .unwrap_or_else(|| panic!("{tag} missing from\n{list}"))
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    assert!(
+        row("no-db").starts_with("global no-db deny 127.0.0.0/8 5432"),
+        "{list}"
+    );
+    assert!(
+        row("to-proxy").starts_with("local:default to-proxy redirect:127.0.0.1:15001"),
+        "{list}"
+    );
+    assert!(row("to-proxy").ends_with("10.0.0.0/8 80-90"), "{list}");
+
+    // The deny rule is enforced: a connect to 127.0.0.1:5432 is refused.
+    let server = Worker::attach(AttachOptions::new(d.app_socket())).unwrap();
+    let _listener = server.listen("127.0.0.1:5432".parse().unwrap()).unwrap();
+    let client = Worker::attach(AttachOptions::new(d.app_socket())).unwrap();
+    assert!(client.connect("127.0.0.1:5432".parse().unwrap()).is_err());
+    d.ok(&["rules", "del", "--scope", "global", "no-db"]);
+    assert!(client.connect("127.0.0.1:5432".parse().unwrap()).is_ok());
+
+    let list = d.ok(&["rules", "list", "--scope", "global"]);
+    assert!(!list.contains("no-db"), "{list}");
+}
+
+#[test]
+fn bad_input_names_the_problem() {
+    let d = Daemon::start();
+    let err = d.fails(&[
+        "rules",
+        "add",
+        "--scope",
+        "global",
+        "--tag",
+        "x",
+        "--action",
+        "allow",
+        "--local",
+        "10.0.0.300/8",
+    ]);
+    assert!(err.contains("local"), "{err}");
+    let err = d.fails(&[
+        "rules",
+        "add",
+        "--scope",
+        "global",
+        "--tag",
+        "x",
+        "--action",
+        "allow",
+        "--remote-ports",
+        "9-1",
+    ]);
+    assert!(err.contains("--remote-ports"), "{err}");
+    let err = d.fails(&[
+        "rules", "add", "--scope", "local", "--tag", "x", "--action", "deny",
+    ]);
+    assert!(err.contains("--namespace"), "{err}");
+    let err = d.fails(&["rules", "del", "--scope", "global", "never-added"]);
+    assert!(err.contains("never-added"), "{err}");
+}
+
+#[test]
+fn sessions_apps_and_stats_show_live_state() {
+    let d = Daemon::start();
+    let server = Worker::attach(AttachOptions::new(d.app_socket()).app_name("echo")).unwrap();
+    let listener = server.listen("127.0.0.1:7400".parse().unwrap()).unwrap();
+    let client = Worker::attach(AttachOptions::new(d.app_socket()).app_name("caller")).unwrap();
+    let mut c = client.connect("127.0.0.1:7400".parse().unwrap()).unwrap();
+    let _s = listener.accept().unwrap();
+    std::io::Write::write_all(&mut c, &[1u8; 1000]).unwrap();
+
+    let sessions = d.ok(&["sessions"]);
+    let caller = sessions
+        .lines()
+        .find(|l| l.contains("caller"))
+        .unwrap_or_else(|| panic!("{sessions}"));
+    assert!(
+        caller.contains("cut-through") && caller.contains("127.0.0.1:7400"),
+        "{sessions}"
+    );
+    assert!(
+        caller.split_whitespace().any(|w| w == "1000"),
+        "tx bytes: {sessions}"
+    );
+
+    let apps = d.ok(&["apps"]);
+    assert!(
+        apps.contains("echo") && apps.contains("127.0.0.1:7400"),
+        "{apps}"
+    );
+    assert!(
+        apps.contains(&std::process::id().to_string()),
+        "peer pid: {apps}"
+    );
+
+    let stats = d.ok(&["stats"]);
+    let value = |name: &str| -> u64 {
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} in {stats}"))
+    };
+    assert_eq!(value("attached_apps"), 2);
+    assert_eq!(value("sessions"), 2, "one session per side");
+    assert!(value("cut_through_bytes") >= 1000);
+}
+
+#[test]
+fn unreachable_shuntd_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = shunt_at(&dir.path().join("absent.sock"), &["stats"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is shuntd running"), "{err}");
+}
+
+#[test]
+fn help_lists_every_command() {
+    let out = Command::new(env!("CARGO_BIN_EXE_shunt"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8(out.stdout).unwrap();
+    for cmd in ["sessions", "apps", "stats", "namespaces", "rules"] {
+        assert!(help.contains(cmd), "{cmd} missing from --help:\n{help}");
+    }
+}

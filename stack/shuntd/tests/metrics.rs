@@ -1,0 +1,112 @@
+//! Prometheus metrics of a real shuntd (in-process, so the test learns the bound port) after
+//! real traffic, refused attaches and denied connects.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::mpsc;
+
+use shunt_client::{AttachOptions, Worker};
+
+fn start(dir: &std::path::Path) -> SocketAddr {
+    let config = shuntd::config::Config::parse(&format!(
+        "app_socket: {app}\ncontrol_socket: {control}\nmetrics_address: 127.0.0.1:0\n\
+         cut_through: {{fifo_size: 65536}}\n\
+         namespaces:\n  - {{id: default, secret: '', address: 127.0.0.1}}\n  \
+         - {{id: locked, secret: right, address: 10.0.0.2}}\n\
+         rules:\n  - {{scope: global, local: 127.0.0.1/32, local_ports: '9', action: deny, tag: discard}}\n",
+        app = dir.join("shuntd.sock").display(),
+        control = dir.join("control.sock").display(),
+    ))
+    .unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let bound = shuntd::build(&config).await.expect("shuntd starts");
+            tx.send(bound.metrics_address.expect("metrics enabled"))
+                .unwrap();
+            let _ = bound.wait().await;
+        });
+    });
+    rx.recv().unwrap()
+}
+
+fn scrape(addr: SocketAddr) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: shuntd\r\n\r\n")
+        .unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).unwrap();
+    assert!(
+        response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200"),
+        "{response}"
+    );
+    response
+}
+
+/// The value of the sample whose name-and-labels line starts with `series`.
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("no sample {series} in\n{text}"))
+}
+
+#[test]
+fn metrics_count_traffic_refusals_and_rule_hits() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = start(dir.path());
+    let socket = dir.path().join("shuntd.sock");
+
+    let refused = Worker::attach(AttachOptions::new(&socket).namespace("locked", b"wrong"));
+    assert!(refused.is_err());
+
+    let server = Worker::attach(AttachOptions::new(&socket)).unwrap();
+    let listener = server.listen("127.0.0.1:7500".parse().unwrap()).unwrap();
+    let _discard = server.listen("127.0.0.1:9".parse().unwrap()).unwrap();
+    let client = Worker::attach(AttachOptions::new(&socket)).unwrap();
+    assert!(client.connect("127.0.0.1:9".parse().unwrap()).is_err());
+
+    // 4 MiB through 64 KiB FIFOs: the writer must find the FIFO full and wait for space.
+    const LEN: usize = 4 << 20;
+    let reader = std::thread::spawn(move || {
+        let mut s = listener.accept().unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).unwrap();
+        (got.len(), s)
+    });
+    let mut c = client.connect("127.0.0.1:7500".parse().unwrap()).unwrap();
+    c.write_all(&vec![3u8; LEN]).unwrap();
+    c.shutdown_write().unwrap();
+    let (got, _server_side) = reader.join().unwrap();
+    assert_eq!(got, LEN);
+
+    let text = scrape(addr);
+    assert!(sample(&text, "shunt_cut_through_bytes_total") >= LEN as f64);
+    assert!(sample(&text, "shunt_fifo_full_events_total") >= 1.0);
+    assert!(sample(&text, "shunt_notifications_sent_total") >= 1.0);
+    assert_eq!(sample(&text, "shunt_apps_attached"), 2.0);
+    assert_eq!(
+        sample(
+            &text,
+            r#"shunt_attach_failures_total{reason="wrong_secret"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &text,
+            r#"shunt_rule_hits_total{action="deny",table="global"}"#
+        ),
+        1.0
+    );
+    let sessions: f64 = text
+        .lines()
+        .filter(|l| l.starts_with(r#"shunt_sessions{"#) && l.contains(r#"transport="cut-through""#))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(sessions, 2.0, "one cut-through session per side\n{text}");
+}
