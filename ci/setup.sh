@@ -11,3 +11,7 @@ rustup component add rustfmt clippy >/dev/null
 if ! command -v cargo-nextest >/dev/null 2>&1; then
     cargo install --locked cargo-nextest@0.9.143
 fi
+
+if ! cargo fuzz --version 2>/dev/null | grep -q '0.13.1'; then
+    cargo install --locked cargo-fuzz@0.13.1
+fi

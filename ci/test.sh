@@ -19,3 +19,8 @@ MIRIFLAGS="${MIRIFLAGS:-}" cargo +nightly miri test --locked -p shunt-shm --lib
 
 echo "== loom (SPSC and notification protocols)"
 RUSTFLAGS="--cfg loom" cargo test --locked --release -p shunt-shm --test loom
+
+echo "== cargo fuzz (session-API decoders; the corpus also runs in nextest)"
+for target in request daemon_reply event; do
+    (cd stack/sapi && cargo +nightly fuzz run "$target" -- -max_total_time="${FUZZ_SECONDS:-20}" -max_len=4096)
+done

@@ -5,6 +5,7 @@
 //! peers talk to each other, without `shuntd`, through rings and FIFOs at fixed places in a shared
 //! segment ([`layout`]). Everything here decodes untrusted bytes and never panics on them.
 
+pub mod decode_check;
 pub mod endpoint;
 pub mod error;
 pub mod event;
