@@ -1,0 +1,177 @@
+//! Connection setup rate: connect, accept, one byte, close on both sides.
+//!
+//! The byte proves each connection really carries data, and waiting for the acceptor's close
+//! before the next connect keeps exactly one connection in flight, so the rate is the inverse
+//! of one full setup-and-teardown rather than of how deep a backlog can be filled.
+
+use std::io::{Read, Write};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde::Serialize;
+
+use crate::Transport;
+use crate::conn::{Acceptor, Conn};
+use crate::daemon::Daemon;
+use crate::report::{self, Reporter};
+
+const TARGET_RATIO: f64 = 2.0;
+
+pub(crate) struct Options {
+    pub(crate) duration: Duration,
+    pub(crate) max: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct Rate {
+    bench: &'static str,
+    transport: Transport,
+    /// Bytes each connection carries before closing.
+    msg_size: usize,
+    cps: f64,
+    us_per_conn: f64,
+    connections: u64,
+    secs: f64,
+}
+
+#[derive(Serialize)]
+struct Ratios {
+    bench: &'static str,
+    transport: Transport,
+    msg_size: usize,
+    baseline: Transport,
+    /// cut-through connections/s over tcp-loopback connections/s.
+    ratio: f64,
+    /// cut-through connections/s over unix connections/s.
+    vs_unix: f64,
+    target_ratio: f64,
+    target_met: bool,
+}
+
+pub(crate) fn run(opts: &Options, r: &mut Reporter) -> anyhow::Result<()> {
+    let daemon = Daemon::start()?;
+    let mut results = Vec::new();
+    for t in Transport::SOCKETS {
+        report::progress(&format!("connect {}", t.name()));
+        let m = measure(t, opts, &daemon).with_context(|| format!("connect {}", t.name()))?;
+        r.emit(&m)?;
+        results.push(m);
+    }
+    let rows: Vec<Vec<String>> = results
+        .iter()
+        .map(|m| {
+            vec![
+                m.transport.name().to_owned(),
+                format!("{:.0}", m.cps),
+                format!("{:.2}", m.us_per_conn),
+                m.connections.to_string(),
+            ]
+        })
+        .collect();
+    r.table(
+        "connection setup (connect + accept + 1 byte + close)",
+        &["transport", "conn/s", "us/conn", "connections"],
+        &rows,
+    );
+    let cps = |t| {
+        results
+            .iter()
+            .find(|m| m.transport == t)
+            .map(|m| m.cps)
+            .expect("every transport ran")
+    };
+    let ratio = cps(Transport::CutThrough) / cps(Transport::TcpLoopback);
+    let target_met = ratio >= TARGET_RATIO;
+    r.verdict(
+        "cut-through / tcp-loopback connections/s",
+        ratio,
+        ">= 2x",
+        target_met,
+    );
+    r.emit(&Ratios {
+        bench: "connect-ratios",
+        transport: Transport::CutThrough,
+        msg_size: 1,
+        baseline: Transport::TcpLoopback,
+        ratio,
+        vs_unix: cps(Transport::CutThrough) / cps(Transport::Unix),
+        target_ratio: TARGET_RATIO,
+        target_met,
+    })
+}
+
+fn measure(transport: Transport, opts: &Options, daemon: &Daemon) -> anyhow::Result<Rate> {
+    // Two workers, as two apps would have: a worker connecting to its own listener is not the
+    // case that matters.
+    let server = daemon.attach("shunt-bench-acceptor")?;
+    let client = daemon.attach("shunt-bench-connector")?;
+    let (acceptor, target) = Acceptor::bind(transport, daemon, &server)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let acceptor_thread = {
+        let stop = stop.clone();
+        std::thread::Builder::new()
+            .name("acceptor".into())
+            .spawn(move || serve(&acceptor, &stop))?
+    };
+
+    let result = connect_loop(transport, &target, &client, opts);
+    stop.store(true, Ordering::Relaxed);
+    let accepted = acceptor_thread
+        .join()
+        .map_err(|_| anyhow::anyhow!("acceptor thread panicked"))??;
+    let (n, secs) = result?;
+    anyhow::ensure!(
+        accepted == n,
+        "{n} connections made but {accepted} accepted"
+    );
+    Ok(Rate {
+        bench: "connect",
+        transport,
+        msg_size: 1,
+        cps: n as f64 / secs,
+        us_per_conn: secs * 1e6 / n as f64,
+        connections: n,
+        secs,
+    })
+}
+
+fn connect_loop(
+    transport: Transport,
+    target: &str,
+    client: &shunt_client::Worker,
+    opts: &Options,
+) -> anyhow::Result<(u64, f64)> {
+    let start = Instant::now();
+    let mut n = 0u64;
+    while n < opts.max && (n == 0 || start.elapsed() < opts.duration) {
+        let mut c = Conn::connect(transport, target, Some(client), false)?;
+        c.write_all(b"x")?;
+        let mut b = [0u8; 1];
+        // End-of-stream here means the acceptor took the byte and closed.
+        anyhow::ensure!(c.read(&mut b)? == 0, "acceptor sent data");
+        c.close();
+        n += 1;
+    }
+    Ok((n, start.elapsed().as_secs_f64()))
+}
+
+/// Accepts until told to stop; returns how many connections it served.
+fn serve(acceptor: &Acceptor, stop: &AtomicBool) -> anyhow::Result<u64> {
+    let mut n = 0;
+    loop {
+        // A short wait, so the stop flag is seen soon after the last connect.
+        match acceptor.accept_within(Duration::from_millis(20), false)? {
+            Some(mut c) => {
+                let mut b = [0u8; 1];
+                c.read_exact(&mut b).context("read the connector's byte")?;
+                anyhow::ensure!(b == *b"x", "wrong byte from the connector");
+                c.close();
+                n += 1;
+            }
+            None if stop.load(Ordering::Relaxed) => return Ok(n),
+            None => {}
+        }
+    }
+}

@@ -1,0 +1,88 @@
+//! shuntd, run inside the bench process on private sockets.
+//!
+//! Running it in-process keeps the bench self-contained (no installed daemon, no shared
+//! `/run/shunt`), and costs nothing in the measurements: shuntd only sets sessions up, it is
+//! not in their data path.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use anyhow::Context;
+use shunt_client::{AttachOptions, Worker};
+
+/// Each measurement listens on its own address so that a session left over from a previous
+/// measurement can never be mistaken for the new one.
+static NEXT_PORT: AtomicU16 = AtomicU16::new(20_000);
+
+pub(crate) struct Daemon {
+    // Holds the sockets; removed when the bench ends.
+    dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    pub(crate) fn start() -> anyhow::Result<Daemon> {
+        let dir = tempfile::Builder::new().prefix("shunt-bench").tempdir()?;
+        let mut config = shuntd::config::Config::load(None)?;
+        config.app_socket = dir.path().join("shuntd.sock");
+        config.control_socket = dir.path().join("control.sock");
+        config.metrics_address = String::new();
+        // One app-server thread is plenty for setup traffic and leaves the cores to the apps.
+        config.workers = 1;
+
+        let (ready_tx, ready_rx) = mpsc::channel::<anyhow::Result<()>>();
+        std::thread::Builder::new()
+            .name("shuntd".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e.into()));
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    match shuntd::build(&config).await {
+                        Ok(bound) => {
+                            let _ = ready_tx.send(Ok(()));
+                            if let Err(e) = bound.wait().await {
+                                eprintln!("in-process shuntd stopped: {e:#}");
+                            }
+                        }
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                        }
+                    }
+                });
+            })?;
+        ready_rx
+            .recv_timeout(Duration::from_secs(10))
+            .context("in-process shuntd did not start")??;
+        Ok(Daemon { dir })
+    }
+
+    pub(crate) fn socket(&self) -> PathBuf {
+        self.dir.path().join("shuntd.sock")
+    }
+
+    pub(crate) fn attach(&self, name: &str) -> anyhow::Result<Worker> {
+        Worker::attach(AttachOptions::new(self.socket()).app_name(name))
+            .with_context(|| format!("attach `{name}` to the in-process shuntd"))
+    }
+
+    /// A fresh path for a Unix-socket baseline, next to shuntd's own sockets.
+    pub(crate) fn unix_path(&self, tag: &str) -> PathBuf {
+        let n = NEXT_PORT.fetch_add(1, Ordering::Relaxed);
+        self.dir.path().join(format!("{tag}-{n}.sock"))
+    }
+}
+
+/// A cut-through endpoint no earlier measurement used.
+pub(crate) fn fresh_endpoint() -> std::net::SocketAddr {
+    let port = NEXT_PORT.fetch_add(1, Ordering::Relaxed);
+    std::net::SocketAddr::from(([127, 0, 0, 1], port))
+}

@@ -1,0 +1,234 @@
+//! Small-message round-trip latency, across two processes.
+//!
+//! This process pings; a re-executed copy of the binary echoes. Cut-through runs twice: once
+//! spinning on the FIFOs (the floor of what shared memory can do) and once sleeping on the
+//! eventfd doorbells (what an ordinary blocking app gets).
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde::Serialize;
+
+use crate::Transport;
+use crate::conn::{Acceptor, Conn};
+use crate::daemon::Daemon;
+use crate::peer::{PeerProcess, Role, Spec};
+use crate::report::{self, Reporter};
+
+const BUSY_POLL_TARGET: f64 = 0.1;
+const EVENT_TARGET: f64 = 0.5;
+
+pub(crate) struct Options {
+    pub(crate) iters: usize,
+    pub(crate) warmup: usize,
+    pub(crate) msg_size: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+enum Mode {
+    /// Spin on the FIFO: `read_busy_poll` and `try_write`.
+    BusyPoll,
+    /// Blocking `Read`/`Write`, sleeping on the doorbell.
+    Event,
+    /// Kernel sockets in blocking mode.
+    Blocking,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::BusyPoll => "busy-poll",
+            Mode::Event => "event",
+            Mode::Blocking => "blocking",
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct Latency {
+    bench: &'static str,
+    transport: Transport,
+    mode: Mode,
+    msg_size: usize,
+    /// The numbers are full round trips, not halves.
+    latency: &'static str,
+    p50_us: f64,
+    p99_us: f64,
+    min_us: f64,
+    mean_us: f64,
+    samples: usize,
+    warmup: usize,
+}
+
+#[derive(Serialize)]
+struct Ratios {
+    bench: &'static str,
+    transport: Transport,
+    msg_size: usize,
+    baseline: Transport,
+    tcp_p50_us: f64,
+    /// cut-through busy-poll p50 over tcp-loopback p50; the target is at most 0.1.
+    busy_poll_ratio: f64,
+    busy_poll_target: f64,
+    busy_poll_target_met: bool,
+    /// cut-through event-driven p50 over tcp-loopback p50; the target is at most 0.5.
+    event_ratio: f64,
+    event_target: f64,
+    event_target_met: bool,
+    /// cut-through event-driven p50 over unix p50.
+    event_vs_unix: f64,
+    targets_met: bool,
+}
+
+pub(crate) fn run(opts: &Options, r: &mut Reporter) -> anyhow::Result<()> {
+    let daemon = Daemon::start()?;
+    let cases = [
+        (Transport::CutThrough, Mode::BusyPoll),
+        (Transport::CutThrough, Mode::Event),
+        (Transport::TcpLoopback, Mode::Blocking),
+        (Transport::Unix, Mode::Blocking),
+    ];
+    let worker = daemon.attach("shunt-bench-pinger")?;
+    let mut results = Vec::new();
+    for (t, mode) in cases {
+        report::progress(&format!("pingpong {} {}", t.name(), mode.name()));
+        let m = measure(t, mode, opts, &daemon, &worker)
+            .with_context(|| format!("pingpong {} {}", t.name(), mode.name()))?;
+        r.emit(&m)?;
+        results.push(m);
+    }
+
+    let rows: Vec<Vec<String>> = results
+        .iter()
+        .map(|m| {
+            vec![
+                format!("{} ({})", m.transport.name(), m.mode.name()),
+                format!("{:.2}", m.p50_us),
+                format!("{:.2}", m.p99_us),
+                format!("{:.2}", m.min_us),
+                format!("{:.2}", m.mean_us),
+            ]
+        })
+        .collect();
+    r.table(
+        &format!(
+            "pingpong {} B round trip (us), two processes",
+            opts.msg_size
+        ),
+        &["transport", "p50", "p99", "min", "mean"],
+        &rows,
+    );
+
+    let p50 = |t, mode| {
+        results
+            .iter()
+            .find(|m| m.transport == t && m.mode == mode)
+            .map(|m| m.p50_us)
+            .expect("every case ran")
+    };
+    let tcp = p50(Transport::TcpLoopback, Mode::Blocking);
+    let busy = p50(Transport::CutThrough, Mode::BusyPoll) / tcp;
+    let event = p50(Transport::CutThrough, Mode::Event) / tcp;
+    let ratios = Ratios {
+        bench: "pingpong-ratios",
+        transport: Transport::CutThrough,
+        msg_size: opts.msg_size,
+        baseline: Transport::TcpLoopback,
+        tcp_p50_us: tcp,
+        busy_poll_ratio: busy,
+        busy_poll_target: BUSY_POLL_TARGET,
+        busy_poll_target_met: busy <= BUSY_POLL_TARGET,
+        event_ratio: event,
+        event_target: EVENT_TARGET,
+        event_target_met: event <= EVENT_TARGET,
+        event_vs_unix: p50(Transport::CutThrough, Mode::Event)
+            / p50(Transport::Unix, Mode::Blocking),
+        targets_met: busy <= BUSY_POLL_TARGET && event <= EVENT_TARGET,
+    };
+    r.verdict(
+        "busy-poll p50 / tcp-loopback p50",
+        busy,
+        "<= 0.10",
+        ratios.busy_poll_target_met,
+    );
+    r.verdict(
+        "event p50 / tcp-loopback p50",
+        event,
+        "<= 0.50",
+        ratios.event_target_met,
+    );
+    r.emit(&ratios)
+}
+
+fn measure(
+    transport: Transport,
+    mode: Mode,
+    opts: &Options,
+    daemon: &Daemon,
+    worker: &shunt_client::Worker,
+) -> anyhow::Result<Latency> {
+    let spin = mode == Mode::BusyPoll;
+    let (acceptor, target) = Acceptor::bind(transport, daemon, worker)?;
+    let mut peer = PeerProcess::spawn(&Spec {
+        role: Role::Echo,
+        transport,
+        target,
+        shuntd: daemon.socket(),
+        msg_size: opts.msg_size,
+        duration: Duration::from_secs(3600),
+        max_bytes: u64::MAX,
+        spin,
+        nodelay: true,
+    })?;
+    let mut conn = acceptor.accept_peer(true)?;
+    peer.start(&mut conn)?;
+    let mut ping = vec![0u8; opts.msg_size];
+    let mut pong = vec![0u8; opts.msg_size];
+    let mut samples = Vec::with_capacity(opts.iters);
+    for i in 0..opts.warmup + opts.iters {
+        // A sequence number in every ping, so a stale or lost echo cannot pass as a reply.
+        let seq = (i as u64).to_le_bytes();
+        let n = seq.len().min(ping.len());
+        ping[..n].copy_from_slice(&seq[..n]);
+        let t0 = Instant::now();
+        round_trip(&mut conn, spin, &ping, &mut pong)?;
+        let dt = t0.elapsed();
+        anyhow::ensure!(pong == ping, "echo {i} does not match its ping");
+        if i >= opts.warmup {
+            samples.push(dt);
+        }
+    }
+    conn.shutdown_write()?;
+    conn.close();
+    peer.finish()?;
+
+    samples.sort_unstable();
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    let at = |q: usize| samples[(samples.len() * q / 100).min(samples.len() - 1)];
+    let mean = samples.iter().sum::<Duration>() / samples.len() as u32;
+    Ok(Latency {
+        bench: "pingpong",
+        transport,
+        mode,
+        msg_size: opts.msg_size,
+        latency: "rtt",
+        p50_us: us(at(50)),
+        p99_us: us(at(99)),
+        min_us: us(samples[0]),
+        mean_us: us(mean),
+        samples: samples.len(),
+        warmup: opts.warmup,
+    })
+}
+
+fn round_trip(conn: &mut Conn, spin: bool, ping: &[u8], pong: &mut [u8]) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    if spin {
+        conn.write_all_spin(ping)?;
+        conn.read_exact_spin(pong)
+    } else {
+        conn.write_all(ping)?;
+        conn.read_exact(pong)
+    }
+}

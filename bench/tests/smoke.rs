@@ -1,0 +1,147 @@
+//! Runs every command with `--quick --json` and checks the shape of what it prints, never the
+//! speed: CI machines vary too much for numbers to mean anything here.
+
+use std::collections::BTreeSet;
+use std::process::Command;
+
+use serde_json::Value;
+
+fn run(command: &str) -> Vec<Value> {
+    let out = Command::new(env!("CARGO_BIN_EXE_shunt-bench"))
+        .args([command, "--quick", "--json"])
+        .output()
+        .expect("run shunt-bench");
+    assert!(
+        out.status.success(),
+        "shunt-bench {command} failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).expect("stdout is UTF-8");
+    let lines: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(!lines.is_empty(), "shunt-bench {command} printed nothing");
+    for v in &lines {
+        assert!(v.is_object(), "not an object: {v}");
+        assert_numbers_positive(v, v);
+    }
+    lines
+}
+
+/// Every number anywhere in the line is finite and positive.
+fn assert_numbers_positive(v: &Value, line: &Value) {
+    match v {
+        Value::Number(n) => {
+            let x = n.as_f64().expect("a number");
+            assert!(x.is_finite() && x > 0.0, "bad number {x} in {line}");
+        }
+        Value::Array(a) => a.iter().for_each(|x| assert_numbers_positive(x, line)),
+        Value::Object(o) => o.values().for_each(|x| assert_numbers_positive(x, line)),
+        _ => {}
+    }
+}
+
+fn has(v: &Value, keys: &[&str]) {
+    for k in keys {
+        assert!(v.get(k).is_some(), "`{k}` missing from {v}");
+    }
+}
+
+fn split<'a>(lines: &'a [Value], bench: &str) -> (Vec<&'a Value>, &'a Value) {
+    let results: Vec<&Value> = lines.iter().filter(|v| v["bench"] == bench).collect();
+    let ratios: Vec<&Value> = lines
+        .iter()
+        .filter(|v| v["bench"] == format!("{bench}-ratios").as_str())
+        .collect();
+    assert_eq!(
+        results.len() + ratios.len(),
+        lines.len(),
+        "unexpected bench names in {lines:?}"
+    );
+    assert_eq!(ratios.len(), 1, "one ratios line expected");
+    assert_eq!(lines.last(), Some(ratios[0]), "the ratios line comes last");
+    (results, ratios[0])
+}
+
+const TRANSPORTS: [&str; 4] = ["cut-through", "tcp-loopback", "unix", "memcpy"];
+
+fn transports(results: &[&Value]) -> BTreeSet<String> {
+    results
+        .iter()
+        .map(|v| {
+            let t = v["transport"].as_str().expect("transport is a string");
+            assert!(TRANSPORTS.contains(&t), "unknown transport {t}");
+            t.to_owned()
+        })
+        .collect()
+}
+
+#[test]
+fn fifo_reports_every_transport_and_size() {
+    let lines = run("fifo");
+    let (results, ratios) = split(&lines, "fifo");
+    for v in &results {
+        has(
+            v,
+            &["bench", "transport", "msg_size", "gbps", "bytes", "secs"],
+        );
+    }
+    assert_eq!(transports(&results).len(), 4, "all four transports");
+    let sizes: BTreeSet<u64> = results
+        .iter()
+        .map(|v| v["msg_size"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        sizes,
+        BTreeSet::from([64, 1 << 10, 16 << 10, 64 << 10, 1 << 20])
+    );
+    has(
+        ratios,
+        &["transport", "msg_size", "vs_tcp", "ratio", "target_met"],
+    );
+    assert!(ratios["target_met"].is_boolean());
+}
+
+#[test]
+fn pingpong_reports_both_cut_through_modes_and_the_kernel() {
+    let lines = run("pingpong");
+    let (results, ratios) = split(&lines, "pingpong");
+    for v in &results {
+        has(
+            v,
+            &[
+                "bench",
+                "transport",
+                "msg_size",
+                "p50_us",
+                "p99_us",
+                "latency",
+                "mode",
+            ],
+        );
+        assert_eq!(v["latency"], "rtt");
+    }
+    let modes: BTreeSet<String> = results
+        .iter()
+        .filter(|v| v["transport"] == "cut-through")
+        .map(|v| v["mode"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(modes, BTreeSet::from(["busy-poll".into(), "event".into()]));
+    let t = transports(&results);
+    assert!(t.contains("tcp-loopback") && t.contains("unix"));
+    has(ratios, &["busy_poll_ratio", "event_ratio", "targets_met"]);
+}
+
+#[test]
+fn connect_reports_a_rate_per_transport() {
+    let lines = run("connect");
+    let (results, ratios) = split(&lines, "connect");
+    for v in &results {
+        has(v, &["bench", "transport", "msg_size", "cps"]);
+    }
+    let t = transports(&results);
+    assert!(t.contains("cut-through") && t.contains("tcp-loopback") && t.contains("unix"));
+    has(ratios, &["ratio", "target_met"]);
+}
