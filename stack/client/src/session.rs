@@ -56,9 +56,7 @@ impl SessionState {
         // take the state from the FIFOs, and clear the data event before the first read:
         // otherwise has_event stays set and the peer never notifies again.
         rx.clear_event();
-        let peer_reset = peer_dead || rx.is_reset() || tx.is_reset();
-        let peer_closed = tx.is_reader_closed();
-        Self {
+        let mut state = Self {
             session_id,
             segment,
             slot,
@@ -67,13 +65,19 @@ impl SessionState {
             local,
             remote,
             is_client,
-            peer_closed,
-            peer_reset,
+            peer_closed: false,
+            peer_reset: false,
             tx_space_pending: false,
             write_shut: false,
             read_waker: None,
             write_waker: None,
+        };
+        state.peer_closed = state.tx.is_reader_closed();
+        state.peer_reset = state.rx.is_reset() || state.tx.is_reset();
+        if peer_dead {
+            state.peer_died();
         }
+        state
     }
 
     pub(crate) fn on_rx_data(&mut self) {

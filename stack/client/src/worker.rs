@@ -666,9 +666,12 @@ impl Worker {
                     self.finish_connect(st, request_id, Err(Error::Refused { code, message }));
                 }
                 Ok(Event::Reset { session_id }) => {
+                    // shuntd resets sessions whose peer worker went away. A peer that shut its
+                    // side down cleanly before going left complete data and an end-of-stream,
+                    // which must stay readable, exactly as when its hang-up arrives first.
                     for s in st.sessions.iter_mut().flatten() {
                         if s.session_id == session_id {
-                            s.peer_reset();
+                            s.peer_died();
                         }
                     }
                 }

@@ -9,8 +9,8 @@ fn replay(target: &str, check: fn(&[u8])) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("fuzz/corpus")
         .join(target);
-    let entries = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("corpus {} missing: {e}", dir.display()));
+    let entries =
+        std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("corpus {} missing: {e}", dir.display()));
     let mut replayed = 0;
     for entry in entries {
         let path = entry.unwrap().path();
@@ -20,7 +20,11 @@ fn replay(target: &str, check: fn(&[u8])) {
         replayed += 1;
     }
     // A corpus that silently vanished would make this test pass vacuously.
-    assert!(replayed >= 20, "only {replayed} inputs in {}", dir.display());
+    assert!(
+        replayed >= 20,
+        "only {replayed} inputs in {}",
+        dir.display()
+    );
 }
 
 #[test]

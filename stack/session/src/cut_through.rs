@@ -404,9 +404,24 @@ impl Transport for CutThrough {
             .collect();
         for id in &gone {
             if let Some(conn) = st.connections.get(id) {
-                for off in [conn.to_server, conn.to_client] {
-                    if let Some(o) = Self::observe(&st, conn, off) {
-                        o.reset();
+                // A worker that half-closed before going left complete data and an end of
+                // stream; resetting would throw away what its peer has not read yet.
+                let gone_is_client = st
+                    .segments
+                    .get(&conn.segment)
+                    .is_some_and(|s| s.client == worker);
+                let written_by_gone = if gone_is_client {
+                    conn.to_server
+                } else {
+                    conn.to_client
+                };
+                let clean = Self::observe(&st, conn, written_by_gone)
+                    .is_some_and(|o| o.is_writer_shutdown());
+                if !clean {
+                    for off in [conn.to_server, conn.to_client] {
+                        if let Some(o) = Self::observe(&st, conn, off) {
+                            o.reset();
+                        }
                     }
                 }
             }

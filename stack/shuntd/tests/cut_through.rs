@@ -222,3 +222,26 @@ fn attach_errors_are_typed_when_shuntd_is_absent() {
     let err = Worker::attach(AttachOptions::new(dir.path().join("none.sock"))).unwrap_err();
     assert!(matches!(err, Error::DaemonUnavailable(_)), "{err}");
 }
+
+#[test]
+fn data_written_before_a_clean_close_survives_the_writer_leaving() {
+    let d = Daemon::start("");
+    let server = d.attach("server");
+    let listener = server.listen(ep("127.0.0.1:7160")).unwrap();
+    for round in 0..20u64 {
+        let client = d.attach("client");
+        let mut c = client.connect(ep("127.0.0.1:7160")).unwrap();
+        // Less than a FIFO, so the writer never waits for the reader.
+        let sent = send_pattern(&mut c, round, 512 << 10);
+        c.close();
+        // The writer's worker detaches at once: shuntd sees it go before the reader has read.
+        drop(client);
+        let mut s = listener.accept().unwrap();
+        let (n, crc) = recv_all(&mut s);
+        assert_eq!(
+            (n, crc),
+            (512 << 10, sent),
+            "round {round}: data lost after a clean close"
+        );
+    }
+}

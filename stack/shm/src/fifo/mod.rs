@@ -1019,6 +1019,23 @@ impl FifoObserver {
         (used <= self.capacity).then_some(used)
     }
 
+    /// Whether the producer half-closed the stream (everything it wrote stays readable).
+    pub fn is_writer_shutdown(&self) -> bool {
+        self.flag(OFF_WRITER_SHUTDOWN)
+    }
+
+    /// Whether the consumer closed its end.
+    pub fn is_reader_closed(&self) -> bool {
+        self.flag(OFF_READER_CLOSED)
+    }
+
+    fn flag(&self, field: usize) -> bool {
+        let region: &Region = (*self.region).as_ref();
+        region
+            .atomic_u32(self.offset + field)
+            .is_ok_and(|w| w.load(Ordering::Acquire) != 0)
+    }
+
     /// Aborts the stream for both endpoints (they see [`Producer::is_reset`] /
     /// [`Consumer::is_reset`]); used when one endpoint's process is gone.
     pub fn reset(&self) {

@@ -728,3 +728,13 @@ fn observer_reset_reaches_both_endpoints() {
     assert!(p.is_reset());
     assert!(c.is_reset());
 }
+
+#[test]
+fn observer_sees_half_close_flags() {
+    let (r, p, c) = pair(CAP, 0);
+    let obs = FifoObserver::attach(r, GUARD).unwrap();
+    assert!(!obs.is_writer_shutdown() && !obs.is_reader_closed());
+    p.shutdown();
+    c.close_reader();
+    assert!(obs.is_writer_shutdown() && obs.is_reader_closed());
+}
