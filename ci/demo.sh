@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash ci/setup.sh
-cargo build --release --locked -p shuntd -p shunt-client --example demo
+cargo build --release --locked -p shuntd --bin shuntd -p shunt-client --example demo
 
 dir=$(mktemp -d)
 trap 'kill "${pid:-}" 2>/dev/null || true; rm -rf "$dir"' EXIT

@@ -18,6 +18,6 @@ pub mod tokio_io;
 mod worker;
 
 pub use error::Error;
-pub use session::{Session, SessionInfo};
+pub use session::{BUSY_POLL_DISPATCH_INTERVAL, Session, SessionInfo};
 pub use shunt_sapi::message::Scope;
 pub use worker::{AttachOptions, Listener, PendingConnect, Worker};

@@ -491,26 +491,36 @@ impl Worker {
         Ok(Session::new(self.clone(), index))
     }
 
-    /// Waits up to `timeout` for something to happen, then dispatches it.
+    /// Waits up to `timeout` (`None`: until something happens), then dispatches it.
     pub fn wait(&self, timeout: Option<Duration>) -> Result<(), Error> {
-        shunt_shm::doorbell::wait_readable(self.inner.epoll.as_fd(), timeout)?;
-        self.dispatch()
+        let timeout = timeout.map(|t| rustix::event::Timespec {
+            tv_sec: t.as_secs().try_into().unwrap_or(i64::MAX),
+            tv_nsec: t.subsec_nanos().into(),
+        });
+        self.dispatch_within(timeout.as_ref())
     }
 
     /// Handles everything pending: shuntd messages and events, peer events and hang-ups.
     /// Never blocks.
     pub fn dispatch(&self) -> Result<(), Error> {
-        let mut events: Vec<epoll::Event> = Vec::with_capacity(64);
-        let no_wait = rustix::event::Timespec {
+        self.dispatch_within(Some(&rustix::event::Timespec {
             tv_sec: 0,
             tv_nsec: 0,
-        };
-        epoll::wait(
+        }))
+    }
+
+    /// One `epoll_wait` both waits and says what is ready, so an event-driven wake-up costs a
+    /// single system call here (plus draining the doorbell).
+    fn dispatch_within(&self, timeout: Option<&rustix::event::Timespec>) -> Result<(), Error> {
+        let mut events: Vec<epoll::Event> = Vec::with_capacity(64);
+        match epoll::wait(
             &self.inner.epoll,
             rustix::buffer::spare_capacity(&mut events),
-            Some(&no_wait),
-        )
-        .map_err(std::io::Error::from)?;
+            timeout,
+        ) {
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(std::io::Error::from(e).into()),
+        }
         let mut st = self.lock();
         let mut hung_up = Vec::new();
         let mut socket_ready = false;
