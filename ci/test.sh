@@ -21,6 +21,11 @@ echo "== loom (SPSC and notification protocols)"
 RUSTFLAGS="--cfg loom" cargo test --locked --release -p shunt-shm --test loom
 
 echo "== cargo fuzz (session-API decoders; the corpus also runs in nextest)"
+# New inputs go to a scratch directory; the committed corpus only seeds the run.
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
 for target in request daemon_reply event; do
-    (cd stack/sapi && cargo +nightly fuzz run "$target" -- -max_total_time="${FUZZ_SECONDS:-20}" -max_len=4096)
+    mkdir -p "$scratch/$target"
+    (cd stack/sapi && cargo +nightly fuzz run "$target" "$scratch/$target" "fuzz/corpus/$target" \
+        -- -max_total_time="${FUZZ_SECONDS:-20}" -max_len=4096)
 done

@@ -6,8 +6,6 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU16, Ordering};
-use std::sync::mpsc;
-use std::time::Duration;
 
 use anyhow::Context;
 use shunt_client::{AttachOptions, Worker};
@@ -31,37 +29,7 @@ impl Daemon {
         // One app-server thread is plenty for setup traffic and leaves the cores to the apps.
         config.workers = 1;
 
-        let (ready_tx, ready_rx) = mpsc::channel::<anyhow::Result<()>>();
-        std::thread::Builder::new()
-            .name("shuntd".into())
-            .spawn(move || {
-                let rt = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e.into()));
-                        return;
-                    }
-                };
-                rt.block_on(async move {
-                    match shuntd::build(&config).await {
-                        Ok(bound) => {
-                            let _ = ready_tx.send(Ok(()));
-                            if let Err(e) = bound.wait().await {
-                                eprintln!("in-process shuntd stopped: {e:#}");
-                            }
-                        }
-                        Err(e) => {
-                            let _ = ready_tx.send(Err(e));
-                        }
-                    }
-                });
-            })?;
-        ready_rx
-            .recv_timeout(Duration::from_secs(10))
-            .context("in-process shuntd did not start")??;
+        shuntd::background::spawn(config).context("in-process shuntd")?;
         Ok(Daemon { dir })
     }
 

@@ -2,13 +2,11 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::mpsc;
 
 use shunt_client::{AttachOptions, Worker};
 
 struct Daemon {
     dir: tempfile::TempDir,
-    _runtime: std::thread::JoinHandle<()>,
 }
 
 impl Daemon {
@@ -18,23 +16,8 @@ impl Daemon {
         config.app_socket = dir.path().join("shuntd.sock");
         config.control_socket = dir.path().join("control.sock");
         config.metrics_address = String::new();
-        let (ready_tx, ready_rx) = mpsc::channel();
-        let runtime = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                let bound = shuntd::build(&config).await.expect("shuntd starts");
-                ready_tx.send(()).unwrap();
-                let _ = bound.wait().await;
-            });
-        });
-        ready_rx.recv().expect("shuntd came up");
-        Daemon {
-            dir,
-            _runtime: runtime,
-        }
+        shuntd::background::spawn(config).expect("shuntd starts");
+        Daemon { dir }
     }
 
     fn app_socket(&self) -> PathBuf {

@@ -367,10 +367,12 @@ impl Session {
         self.finish(true);
     }
 
+    #[cfg(feature = "tokio")]
     pub(crate) fn register_read(&self, waker: &Waker) {
         self.with(|_, s| s.read_waker = Some(waker.clone()));
     }
 
+    #[cfg(feature = "tokio")]
     pub(crate) fn register_write(&self, waker: &Waker) {
         self.with(|_, s| s.write_waker = Some(waker.clone()));
     }

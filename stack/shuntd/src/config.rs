@@ -286,6 +286,13 @@ mod tests {
     }
 
     #[test]
+    fn shipped_example_is_valid() {
+        let c = Config::parse(include_str!("../../../examples/shuntd/shuntd.yaml")).unwrap();
+        assert_eq!(c.namespaces.len(), 2);
+        assert_eq!(c.rules.len(), 2);
+    }
+
+    #[test]
     fn overlay_merges_nested_sections_and_replaces_lists() {
         let c = Config::parse("cut_through: {fifo_size: 65536}\nnamespaces: []\n").unwrap();
         assert_eq!(c.cut_through.fifo_size, 65536);

@@ -5,11 +5,13 @@
 //! - [`link`]: how the session layer reaches an attached app worker.
 //! - [`control`]: the gRPC control API.
 //! - [`metrics`]: Prometheus metrics.
+//! - [`background`]: shuntd on a thread of its own, for programs that embed it.
 //!
 //! [`build`] assembles them and returns what it bound, so tests can run a whole daemon
 //! in-process on temporary paths.
 
 pub mod app_server;
+pub mod background;
 pub mod config;
 pub mod control;
 pub mod link;

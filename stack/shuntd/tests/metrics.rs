@@ -3,7 +3,6 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::sync::mpsc;
 
 use shunt_client::{AttachOptions, Worker};
 
@@ -18,20 +17,10 @@ fn start(dir: &std::path::Path) -> SocketAddr {
         control = dir.join("control.sock").display(),
     ))
     .unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let bound = shuntd::build(&config).await.expect("shuntd starts");
-            tx.send(bound.metrics_address.expect("metrics enabled"))
-                .unwrap();
-            let _ = bound.wait().await;
-        });
-    });
-    rx.recv().unwrap()
+    shuntd::background::spawn(config)
+        .expect("shuntd starts")
+        .metrics_address
+        .expect("metrics enabled")
 }
 
 fn scrape(addr: SocketAddr) -> String {
