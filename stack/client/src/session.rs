@@ -56,6 +56,8 @@ impl SessionState {
         // take the state from the FIFOs, and clear the data event before the first read:
         // otherwise has_event stays set and the peer never notifies again.
         rx.clear_event();
+        let peer_closed = tx.is_reader_closed();
+        let peer_reset = rx.is_reset() || tx.is_reset();
         let mut state = Self {
             session_id,
             segment,
@@ -65,15 +67,13 @@ impl SessionState {
             local,
             remote,
             is_client,
-            peer_closed: false,
-            peer_reset: false,
+            peer_closed,
+            peer_reset,
             tx_space_pending: false,
             write_shut: false,
             read_waker: None,
             write_waker: None,
         };
-        state.peer_closed = state.tx.is_reader_closed();
-        state.peer_reset = state.rx.is_reset() || state.tx.is_reset();
         if peer_dead {
             state.peer_died();
         }

@@ -36,32 +36,16 @@ pub struct Bound {
     pub metrics: Arc<metrics::Metrics>,
     /// Where `/metrics` is served, if enabled.
     pub metrics_address: Option<SocketAddr>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    tasks: tokio::task::JoinSet<()>,
 }
 
 impl Bound {
     /// Runs until one of the daemon's services stops, which only an error does.
-    pub async fn wait(self) -> anyhow::Result<()> {
-        let (done, _, _) = futures_select(self.tasks).await;
-        done.context("a shuntd service stopped")?;
+    pub async fn wait(mut self) -> anyhow::Result<()> {
+        if let Some(done) = self.tasks.join_next().await {
+            done.context("a shuntd service stopped")?;
+        }
         anyhow::bail!("a shuntd service stopped")
-    }
-}
-
-async fn futures_select(
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-) -> (Result<(), tokio::task::JoinError>, usize, usize) {
-    let n = tasks.len();
-    let (tx, mut rx) = tokio::sync::mpsc::channel(n.max(1));
-    for (i, t) in tasks.into_iter().enumerate() {
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            let _ = tx.send((t.await, i)).await;
-        });
-    }
-    match rx.recv().await {
-        Some((r, i)) => (r, i, n),
-        None => (Ok(()), 0, n),
     }
 }
 
@@ -101,12 +85,12 @@ pub async fn build(config: &Config) -> anyhow::Result<Bound> {
         .with_context(|| format!("app socket {}", config.app_socket.display()))?;
     set_socket_mode(&config.app_socket)?;
 
-    let mut tasks = Vec::new();
-    tasks.push(tokio::spawn(async move {
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(async move {
         if let Err(e) = server.accept_loop(app_listener).await {
             tracing::error!(error = %e, "app socket failed");
         }
-    }));
+    });
 
     if let Some(dir) = config.control_socket.parent() {
         std::fs::create_dir_all(dir)?;
@@ -115,7 +99,7 @@ pub async fn build(config: &Config) -> anyhow::Result<Bound> {
     let control_listener = tokio::net::UnixListener::bind(&config.control_socket)
         .with_context(|| format!("control socket {}", config.control_socket.display()))?;
     let control = control::ControlService::new(layer.clone(), workers);
-    tasks.push(tokio::spawn(async move {
+    tasks.spawn(async move {
         let r = tonic::transport::Server::builder()
             .add_service(ControlServer::new(control))
             .serve_with_incoming(UnixListenerStream::new(control_listener))
@@ -123,7 +107,7 @@ pub async fn build(config: &Config) -> anyhow::Result<Bound> {
         if let Err(e) = r {
             tracing::error!(error = %e, "control API failed");
         }
-    }));
+    });
 
     let metrics = Arc::new(metrics::Metrics::new(layer.clone(), counters)?);
     let mut metrics_address = None;
@@ -133,11 +117,11 @@ pub async fn build(config: &Config) -> anyhow::Result<Bound> {
             .with_context(|| format!("metrics address {}", config.metrics_address))?;
         metrics_address = Some(listener.local_addr()?);
         let m = metrics.clone();
-        tasks.push(tokio::spawn(async move {
+        tasks.spawn(async move {
             if let Err(e) = metrics::serve(m, listener).await {
                 tracing::error!(error = %e, "metrics endpoint failed");
             }
-        }));
+        });
     }
     tracing::info!(
         app_socket = %config.app_socket.display(),

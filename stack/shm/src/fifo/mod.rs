@@ -986,6 +986,10 @@ impl FifoObserver {
         })
     }
 
+    fn region(&self) -> &Region {
+        (*self.region).as_ref()
+    }
+
     /// Capacity in bytes, as validated at attach.
     pub fn capacity(&self) -> u32 {
         self.capacity
@@ -993,9 +997,8 @@ impl FifoObserver {
 
     /// The producer's published statistics.
     pub fn stats(&self) -> FifoStats {
-        let region: &Region = (*self.region).as_ref();
         let load = |field| {
-            region
+            self.region()
                 .atomic_u64(self.offset + field)
                 .map_or(0, |w| w.load(Ordering::Relaxed))
         };
@@ -1008,9 +1011,8 @@ impl FifoObserver {
 
     /// Bytes readable right now, or `None` if the indices are inconsistent.
     pub fn readable(&self) -> Option<u32> {
-        let region: &Region = (*self.region).as_ref();
         let load = |field| {
-            region
+            self.region()
                 .atomic_u32(self.offset + field)
                 .map(|w| w.load(Ordering::Acquire))
                 .ok()
@@ -1030,8 +1032,7 @@ impl FifoObserver {
     }
 
     fn flag(&self, field: usize) -> bool {
-        let region: &Region = (*self.region).as_ref();
-        region
+        self.region()
             .atomic_u32(self.offset + field)
             .is_ok_and(|w| w.load(Ordering::Acquire) != 0)
     }
@@ -1039,8 +1040,7 @@ impl FifoObserver {
     /// Aborts the stream for both endpoints (they see [`Producer::is_reset`] /
     /// [`Consumer::is_reset`]); used when one endpoint's process is gone.
     pub fn reset(&self) {
-        let region: &Region = (*self.region).as_ref();
-        if let Ok(w) = region.atomic_u32(self.offset + OFF_RESET) {
+        if let Ok(w) = self.region().atomic_u32(self.offset + OFF_RESET) {
             w.store(1, Ordering::Release);
         }
     }
