@@ -28,6 +28,10 @@ pub(crate) struct SessionState {
     /// We asked the peer for tx-space and have not heard back.
     tx_space_pending: bool,
     write_shut: bool,
+    /// The caller wakes the peer itself (see [`Session::use_external_wakeups`]).
+    external_wakeups: bool,
+    /// With external wake-ups: the peer must be told to look at the FIFOs.
+    peer_wakeup_due: bool,
     pub(crate) read_waker: Option<Waker>,
     pub(crate) write_waker: Option<Waker>,
 }
@@ -71,6 +75,8 @@ impl SessionState {
             peer_reset,
             tx_space_pending: false,
             write_shut: false,
+            external_wakeups: false,
+            peer_wakeup_due: false,
             read_waker: None,
             write_waker: None,
         };
@@ -182,7 +188,11 @@ impl Session {
         out
     }
 
-    fn notify(st: &mut State, s: &SessionState, what: Notify) -> io::Result<()> {
+    fn notify(st: &mut State, s: &mut SessionState, what: Notify) -> io::Result<()> {
+        if s.external_wakeups {
+            s.peer_wakeup_due = true;
+            return Ok(());
+        }
         let Some(peer) = st.peers.get_mut(&s.segment) else {
             return Ok(());
         };
@@ -204,6 +214,30 @@ impl Session {
 
     pub fn worker(&self) -> &Worker {
         &self.worker
+    }
+
+    /// Hands peer wake-ups to the caller, for callers whose event loop cannot watch the
+    /// worker's readiness fd but already share a channel with the peer (Envoy's transport
+    /// sockets have their TCP connection). From now on a read or write that must wake the peer
+    /// only records it: [`Session::take_peer_wakeup`] says when to send one, and the receiving
+    /// side calls [`Session::on_peer_wakeup`] before reading. Closes travel on that channel too.
+    pub fn use_external_wakeups(&mut self) {
+        self.with(|_, s| s.external_wakeups = true);
+    }
+
+    /// Whether the peer must be woken since the last call (with external wake-ups). Coalesced:
+    /// no new wake-up is due until the peer has taken the last one.
+    pub fn take_peer_wakeup(&mut self) -> bool {
+        self.with(|_, s| std::mem::take(&mut s.peer_wakeup_due))
+    }
+
+    /// The peer woke us (with external wake-ups): re-arm both directions before reading and
+    /// writing, so the peer's next write or freed space wakes us again.
+    pub fn on_peer_wakeup(&mut self) {
+        self.with(|_, s| {
+            s.rx.clear_event();
+            s.tx_space_pending = false;
+        });
     }
 
     /// Reads what is available without blocking; `WouldBlock` when nothing is.
@@ -349,7 +383,9 @@ impl Session {
             Event::PeerClosed { slot: s.slot }
         };
         if let Some(peer) = st.peers.get_mut(&s.segment) {
-            let _ = peer.notify(event);
+            if !s.external_wakeups {
+                let _ = peer.notify(event);
+            }
             peer.slots.remove(&s.slot);
         }
         let (epoch, session_id) = (s.segment.0, s.session_id);

@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 use rustix::event::epoll;
 use rustix::net::{self, AddressFamily, SocketFlags, SocketType};
 use shunt_sapi::event::{Event, FifoPair};
-use shunt_sapi::message::{DaemonReply, MAX_MESSAGE_LEN, Request, Resume, ResumedSession, Scope};
+use shunt_sapi::message::{
+    DaemonReply, MAX_MESSAGE_LEN, PairOffer, PairRole, Request, Resume, ResumedSession, Scope,
+};
 use shunt_sapi::{ErrorCode, layout};
 use shunt_shm::doorbell::Doorbell;
 use shunt_shm::fdpass;
@@ -402,7 +404,54 @@ impl Worker {
             st.connects.remove(&id);
             return Err(e);
         }
-        Ok(PendingConnect { id, remote })
+        Ok(PendingConnect {
+            id,
+            remote,
+            is_client: true,
+        })
+    }
+
+    /// Offers one end of a pairing (see `PairOffer`); finish it with [`Worker::poll_connect`].
+    /// The session comes when the other end offers the same token, or the offer is refused
+    /// (`ErrorCode::PairTimeout` when no other end came in time).
+    pub fn start_pair(&self, offer: PairOffer) -> Result<PendingConnect, Error> {
+        self.ensure_attached()?;
+        let mut st = self.lock();
+        let id = Self::next_request(&mut st);
+        st.connects.insert(id, ConnectState::Waiting(None));
+        let pending = PendingConnect {
+            id,
+            remote: offer.remote,
+            is_client: offer.role == PairRole::Initiator,
+        };
+        if let Err(e) = self.send(&mut st, id, &Request::Pair(offer)) {
+            st.connects.remove(&id);
+            return Err(e);
+        }
+        Ok(pending)
+    }
+
+    /// Gives up on a connect or pairing; a session that still arrives for it is closed.
+    pub fn abandon_connect(&self, pending: PendingConnect) {
+        let mut st = self.lock();
+        if let Some(ConnectState::Done(Ok((session_id, ..)))) = st.connects.remove(&pending.id) {
+            Self::give_back(&st, session_id);
+        }
+    }
+
+    /// Tells shuntd that a session nobody will open is reset.
+    fn give_back(st: &State, session_id: u64) {
+        if let Some(d) = &st.daemon {
+            let _ = fdpass::send_with_fds(
+                d.socket.as_fd(),
+                &Request::SessionClosed {
+                    session_id,
+                    reset: true,
+                }
+                .encode(0),
+                &[],
+            );
+        }
     }
 
     /// Finishes a connect if shuntd has answered; `Ok(None)` means not yet.
@@ -433,8 +482,14 @@ impl Worker {
                     unreachable!()
                 };
                 let (session_id, fifos, local) = result?;
-                let s =
-                    self.open_session(&mut st, session_id, fifos, local, pending.remote, true)?;
+                let s = self.open_session(
+                    &mut st,
+                    session_id,
+                    fifos,
+                    local,
+                    pending.remote,
+                    pending.is_client,
+                )?;
                 Ok(Some(s))
             }
             None => Err(Error::Protocol("unknown connect".into())),
@@ -706,17 +761,7 @@ impl Worker {
             st.connects.insert(request_id, ConnectState::Done(result));
         } else if let Ok((session_id, ..)) = result {
             // Nobody waits any more (timed out): give the session back.
-            if let Some(d) = &st.daemon {
-                let _ = fdpass::send_with_fds(
-                    d.socket.as_fd(),
-                    &Request::SessionClosed {
-                        session_id,
-                        reset: true,
-                    }
-                    .encode(0),
-                    &[],
-                );
-            }
+            Self::give_back(st, session_id);
         }
     }
 
@@ -824,6 +869,7 @@ impl Worker {
 pub struct PendingConnect {
     pub(crate) id: u32,
     pub(crate) remote: SocketAddr,
+    pub(crate) is_client: bool,
 }
 
 /// A listener. Accepted sessions queue here until taken.

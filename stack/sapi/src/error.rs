@@ -27,6 +27,10 @@ pub enum ErrorCode {
     EventQueueFull,
     #[error("internal error in shuntd")]
     Internal,
+    #[error("no matching end of the pairing arrived in time")]
+    PairTimeout,
+    #[error("another offer with the same pairing token is waiting")]
+    PairConflict,
     #[error("unknown error code {0}")]
     Unknown(i32),
 }
@@ -46,6 +50,8 @@ impl ErrorCode {
             Self::PeerGone => "peer_gone",
             Self::EventQueueFull => "event_queue_full",
             Self::Internal => "internal",
+            Self::PairTimeout => "pair_timeout",
+            Self::PairConflict => "pair_conflict",
             Self::Unknown(_) => "unknown",
         }
     }
@@ -63,6 +69,8 @@ impl ErrorCode {
             Self::PeerGone => pb::ErrorCode::PeerGone,
             Self::EventQueueFull => pb::ErrorCode::EventQueueFull,
             Self::Internal => pb::ErrorCode::Internal,
+            Self::PairTimeout => pb::ErrorCode::PairTimeout,
+            Self::PairConflict => pb::ErrorCode::PairConflict,
             Self::Unknown(n) => return n,
         };
         code as i32
@@ -81,6 +89,8 @@ impl ErrorCode {
             Ok(pb::ErrorCode::PeerGone) => Self::PeerGone,
             Ok(pb::ErrorCode::EventQueueFull) => Self::EventQueueFull,
             Ok(pb::ErrorCode::Internal) => Self::Internal,
+            Ok(pb::ErrorCode::PairTimeout) => Self::PairTimeout,
+            Ok(pb::ErrorCode::PairConflict) => Self::PairConflict,
             Ok(pb::ErrorCode::Unspecified) | Err(_) => Self::Unknown(value),
         }
     }
@@ -97,6 +107,8 @@ mod tests {
             ErrorCode::Denied,
             ErrorCode::SegmentFull,
             ErrorCode::Internal,
+            ErrorCode::PairTimeout,
+            ErrorCode::PairConflict,
             ErrorCode::Unknown(4242),
         ] {
             assert_eq!(ErrorCode::from_wire(code.to_wire()), code);

@@ -109,6 +109,37 @@ pub enum Request {
         session_id: u64,
         reset: bool,
     },
+    Pair(PairOffer),
+}
+
+/// Bytes in a pairing token.
+pub const PAIR_TOKEN_LEN: usize = 32;
+
+/// Which end of a connection a pairing offer comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PairRole {
+    /// Opened the connection; becomes the session's client.
+    Initiator,
+    Responder,
+}
+
+impl PairRole {
+    pub fn opposite(self) -> Self {
+        match self {
+            PairRole::Initiator => PairRole::Responder,
+            PairRole::Responder => PairRole::Initiator,
+        }
+    }
+}
+
+/// One end of a pairing: see `Pair` in sapi.proto.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PairOffer {
+    pub token: [u8; PAIR_TOKEN_LEN],
+    pub role: PairRole,
+    /// The replaced connection as the offering side sees it.
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
 }
 
 fn endpoint(field: &'static str, ep: Option<&pb::Endpoint>) -> Result<SocketAddr, DecodeError> {
@@ -213,6 +244,22 @@ impl TryFrom<pb::AppRequest> for Request {
                 session_id: c.session_id,
                 reset: c.reset,
             },
+            Body::Pair(p) => Request::Pair(PairOffer {
+                token: p
+                    .token
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| DecodeError::Invalid("token"))?,
+                role: match pb::PairRole::try_from(p.role) {
+                    Ok(pb::PairRole::Initiator) => PairRole::Initiator,
+                    Ok(pb::PairRole::Responder) => PairRole::Responder,
+                    Ok(pb::PairRole::Unspecified) | Err(_) => {
+                        return Err(DecodeError::Invalid("role"));
+                    }
+                },
+                local: endpoint("local", p.local.as_ref())?,
+                remote: endpoint("remote", p.remote.as_ref())?,
+            }),
         })
     }
 }
@@ -280,6 +327,15 @@ impl Request {
                     reset: *reset,
                 })
             }
+            Request::Pair(offer) => Body::Pair(pb::Pair {
+                token: offer.token.to_vec(),
+                role: match offer.role {
+                    PairRole::Initiator => pb::PairRole::Initiator,
+                    PairRole::Responder => pb::PairRole::Responder,
+                } as i32,
+                local: Some(endpoint::to_proto(offer.local)),
+                remote: Some(endpoint::to_proto(offer.remote)),
+            }),
         };
         pb::AppRequest {
             request_id,
@@ -434,6 +490,12 @@ mod tests {
                 session_id: 77,
                 reset: true,
             },
+            Request::Pair(PairOffer {
+                token: [7; PAIR_TOKEN_LEN],
+                role: PairRole::Responder,
+                local: "10.0.0.2:15006".parse().unwrap(),
+                remote: "10.0.0.1:40000".parse().unwrap(),
+            }),
         ];
         for req in reqs {
             assert_eq!(Request::decode(&req.encode(5)), Ok((5, req)));
@@ -490,6 +552,20 @@ mod tests {
                 ..
             })
         ));
+        let short_token = pb::AppRequest {
+            request_id: 1,
+            body: Some(pb::app_request::Body::Pair(pb::Pair {
+                token: vec![1; 31],
+                role: pb::PairRole::Initiator as i32,
+                local: Some(endpoint::to_proto("127.0.0.1:1".parse().unwrap())),
+                remote: Some(endpoint::to_proto("127.0.0.1:2".parse().unwrap())),
+            })),
+        }
+        .encode_to_vec();
+        assert_eq!(
+            Request::decode(&short_token),
+            Err(DecodeError::Invalid("token"))
+        );
         assert_eq!(
             Request::decode(&vec![0u8; MAX_MESSAGE_LEN + 1]),
             Err(DecodeError::TooLarge(MAX_MESSAGE_LEN + 1))

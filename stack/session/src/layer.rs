@@ -5,10 +5,11 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
 
 use shunt_sapi::ErrorCode;
 use shunt_sapi::event::Event;
-use shunt_sapi::message::{Resume, Scope};
+use shunt_sapi::message::{PairOffer, Resume, Scope};
 use subtle::ConstantTimeEq;
 
 use crate::app::{
@@ -16,13 +17,25 @@ use crate::app::{
 };
 use crate::cut_through::{CutThrough, CutThroughConfig};
 use crate::namespace::{Namespace, NamespaceError, Namespaces};
+use crate::pairing::{DEFAULT_PAIR_TIMEOUT, Offer, OfferOutcome, PairingError, PairingTable};
 use crate::rules::{Rule, RuleAction, RuleError, RulesTable};
 use crate::tables::{FiveTuple, ListenerTable, SessionTable};
 use crate::transport::{ConnectRequest, ConnectionId, Transport, TransportError, TransportProto};
 
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct SessionLayerConfig {
     pub cut_through: CutThroughConfig,
+    /// How long one end of a pairing waits for the other.
+    pub pair_timeout: Duration,
+}
+
+impl Default for SessionLayerConfig {
+    fn default() -> Self {
+        Self {
+            cut_through: CutThroughConfig::default(),
+            pair_timeout: DEFAULT_PAIR_TIMEOUT,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +62,8 @@ pub enum SessionError {
     Link(WorkerId, LinkError),
     #[error(transparent)]
     Rule(#[from] RuleError),
+    #[error("pairing: {0}")]
+    Pairing(#[from] PairingError),
 }
 
 impl SessionError {
@@ -69,6 +84,8 @@ impl SessionError {
             SessionError::Transport(_) => ErrorCode::Internal,
             SessionError::Link(_, LinkError::QueueFull) => ErrorCode::EventQueueFull,
             SessionError::Link(..) => ErrorCode::PeerGone,
+            SessionError::Pairing(PairingError::Conflict) => ErrorCode::PairConflict,
+            SessionError::Pairing(_) => ErrorCode::InvalidRequest,
         }
     }
 }
@@ -176,6 +193,34 @@ pub struct ConnectOutcome {
     pub transport: TransportProto,
 }
 
+/// What a pairing offer did.
+#[derive(Debug, Clone, Copy)]
+pub enum PairOutcome {
+    /// The other end has not arrived yet.
+    Waiting,
+    Paired(ConnectOutcome),
+}
+
+/// How the serving side of a new session hears of it.
+#[derive(Debug, Clone, Copy)]
+enum ServerNotice {
+    /// Through its listener's backlog.
+    Accepted(ListenerId),
+    /// As the answer to its own request (a pairing offer).
+    Connected(u32),
+}
+
+/// Everything [`SessionLayer::establish`] needs.
+struct Establish {
+    proto: TransportProto,
+    client: WorkerId,
+    client_request: u32,
+    server: WorkerId,
+    server_notice: ServerNotice,
+    local: SocketAddr,
+    remote: SocketAddr,
+}
+
 /// A rule that matched while deciding a connect.
 #[derive(Debug, Clone, Copy)]
 pub struct RuleHit {
@@ -198,6 +243,7 @@ struct Registry {
     table: SessionTable<SessionId>,
     /// Next source port to try per namespace address.
     port_cursor: HashMap<IpAddr, u16>,
+    pairings: PairingTable,
 }
 
 impl Registry {
@@ -242,6 +288,8 @@ pub struct LayerCounters {
     pub attach_failures: Mutex<HashMap<&'static str, u64>>,
     pub connects: AtomicU64,
     pub connect_failures: Mutex<HashMap<&'static str, u64>>,
+    /// Completed pairings ("paired") and refused ones, by error code.
+    pub pairings: Mutex<HashMap<&'static str, u64>>,
 }
 
 impl LayerCounters {
@@ -274,7 +322,10 @@ impl SessionLayer {
         Self {
             namespaces: RwLock::new(Namespaces::default()),
             global_rules: RwLock::new(RulesTable::default()),
-            registry: Mutex::new(Registry::default()),
+            registry: Mutex::new(Registry {
+                pairings: PairingTable::new(config.pair_timeout),
+                ..Registry::default()
+            }),
             cut_through: CutThrough::new(config.cut_through),
             counters: LayerCounters::default(),
         }
@@ -523,6 +574,7 @@ impl SessionLayer {
         let Some(rec) = reg.workers.remove(&worker) else {
             return;
         };
+        reg.pairings.remove_worker(worker);
         for lid in rec.listeners {
             Self::remove_listener_worker(&mut reg, lid, worker);
         }
@@ -703,7 +755,7 @@ impl SessionLayer {
             .workers
             .get(&worker)
             .ok_or(SessionError::UnknownWorker(worker))?;
-        let (client_app, client_thread) = (w.app, w.thread);
+        let client_app = w.app;
         let (namespace, client_scope) = {
             let a = &reg.apps[&client_app];
             (a.namespace.clone(), a.scope)
@@ -768,8 +820,46 @@ impl SessionLayer {
         let l = reg.listeners.get_mut(&lid).expect("looked up");
         let server = l.workers[l.rotor % l.workers.len()];
         l.rotor = l.rotor.wrapping_add(1);
-        let server_app = l.app;
-        let server_ns = l.namespace.clone();
+        self.establish(
+            &mut reg,
+            Establish {
+                proto,
+                client: worker,
+                client_request: request_id,
+                server,
+                server_notice: ServerNotice::Accepted(lid),
+                local,
+                remote,
+            },
+        )
+    }
+
+    /// Creates the transport connection between two workers, tells both, and records the
+    /// session pair. Each worker receives the segment before it hears of the session.
+    fn establish(&self, reg: &mut Registry, e: Establish) -> Result<ConnectOutcome, SessionError> {
+        let Establish {
+            proto,
+            client: worker,
+            client_request: request_id,
+            server,
+            server_notice,
+            local,
+            remote,
+        } = e;
+        let client_rec = reg
+            .workers
+            .get(&worker)
+            .ok_or(SessionError::UnknownWorker(worker))?;
+        let server_rec = reg
+            .workers
+            .get(&server)
+            .ok_or(SessionError::UnknownWorker(server))?;
+        let (client_app, client_thread) = (client_rec.app, client_rec.thread);
+        let (server_app, server_thread) = (server_rec.app, server_rec.thread);
+        let namespace = reg.apps[&client_app].namespace.clone();
+        let server_ns = reg.apps[&server_app].namespace.clone();
+        let (client_link, server_link) = (client_rec.link.clone(), server_rec.link.clone());
+        let (cd, sd) = (client_rec.doorbell.clone(), server_rec.doorbell.clone());
 
         let client_tuple = FiveTuple {
             proto,
@@ -781,15 +871,16 @@ impl SessionLayer {
             .insert_half_open(client_tuple, client_id)
             .map_err(|_| SessionError::AddressInUse(local))?;
 
-        let (client_rec, server_rec) = (&reg.workers[&worker], &reg.workers[&server]);
-        let (client_link, server_link) = (client_rec.link.clone(), server_rec.link.clone());
-        let server_thread = server_rec.thread;
-        if !server_link.has_room(1) {
+        if !server_link.has_room(1) || !client_link.has_room(1) {
             reg.table.remove(&client_tuple);
-            return Err(SessionError::Link(server, LinkError::QueueFull));
+            let full = if server_link.has_room(1) {
+                worker
+            } else {
+                server
+            };
+            return Err(SessionError::Link(full, LinkError::QueueFull));
         }
         let connected = {
-            let (cd, sd) = (client_rec.doorbell.clone(), server_rec.doorbell.clone());
             let req = ConnectRequest {
                 client: worker,
                 server,
@@ -809,21 +900,7 @@ impl SessionLayer {
         let server_id = reg.session_id(server_thread);
         let conn = connected.id;
 
-        // Grants first, then events: a worker must hold the segment before it hears of it.
-        let deliver = || -> Result<(), SessionError> {
-            if let Some(g) = connected.server_grant {
-                server_link
-                    .grant_segment(g)
-                    .map_err(|e| SessionError::Link(server, e))?;
-            }
-            server_link
-                .post(&Event::Accepted {
-                    listener_id: lid.0,
-                    session_id: server_id.0,
-                    fifos: connected.server_fifos,
-                    peer: local,
-                })
-                .map_err(|e| SessionError::Link(server, e))?;
+        let tell_client = || -> Result<(), SessionError> {
             if let Some(g) = connected.client_grant {
                 client_link
                     .grant_segment(g)
@@ -838,7 +915,38 @@ impl SessionLayer {
                 })
                 .map_err(|e| SessionError::Link(worker, e))
         };
-        if let Err(e) = deliver() {
+        let tell_server = || -> Result<(), SessionError> {
+            if let Some(g) = connected.server_grant {
+                server_link
+                    .grant_segment(g)
+                    .map_err(|e| SessionError::Link(server, e))?;
+            }
+            let event = match server_notice {
+                ServerNotice::Accepted(lid) => Event::Accepted {
+                    listener_id: lid.0,
+                    session_id: server_id.0,
+                    fifos: connected.server_fifos,
+                    peer: local,
+                },
+                ServerNotice::Connected(request_id) => Event::Connected {
+                    request_id,
+                    session_id: server_id.0,
+                    fifos: connected.server_fifos,
+                    local: remote,
+                },
+            };
+            server_link
+                .post(&event)
+                .map_err(|e| SessionError::Link(server, e))
+        };
+        // A listener learns first, so its backlog holds the session before the client can
+        // write. The two ends of a pairing only talk to each other over the connection they
+        // replace, and the responder answers on it once told; so the initiator learns first.
+        let delivered = match server_notice {
+            ServerNotice::Accepted(_) => tell_server().and_then(|()| tell_client()),
+            ServerNotice::Connected(_) => tell_client().and_then(|()| tell_server()),
+        };
+        if let Err(e) = delivered {
             reg.table.remove(&client_tuple);
             let t = self.transport(proto);
             let _ = t.reset(conn);
@@ -886,6 +994,159 @@ impl SessionLayer {
             server_session: server_id,
             transport: proto,
         })
+    }
+
+    // ---- pairing ----
+
+    /// Takes one end of a pairing. When its other end is already waiting, the two workers get a
+    /// cut-through session, as after a connect; otherwise the offer waits. Either way the
+    /// answers arrive as `Connected` or `ConnectFailed` events, so an offer never blocks shuntd.
+    pub fn pair(
+        &self,
+        worker: WorkerId,
+        request_id: u32,
+        offer: PairOffer,
+    ) -> Result<PairOutcome, SessionError> {
+        let result = self.try_pair(worker, request_id, offer);
+        match &result {
+            Ok(PairOutcome::Paired(_)) => {
+                self.counters.connects.fetch_add(1, Ordering::Relaxed);
+                LayerCounters::bump(&self.counters.pairings, "paired");
+            }
+            Ok(PairOutcome::Waiting) => {}
+            Err(e) => LayerCounters::bump(&self.counters.pairings, e.code().as_str()),
+        }
+        result
+    }
+
+    fn try_pair(
+        &self,
+        worker: WorkerId,
+        request_id: u32,
+        offer: PairOffer,
+    ) -> Result<PairOutcome, SessionError> {
+        let mut reg = self.registry();
+        self.expire_offers(&mut reg);
+        if !reg.workers.contains_key(&worker) {
+            return Err(SessionError::UnknownWorker(worker));
+        }
+        let waiting = Offer {
+            worker,
+            request_id,
+            role: offer.role,
+            local: offer.local,
+            remote: offer.remote,
+        };
+        let (initiator, responder) =
+            match reg.pairings.offer(offer.token, waiting, Instant::now())? {
+                OfferOutcome::Waiting => return Ok(PairOutcome::Waiting),
+                OfferOutcome::Matched {
+                    initiator,
+                    responder,
+                } => (initiator, responder),
+            };
+        let outcome = self
+            .check_pair(&reg, &initiator, &responder)
+            .and_then(|()| {
+                self.establish(
+                    &mut reg,
+                    Establish {
+                        proto: TransportProto::CutThrough,
+                        client: initiator.worker,
+                        client_request: initiator.request_id,
+                        server: responder.worker,
+                        server_notice: ServerNotice::Connected(responder.request_id),
+                        local: initiator.local,
+                        remote: initiator.remote,
+                    },
+                )
+            });
+        match outcome {
+            Ok(o) => Ok(PairOutcome::Paired(o)),
+            Err(e) => {
+                // Whichever end asked second hears through its request; the first is waiting
+                // for an event, so it gets one.
+                let first = if worker == initiator.worker {
+                    &responder
+                } else {
+                    &initiator
+                };
+                Self::refuse_offer(&reg, first, e.code());
+                Err(e)
+            }
+        }
+    }
+
+    /// Both ends must be allowed to meet: the initiator's namespace rules (egress) and the
+    /// node's global rules (ingress) see the connection the pairing replaces. A pairing replaces
+    /// an existing connection, so a redirect has nothing to redirect and counts as allow.
+    fn check_pair(
+        &self,
+        reg: &Registry,
+        initiator: &Offer,
+        responder: &Offer,
+    ) -> Result<(), SessionError> {
+        let app_of = |w: &WorkerId| {
+            reg.workers
+                .get(w)
+                .map(|r| &reg.apps[&r.app])
+                .ok_or(SessionError::UnknownWorker(*w))
+        };
+        let (client_app, server_app) = (app_of(&initiator.worker)?, app_of(&responder.worker)?);
+        if client_app.namespace != server_app.namespace && server_app.scope != Scope::Global {
+            return Err(SessionError::Denied {
+                table: RuleTable::Local,
+                tag: format!("scope of namespace `{}`", server_app.namespace),
+            });
+        }
+        let egress = self.with_namespaces(|n| {
+            n.get(&client_app.namespace).and_then(|ns| {
+                ns.local_rules
+                    .lookup(initiator.local, initiator.remote)
+                    .cloned()
+            })
+        });
+        let ingress = self
+            .global_rules
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .lookup(responder.local, responder.remote)
+            .cloned();
+        for (table, rule) in [(RuleTable::Local, egress), (RuleTable::Global, ingress)] {
+            if let Some(rule) = rule {
+                self.count_rule(table, &rule.action);
+                if rule.action == RuleAction::Deny {
+                    return Err(SessionError::Denied {
+                        table,
+                        tag: rule.tag,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn refuse_offer(reg: &Registry, offer: &Offer, code: ErrorCode) {
+        if let Some(w) = reg.workers.get(&offer.worker) {
+            let _ = w.link.post(&Event::ConnectFailed {
+                request_id: offer.request_id,
+                code,
+            });
+        }
+    }
+
+    fn expire_offers(&self, reg: &mut Registry) {
+        for offer in reg.pairings.expire(Instant::now()) {
+            LayerCounters::bump(&self.counters.pairings, ErrorCode::PairTimeout.as_str());
+            Self::refuse_offer(reg, &offer, ErrorCode::PairTimeout);
+        }
+    }
+
+    /// Answers the offers that waited too long; shuntd calls this now and then, since an
+    /// offer's other end may never come.
+    pub fn expire_pair_offers(&self) {
+        let mut reg = self.registry();
+        self.expire_offers(&mut reg);
     }
 
     /// An app closed (or reset) its side of a session.

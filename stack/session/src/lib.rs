@@ -10,6 +10,7 @@ pub mod app;
 pub mod cut_through;
 pub mod layer;
 pub mod namespace;
+pub mod pairing;
 pub mod rules;
 pub mod tables;
 pub mod transport;

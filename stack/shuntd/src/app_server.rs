@@ -15,7 +15,7 @@ use shunt_sapi::event::Event;
 use shunt_sapi::message::{DaemonReply, MAX_MESSAGE_LEN, Request};
 use shunt_session::SessionLayer;
 use shunt_session::app::{PeerCred, WorkerId, WorkerLink};
-use shunt_session::layer::{AttachRequest, Attached, SessionError, SessionId};
+use shunt_session::layer::{AttachRequest, Attached, PairOutcome, SessionError, SessionId};
 use shunt_shm::doorbell::Doorbell;
 use shunt_shm::fdpass;
 use tokio::io::unix::AsyncFd;
@@ -385,6 +385,17 @@ impl Connection {
             (Request::Connect { remote }, Some(w)) => {
                 if let Err(e) = self.shared.layer.connect(w, request_id, remote) {
                     self.connect_failed(w, request_id, remote, e).await;
+                }
+                Step::Continue
+            }
+            (Request::Pair(offer), Some(w)) => {
+                let remote = offer.remote;
+                match self.shared.layer.pair(w, request_id, offer) {
+                    Ok(PairOutcome::Paired(o)) => {
+                        tracing::debug!(worker = %w, %remote, session = o.client_session.0, "paired")
+                    }
+                    Ok(PairOutcome::Waiting) => {}
+                    Err(e) => self.connect_failed(w, request_id, remote, e).await,
                 }
                 Step::Continue
             }

@@ -39,6 +39,8 @@ pub struct Config {
     pub metrics_address: String,
     pub workers: usize,
     pub event_queue_len: u32,
+    /// How long one end of a pairing waits for the other, in milliseconds.
+    pub pair_timeout_ms: u64,
     pub cut_through: CutThroughSection,
     pub namespaces: Vec<NamespaceSection>,
     #[serde(default)]

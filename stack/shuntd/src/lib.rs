@@ -54,6 +54,7 @@ impl Bound {
 pub async fn build(config: &Config) -> anyhow::Result<Bound> {
     let layer = Arc::new(SessionLayer::new(SessionLayerConfig {
         cut_through: config.cut_through(),
+        pair_timeout: std::time::Duration::from_millis(config.pair_timeout_ms),
     }));
     for ns in &config.namespaces {
         let n = Namespace::new(&ns.id, ns.secret.as_bytes(), ns.address)
@@ -109,6 +110,16 @@ pub async fn build(config: &Config) -> anyhow::Result<Bound> {
         }
     });
 
+    // A pairing offer whose other end never comes is answered when it expires.
+    let expiring = layer.clone();
+    tasks.spawn(async move {
+        let mut tick = tokio::time::interval(PAIR_EXPIRY_TICK);
+        loop {
+            tick.tick().await;
+            expiring.expire_pair_offers();
+        }
+    });
+
     let metrics = Arc::new(metrics::Metrics::new(layer.clone(), counters)?);
     let mut metrics_address = None;
     if !config.metrics_address.is_empty() {
@@ -137,6 +148,9 @@ pub async fn build(config: &Config) -> anyhow::Result<Bound> {
         tasks,
     })
 }
+
+/// How often waiting pairing offers are checked for expiry.
+const PAIR_EXPIRY_TICK: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// Apps in other containers attach as other users; namespace secrets, not file modes, decide
 /// who gets in.

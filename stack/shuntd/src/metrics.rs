@@ -28,6 +28,7 @@ pub struct Metrics {
     attach_failures: IntCounterVec,
     connects: IntCounter,
     connect_failures: IntCounterVec,
+    pairings: IntCounterVec,
     decode_errors: IntCounter,
 }
 
@@ -107,6 +108,11 @@ impl Metrics {
                 "Failed connects by reason.",
                 &["reason"],
             )?,
+            pairings: counter_vec(
+                "pairings_total",
+                "Pairing offers answered, by result (paired, or why not).",
+                &["result"],
+            )?,
             decode_errors: counter(
                 "sapi_decode_errors_total",
                 "Malformed session-API messages received.",
@@ -159,6 +165,9 @@ impl Metrics {
             .iter()
         {
             raise(&self.connect_failures.with_label_values(&[reason]), *n);
+        }
+        for (result, n) in c.pairings.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            raise(&self.pairings.with_label_values(&[result]), *n);
         }
         raise(&self.connects, c.connects.load(Ordering::Relaxed));
         raise(

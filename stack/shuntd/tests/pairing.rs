@@ -1,0 +1,168 @@
+//! Pairing against a real `shuntd`: two workers that present the same token get one
+//! cut-through session, whatever order they come in; a wrong token, a third party, a deny rule
+//! and an absent other end each get a refusal. Data then moves with wake-ups the callers carry
+//! themselves, as Envoy's transport sockets do over their TCP connection.
+
+mod common;
+
+use std::io::ErrorKind;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::{Daemon, pattern};
+use shunt_client::{Error, PendingConnect, Session, Worker};
+use shunt_sapi::ErrorCode;
+use shunt_sapi::message::{PairOffer, PairRole};
+
+const CLIENT: &str = "10.1.0.1:40000";
+const SERVER: &str = "10.1.0.2:15006";
+
+fn offer(token: u8, role: PairRole) -> PairOffer {
+    let (local, remote): (SocketAddr, SocketAddr) = match role {
+        PairRole::Initiator => (CLIENT.parse().unwrap(), SERVER.parse().unwrap()),
+        PairRole::Responder => (SERVER.parse().unwrap(), CLIENT.parse().unwrap()),
+    };
+    PairOffer {
+        token: [token; 32],
+        role,
+        local,
+        remote,
+    }
+}
+
+fn finish(w: &Worker, p: &PendingConnect) -> Result<Session, Error> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(s) = w.poll_connect(p)? {
+            return Ok(s);
+        }
+        assert!(Instant::now() < deadline, "no answer to a pairing offer");
+        w.wait(Some(Duration::from_millis(50))).unwrap();
+    }
+}
+
+fn refused_with(r: Result<Session, Error>) -> ErrorCode {
+    match r {
+        Err(Error::Refused { code, .. }) => code,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[test]
+fn both_orders_pair_and_carry_data_with_external_wakeups() {
+    let d = Daemon::start("");
+    let (a, b) = (d.attach("envoy-a"), d.attach("envoy-b"));
+    for (n, first) in [PairRole::Initiator, PairRole::Responder]
+        .into_iter()
+        .enumerate()
+    {
+        let token = n as u8 + 1;
+        let (w1, w2) = match first {
+            PairRole::Initiator => (&a, &b),
+            PairRole::Responder => (&b, &a),
+        };
+        let p1 = w1.start_pair(offer(token, first)).unwrap();
+        let p2 = w2.start_pair(offer(token, first.opposite())).unwrap();
+        let s2 = finish(w2, &p2).unwrap();
+        let s1 = finish(w1, &p1).unwrap();
+        let (mut init, mut resp) = match first {
+            PairRole::Initiator => (s1, s2),
+            PairRole::Responder => (s2, s1),
+        };
+        assert!(init.info().is_client);
+        assert!(!resp.info().is_client);
+        assert_eq!(init.info().remote, SERVER.parse::<SocketAddr>().unwrap());
+        stream_with_external_wakeups(&mut init, &mut resp, 3 << 20);
+        stream_with_external_wakeups(&mut resp, &mut init, 1 << 20);
+    }
+}
+
+/// Moves `len` bytes through FIFOs smaller than `len`, waking the other side only when the
+/// session says a wake-up is due, as a caller with its own channel would.
+fn stream_with_external_wakeups(tx: &mut Session, rx: &mut Session, len: u64) {
+    tx.use_external_wakeups();
+    rx.use_external_wakeups();
+    let (mut sent, mut got) = (0u64, 0u64);
+    let (mut wake_rx, mut wake_tx) = (false, false);
+    let mut out = vec![0u8; 100_000];
+    let mut inp = vec![0u8; 70_000];
+    let mut expect = vec![0u8; 70_000];
+    while got < len {
+        if sent < len {
+            let n = (len - sent).min(out.len() as u64) as usize;
+            pattern(9, sent, &mut out[..n]);
+            match tx.try_write(&out[..n]) {
+                Ok(k) => sent += k as u64,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    // A full FIFO: the writer may only continue once woken for space.
+                    assert!(wake_tx || wake_rx || tx.take_peer_wakeup() || got < sent);
+                }
+                Err(e) => panic!("write: {e}"),
+            }
+            wake_rx |= tx.take_peer_wakeup();
+        }
+        if wake_rx || sent > got {
+            if std::mem::take(&mut wake_rx) {
+                rx.on_peer_wakeup();
+            }
+            match rx.try_read(&mut inp) {
+                Ok(k) => {
+                    pattern(9, got, &mut expect[..k]);
+                    assert_eq!(inp[..k], expect[..k], "bytes differ at offset {got}");
+                    got += k as u64;
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                Err(e) => panic!("read: {e}"),
+            }
+            wake_tx |= rx.take_peer_wakeup();
+        }
+        if std::mem::take(&mut wake_tx) {
+            tx.on_peer_wakeup();
+        }
+    }
+    assert_eq!(got, len);
+}
+
+#[test]
+fn refusals_name_their_reason() {
+    let d = Daemon::start("pair_timeout_ms: 300\n");
+    let (a, b, c) = (d.attach("a"), d.attach("b"), d.attach("intruder"));
+
+    // Same role twice (from one worker, so shuntd sees them in order): the second is a
+    // conflict, and the first still pairs with the right end.
+    let first = a.start_pair(offer(1, PairRole::Initiator)).unwrap();
+    let dup = a.start_pair(offer(1, PairRole::Initiator)).unwrap();
+    assert_eq!(refused_with(finish(&a, &dup)), ErrorCode::PairConflict);
+    let resp = b.start_pair(offer(1, PairRole::Responder)).unwrap();
+    finish(&b, &resp).unwrap();
+    finish(&a, &first).unwrap();
+
+    // The token is spent: presenting it again only waits, and then times out.
+    let late = c.start_pair(offer(1, PairRole::Responder)).unwrap();
+    assert_eq!(refused_with(finish(&c, &late)), ErrorCode::PairTimeout);
+
+    // Different tokens never meet.
+    let x = a.start_pair(offer(2, PairRole::Initiator)).unwrap();
+    let y = b.start_pair(offer(3, PairRole::Responder)).unwrap();
+    assert_eq!(refused_with(finish(&a, &x)), ErrorCode::PairTimeout);
+    assert_eq!(refused_with(finish(&b, &y)), ErrorCode::PairTimeout);
+}
+
+#[test]
+fn a_deny_rule_refuses_both_ends() {
+    let d = Daemon::start(
+        r#"
+rules:
+  - scope: global
+    local: 10.1.0.2/32
+    local_ports: "15006"
+    action: deny
+    tag: no-15006
+"#,
+    );
+    let (a, b) = (d.attach("a"), d.attach("b"));
+    let p1 = a.start_pair(offer(4, PairRole::Initiator)).unwrap();
+    let p2 = b.start_pair(offer(4, PairRole::Responder)).unwrap();
+    assert_eq!(refused_with(finish(&b, &p2)), ErrorCode::Denied);
+    assert_eq!(refused_with(finish(&a, &p1)), ErrorCode::Denied);
+}
