@@ -4,6 +4,10 @@
 //! sidecars, say) derive the same secret token from it and offer it here. The first offer waits;
 //! the second, with the same token and the opposite role, completes the pair. A token is used
 //! once: a matched or expired offer is forgotten, so nobody can join a pairing later.
+//!
+//! The token alone binds the two ends. Their views of the replaced connection are recorded but
+//! not compared: between sidecars, redirects and original-destination handling make the two
+//! views legitimately differ.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
@@ -42,8 +46,6 @@ pub enum PairingError {
     Conflict,
     #[error("both ends of the pairing come from the same worker")]
     SameWorker,
-    #[error("the two ends disagree about the connection they replace")]
-    AddressMismatch,
 }
 
 #[derive(Debug)]
@@ -91,10 +93,6 @@ impl PairingTable {
                 }
                 if first.worker == offer.worker {
                     return Err(PairingError::SameWorker);
-                }
-                // Each end names the same TCP connection from its own side.
-                if first.local != offer.remote || first.remote != offer.local {
-                    return Err(PairingError::AddressMismatch);
                 }
                 let first = o.remove().offer;
                 let (initiator, responder) = match offer.role {
@@ -196,7 +194,7 @@ mod tests {
     }
 
     #[test]
-    fn refuses_same_role_same_worker_and_other_connections() {
+    fn refuses_same_role_and_same_worker() {
         let mut t = PairingTable::default();
         let now = Instant::now();
         t.offer([1; 32], offer(1, PairRole::Initiator), now)
@@ -208,12 +206,6 @@ mod tests {
         assert_eq!(
             t.offer([1; 32], offer(1, PairRole::Responder), now),
             Err(PairingError::SameWorker)
-        );
-        let mut elsewhere = offer(2, PairRole::Responder);
-        elsewhere.remote = "10.0.0.9:40000".parse().unwrap();
-        assert_eq!(
-            t.offer([1; 32], elsewhere, now),
-            Err(PairingError::AddressMismatch)
         );
         assert_eq!(t.len(), 1, "refusals leave the waiting offer alone");
     }

@@ -1,0 +1,429 @@
+//! Real parts for the module's tests: the pinned Envoy (fetched by `ci/envoy.sh`), a shuntd,
+//! a backend that checks what it receives, and a TCP relay that counts what crosses the
+//! sidecar-to-sidecar hop.
+#![allow(dead_code, unreachable_pub)]
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+/// The pinned Envoy binary. Fails loudly if it cannot be fetched: these tests never skip.
+pub fn envoy_binary() -> PathBuf {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../ci/envoy.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run ci/envoy.sh");
+    assert!(out.status.success(), "ci/envoy.sh failed: cannot get Envoy");
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+/// The directory holding `libshunt_envoy.so`, built beside this test's executable.
+pub fn module_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let deps = exe.parent().unwrap();
+    for dir in [deps, deps.parent().unwrap()] {
+        if dir.join("libshunt_envoy.so").exists() {
+            return dir.to_path_buf();
+        }
+    }
+    panic!("libshunt_envoy.so not found next to {}", exe.display());
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// shuntd, in this process, on temporary sockets.
+pub struct Shuntd {
+    pub dir: tempfile::TempDir,
+    pub metrics: SocketAddr,
+}
+
+impl Shuntd {
+    pub fn start() -> Shuntd {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = shuntd::config::Config::load(None).unwrap();
+        config.app_socket = dir.path().join("shuntd.sock");
+        config.control_socket = dir.path().join("control.sock");
+        config.metrics_address = "127.0.0.1:0".into();
+        let bg = shuntd::background::spawn(config).expect("shuntd starts");
+        Shuntd {
+            dir,
+            metrics: bg.metrics_address.unwrap(),
+        }
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("shuntd.sock")
+    }
+
+    /// The value of one series on `/metrics`, 0 if absent.
+    pub fn metric(&self, series: &str) -> f64 {
+        let body = http_get(self.metrics, "/metrics");
+        body.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+}
+
+pub fn http_get(addr: SocketAddr, path: &str) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let Some((head, body)) = out.split_once("\r\n\r\n") else {
+        return String::new();
+    };
+    if !head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        return body.to_string();
+    }
+    // Envoy's admin answers in chunks: size line, data, CRLF, until a zero size.
+    let mut rest = body;
+    let mut decoded = String::new();
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || after.len() < n {
+            break;
+        }
+        decoded.push_str(&after[..n]);
+        rest = after[n..].trim_start_matches("\r\n");
+    }
+    decoded
+}
+
+/// The module's `transport_socket` block.
+pub fn module_socket(config_yaml: &str) -> String {
+    let escaped = config_yaml
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n");
+    format!(
+        r#"
+      transport_socket:
+        name: envoy.transport_sockets.dynamic_modules
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.dynamic_modules.v3.DynamicModuleTransportSocket
+          dynamic_module_config: {{name: shunt_envoy}}
+          transport_socket_name: shunt
+          transport_socket_config:
+            "@type": type.googleapis.com/google.protobuf.StringValue
+            value: "{escaped}""#
+    )
+}
+
+/// A TCP sidecar: listener on `listen` → tcp_proxy → `upstream`, with optional module sockets
+/// on either side (strings from [`module_socket`], or empty).
+pub fn tcp_sidecar(
+    listen: u16,
+    listener_socket: &str,
+    upstream: u16,
+    cluster_socket: &str,
+) -> String {
+    // Cluster fields sit two columns left of filter-chain fields.
+    let cluster_socket = cluster_socket.replace("\n  ", "\n");
+    format!(
+        r#"
+static_resources:
+  listeners:
+  - name: in
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {listen}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: in
+          cluster: out{listener_socket}
+  clusters:
+  - name: out
+    connect_timeout: 2s
+    type: STATIC
+    load_assignment:
+      cluster_name: out
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {upstream}}}}}}}{cluster_socket}
+"#
+    )
+}
+
+pub struct Envoy {
+    child: Child,
+    pub dir: tempfile::TempDir,
+    pub admin: SocketAddr,
+}
+
+impl Envoy {
+    /// Starts Envoy on `bootstrap` (static resources; an admin block is added) and waits until
+    /// it is ready, or panics with its log.
+    pub fn start(name: &str, bootstrap: &str) -> Envoy {
+        let dir = tempfile::tempdir().unwrap();
+        let admin_path = dir.path().join("admin.addr");
+        let config = format!(
+            "admin:\n  address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}\n{bootstrap}"
+        );
+        let config_path = dir.path().join("envoy.yaml");
+        std::fs::write(&config_path, &config).unwrap();
+        let log = std::fs::File::create(dir.path().join("envoy.log")).unwrap();
+        let child = Command::new(envoy_binary())
+            .arg("-c")
+            .arg(&config_path)
+            .args([
+                "--concurrency",
+                "1",
+                "--disable-hot-restart",
+                "-l",
+                "warning",
+            ])
+            .args(["--component-log-level", "dynamic_modules:trace"])
+            .arg("--admin-address-path")
+            .arg(&admin_path)
+            .args([
+                "--base-id",
+                &(std::process::id() as u64 * 16 + fastrand_id()).to_string(),
+            ])
+            .env("ENVOY_DYNAMIC_MODULES_SEARCH_PATH", module_dir())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn envoy");
+        let mut e = Envoy {
+            child,
+            dir,
+            admin: "127.0.0.1:0".parse().unwrap(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = e.child.try_wait().unwrap() {
+                panic!("envoy {name} exited ({status}):\n{}", e.log());
+            }
+            let admin = std::fs::read_to_string(&admin_path)
+                .ok()
+                .and_then(|t| t.trim().parse::<SocketAddr>().ok());
+            if let Some(addr) = admin {
+                e.admin = addr;
+                if http_get(addr, "/ready").trim() == "LIVE" {
+                    return e;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "envoy {name} not ready in 30 s:\n{}",
+                e.log()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("envoy.log")).unwrap_or_default()
+    }
+
+    pub fn stat(&self, name: &str) -> u64 {
+        http_get(self.admin, &format!("/stats?filter=^{name}$"))
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}: "))?.parse().ok())
+            .unwrap_or(0)
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn fastrand_id() -> u64 {
+    use std::sync::atomic::AtomicU64;
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Deterministic payload, so both ends can check bytes without storing them.
+pub fn fill(seed: u64, offset: u64, buf: &mut [u8]) {
+    for (i, b) in buf.iter_mut().enumerate() {
+        let x = (offset + i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ seed;
+        *b = (x >> 29) as u8;
+    }
+}
+
+/// A backend that reads a request (8-byte reply length, then payload until EOF), then answers
+/// with the sha256 of the payload followed by the reply. It answers only after EOF, so a
+/// half-close must cross every hop.
+pub struct Backend {
+    pub port: u16,
+}
+
+impl Backend {
+    pub fn start() -> Backend {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                thread::spawn(move || {
+                    let mut len = [0u8; 8];
+                    if conn.read_exact(&mut len).is_err() {
+                        return;
+                    }
+                    let reply_len = u64::from_le_bytes(len);
+                    let mut h = Sha256::new();
+                    let mut buf = vec![0u8; 256 * 1024];
+                    loop {
+                        match conn.read(&mut buf) {
+                            Ok(0) => break,
+                            Ok(n) => h.update(&buf[..n]),
+                            Err(_) => return,
+                        }
+                    }
+                    if conn.write_all(&h.finalize()).is_err() {
+                        return;
+                    }
+                    let mut sent = 0u64;
+                    while sent < reply_len {
+                        let n = (reply_len - sent).min(buf.len() as u64) as usize;
+                        fill(2, sent, &mut buf[..n]);
+                        if conn.write_all(&buf[..n]).is_err() {
+                            return;
+                        }
+                        sent += n as u64;
+                    }
+                    let _ = conn.shutdown(Shutdown::Write);
+                });
+            }
+        });
+        Backend { port }
+    }
+}
+
+/// Sends `up` bytes through `port`, half-closes, and checks the backend's answer: the sha256 of
+/// what it received and `down` bytes of its pattern. Returns an error naming what differed.
+pub fn exchange(port: u16, up: u64, down: u64) -> Result<(), String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut reader = s.try_clone().unwrap();
+    let receiver = thread::spawn(move || -> Result<([u8; 32], u64), String> {
+        let mut digest = [0u8; 32];
+        reader
+            .read_exact(&mut digest)
+            .map_err(|e| format!("reading the backend's digest: {e}"))?;
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut expect = vec![0u8; 256 * 1024];
+        let mut got = 0u64;
+        loop {
+            let n = reader
+                .read(&mut buf)
+                .map_err(|e| format!("after {got} reply bytes: {e}"))?;
+            if n == 0 {
+                break;
+            }
+            fill(2, got, &mut expect[..n]);
+            if buf[..n] != expect[..n] {
+                return Err(format!("reply differs near offset {got}"));
+            }
+            got += n as u64;
+        }
+        Ok((digest, got))
+    });
+    s.write_all(&down.to_le_bytes())
+        .map_err(|e| e.to_string())?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut sent = 0u64;
+    while sent < up {
+        let n = (up - sent).min(buf.len() as u64) as usize;
+        fill(1, sent, &mut buf[..n]);
+        s.write_all(&buf[..n])
+            .map_err(|e| format!("after {sent} request bytes: {e}"))?;
+        h.update(&buf[..n]);
+        sent += n as u64;
+    }
+    s.shutdown(Shutdown::Write).map_err(|e| e.to_string())?;
+    let (digest, got) = receiver.join().unwrap()?;
+    if digest[..] != h.finalize()[..] {
+        return Err("the backend received different bytes (sha256 mismatch)".into());
+    }
+    if got != down {
+        return Err(format!("reply was {got} bytes, expected {down}"));
+    }
+    Ok(())
+}
+
+/// A TCP relay between two sidecars that counts the bytes crossing it each way.
+pub struct Relay {
+    pub port: u16,
+    pub bytes: Arc<AtomicU64>,
+}
+
+impl Relay {
+    pub fn start(to: u16) -> Relay {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let bytes = Arc::new(AtomicU64::new(0));
+        let counter = bytes.clone();
+        thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(a) = conn else { continue };
+                let Ok(b) = TcpStream::connect(("127.0.0.1", to)) else {
+                    continue;
+                };
+                // Doorbells are single bytes; Nagle would hold each one for an ACK.
+                let _ = a.set_nodelay(true);
+                let _ = b.set_nodelay(true);
+                for (mut from, mut into) in
+                    [(a.try_clone().unwrap(), b.try_clone().unwrap()), (b, a)]
+                {
+                    let counter = counter.clone();
+                    thread::spawn(move || {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            match from.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => {
+                                    counter.fetch_add(n as u64, Ordering::Relaxed);
+                                    if into.write_all(&buf[..n]).is_err() {
+                                        break;
+                                    }
+                                }
+                            }
+                        }
+                        let _ = into.shutdown(Shutdown::Write);
+                    });
+                }
+            }
+        });
+        Relay { port, bytes }
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+}
