@@ -290,6 +290,9 @@ fn build(
     client.resumption = Resumption::disabled();
     // Mesh peers are addressed by IP; the server name given to rustls is a placeholder.
     client.enable_sni = false;
+    // Without the extended master secret, a TLS 1.2 exporter value (the pairing token) is not
+    // bound to the whole handshake (RFC 7627).
+    client.require_ems = true;
     let mut client_not_offering_shunt = client.clone();
     client_not_offering_shunt.alpn_protocols = alpn.to_vec();
     client.alpn_protocols = std::iter::once(SHUNT_ALPN.to_vec())
@@ -304,6 +307,7 @@ fn build(
         .with_cert_resolver(certified);
     server.session_storage = Arc::new(NoServerSessionStorage {});
     server.send_tls13_tickets = 0;
+    server.require_ems = true;
     let with_alpn = |protocol: &[u8]| {
         let mut config = server.clone();
         config.alpn_protocols = vec![protocol.to_vec()];
@@ -318,4 +322,27 @@ fn build(
         server_ordinary: alpn.iter().map(|p| (p.clone(), with_alpn(p))).collect(),
         server_without_alpn: Arc::new(server),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alpn_lists_are_validated() {
+        let list = |ps: &[&[u8]]| ps.iter().map(|p| p.to_vec()).collect::<Vec<_>>();
+        assert!(validate_alpn(&list(&[b"h2", b"http/1.1"])).is_ok());
+        assert!(validate_alpn(&[]).is_ok());
+        for bad in [
+            list(&[b""]),
+            list(&[SHUNT_ALPN]),
+            list(&[b"h2", b"http/1.1", b"h2"]),
+            vec![vec![b'x'; 256]],
+        ] {
+            assert!(
+                matches!(validate_alpn(&bad), Err(TlsError::InvalidAlpn(..))),
+                "{bad:?} was accepted"
+            );
+        }
+    }
 }

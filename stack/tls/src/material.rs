@@ -212,3 +212,44 @@ fn pem_problem(what: &str, error: &rustls_pki_types::pem::Error) -> String {
         other => format!("malformed PEM: {other}"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_pem_names_the_item() {
+        let source = CertSource::Pem {
+            cert_chain: String::new(),
+            private_key: String::new(),
+            trust_bundle: String::new(),
+        };
+        let error = source.load().err().unwrap().to_string();
+        assert_eq!(
+            error,
+            "certificate chain from in-memory PEM: no CERTIFICATE block found"
+        );
+        assert!(source.stamp().is_none());
+    }
+
+    #[test]
+    fn stamps_change_when_a_file_appears_or_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("cert.pem");
+        let source = CertSource::Files {
+            cert_chain: file.clone(),
+            private_key: file.clone(),
+            trust_bundle: file.clone(),
+        };
+        let missing = source.stamp();
+        assert_eq!(missing, source.stamp());
+        fs::write(&file, "one").unwrap();
+        let present = source.stamp();
+        assert_ne!(missing, present);
+        assert_eq!(present, source.stamp());
+        let replacement = dir.path().join("cert.pem.new");
+        fs::write(&replacement, "two").unwrap();
+        fs::rename(&replacement, &file).unwrap();
+        assert_ne!(present, source.stamp());
+    }
+}

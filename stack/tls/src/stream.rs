@@ -49,6 +49,10 @@ pub enum ReadOutcome {
 /// After each `feed`, and after writing plaintext or `close_notify`, send what
 /// [`pending_output`](Self::pending_output) yields; also after an error, which usually leaves an
 /// alert to send.
+///
+/// With TLS 1.3 a client completes its handshake before the server has checked the client's
+/// certificate: a server that refuses it answers with an alert, which the client's next
+/// [`feed`](Self::feed) reports as an error.
 pub struct TlsStream {
     state: State,
     peer: Option<PeerInfo>,
