@@ -6,7 +6,7 @@
 //! closes) instead of aborting Envoy.
 //!
 //! Envoy does not check signatures, only the version string, so a drifted declaration here
-//! would load and misbehave. `tests/abi_drift.rs` compares the callbacks this library imports
+//! would load and misbehave. `tests/loading.rs` compares the callbacks this library imports
 //! with the symbols the pinned Envoy binary exports.
 
 #![allow(unsafe_code)]

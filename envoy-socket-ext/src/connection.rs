@@ -607,6 +607,16 @@ impl Connection {
             }
         }
         ct.write_blocked = blocked;
+        if blocked && end_stream {
+            // Once its upstream has finished, Envoy may flush-close this connection: it then
+            // stops read events and waits only for writes, so the peer's space doorbell would
+            // never be read. Poll instead: take any doorbells here, and come back until the
+            // FIFO has room. This only happens for the last bytes of a stream.
+            let mut buf = [0u8; 256];
+            while let Io::Done(_) = host.io_read(&mut buf) {}
+            ct.session.on_peer_wakeup();
+            host.set_writable();
+        }
         STATS.bytes(Mode::CutThrough, total);
         log(host, LogLevel::Trace, || {
             format!("shunt: wrote {total} to the FIFO, blocked={blocked}, end_stream={end_stream}")

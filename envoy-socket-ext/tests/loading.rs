@@ -1,6 +1,7 @@
 //! Envoy only warns when a module's ABI version differs and never checks signatures, so drift
 //! would load silently and misbehave. This compares what `libshunt_envoy.so` imports and
-//! exports with the symbols of the pinned Envoy binary.
+//! exports with the symbols of the pinned Envoy binary, and checks that Envoy loads the module
+//! from the example bootstraps and rejects a bad module config with the field named.
 
 mod common;
 
@@ -66,4 +67,52 @@ fn the_module_exports_every_transport_socket_hook() {
         .collect();
     expected.insert("envoy_dynamic_module_on_program_init".into());
     assert_eq!(exported, expected);
+}
+
+#[test]
+fn the_example_sidecars_load_the_module_and_validate() {
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/envoy");
+    for name in ["client-sidecar.yaml", "server-sidecar.yaml"] {
+        let out = Command::new(common::envoy_binary())
+            .args(["--mode", "validate", "--disable-hot-restart", "-c"])
+            .arg(examples.join(name))
+            .env("ENVOY_DYNAMIC_MODULES_SEARCH_PATH", common::module_dir())
+            .output()
+            .expect("run envoy --mode validate");
+        assert!(
+            out.status.success(),
+            "{name} does not validate:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn a_bad_module_config_fails_envoys_config_load_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let bootstrap = common::tcp_sidecar(
+        common::free_port(),
+        "",
+        common::free_port(),
+        &common::module_socket("pairing_timeout_ms: 0\n"),
+    );
+    let path = dir.path().join("bad.yaml");
+    std::fs::write(&path, bootstrap).unwrap();
+    let out = Command::new(common::envoy_binary())
+        .args(["--mode", "validate", "--disable-hot-restart", "-c"])
+        .arg(&path)
+        .env("ENVOY_DYNAMIC_MODULES_SEARCH_PATH", common::module_dir())
+        .output()
+        .expect("run envoy --mode validate");
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "a bad config validated:\n{log}");
+    assert!(
+        log.contains("pairing_timeout_ms"),
+        "no field name in:\n{log}"
+    );
 }
