@@ -142,6 +142,26 @@ unsafe extern "C" {
     fn envoy_dynamic_module_callback_log_enabled(level: u32) -> bool;
 }
 
+/// An `io_status` and byte count from a read: success with no bytes is the peer's FIN.
+fn read_result(status: u32, n: usize, max: usize) -> Io {
+    match status {
+        STATUS_SUCCESS if n == 0 => Io::Eof,
+        STATUS_SUCCESS => Io::Done(n.min(max)),
+        STATUS_AGAIN => Io::Again,
+        _ => Io::Error,
+    }
+}
+
+/// An `io_status` and byte count from a write: success with no bytes moved nothing, so it
+/// counts as "again" (`Io::Done` always carries progress).
+fn write_result(status: u32, n: usize, max: usize) -> Io {
+    match status {
+        STATUS_SUCCESS if n > 0 => Io::Done(n.min(max)),
+        STATUS_SUCCESS | STATUS_AGAIN => Io::Again,
+        _ => Io::Error,
+    }
+}
+
 /// Envoy's side of one connection, valid for the duration of one hook call.
 struct EnvoySocket {
     ptr: *mut c_void,
@@ -190,12 +210,7 @@ impl Host for EnvoySocket {
                 &mut n,
             )
         };
-        match status {
-            STATUS_SUCCESS if n == 0 => Io::Eof,
-            STATUS_SUCCESS => Io::Done(n.min(buf.len())),
-            STATUS_AGAIN => Io::Again,
-            _ => Io::Error,
-        }
+        read_result(status, n, buf.len())
     }
 
     fn io_write(&mut self, buf: &[u8]) -> Io {
@@ -209,11 +224,7 @@ impl Host for EnvoySocket {
                 &mut n,
             )
         };
-        match status {
-            STATUS_SUCCESS => Io::Done(n.min(buf.len())),
-            STATUS_AGAIN => Io::Again,
-            _ => Io::Error,
-        }
+        write_result(status, n, buf.len())
     }
 
     fn io_read_into_buffer(&mut self, max: usize) -> Io {
@@ -224,12 +235,7 @@ impl Host for EnvoySocket {
                 self.ptr, max as u64, &mut n,
             )
         };
-        match status {
-            STATUS_SUCCESS if n == 0 => Io::Eof,
-            STATUS_SUCCESS => Io::Done(n),
-            STATUS_AGAIN => Io::Again,
-            _ => Io::Error,
-        }
+        read_result(status, n, max)
     }
 
     fn io_write_from_buffer(&mut self) -> Io {
@@ -240,11 +246,7 @@ impl Host for EnvoySocket {
                 self.ptr, &mut n,
             )
         };
-        match status {
-            STATUS_SUCCESS if n > 0 => Io::Done(n),
-            STATUS_SUCCESS | STATUS_AGAIN => Io::Again,
-            _ => Io::Error,
-        }
+        write_result(status, n, usize::MAX)
     }
 
     fn io_shutdown_write(&mut self) {

@@ -101,8 +101,6 @@ pub struct Connection {
     outbound: Vec<u8>,
     scratch: Vec<u8>,
     failure: Option<String>,
-    /// Set once the mode is decided; Envoy reads it through `get_protocol`-style queries.
-    mode: Option<Mode>,
 }
 
 fn log(host: &dyn Host, level: LogLevel, msg: impl FnOnce() -> String) {
@@ -131,12 +129,7 @@ impl Connection {
             outbound: Vec::new(),
             scratch: vec![0u8; PLAIN_CHUNK],
             failure: None,
-            mode: None,
         }
-    }
-
-    pub fn mode(&self) -> Option<Mode> {
-        self.mode
     }
 
     pub fn failure_reason(&self) -> &str {
@@ -156,15 +149,8 @@ impl Connection {
         log(host, LogLevel::Debug, || {
             format!("shunt: plain TCP for this connection: {reason}")
         });
-        self.enter(Mode::Plain);
-    }
-
-    fn enter(&mut self, mode: Mode) {
-        STATS.connection(mode);
-        self.mode = Some(mode);
-        if mode == Mode::Plain {
-            self.state = State::Plain;
-        }
+        STATS.connection(Mode::Plain);
+        self.state = State::Plain;
     }
 
     // ---- hooks ----
@@ -304,15 +290,8 @@ impl Connection {
                 );
             }
             self.fall_back(host, "peer_without_shunt");
-            let early = std::mem::take(&mut self.inbound);
-            host.read_buffer_add(&early);
-            STATS.bytes(Mode::Plain, early.len());
             host.flush_write_buffer();
-            if eof {
-                return IoResult::keep(early.len(), true);
-            }
-            let more = self.plain_read(host);
-            return IoResult::keep(early.len() + more.bytes as usize, more.end_stream);
+            return self.plain_read_after_handshake(host, eof);
         }
         let hello = match Hello::parse(self.inbound[..HELLO_LEN].try_into().expect("len")) {
             Ok(h) => h,
@@ -424,19 +403,13 @@ impl Connection {
         // Whatever followed the answer is payload (plain) or doorbells (cut-through).
         match self.state {
             State::CutThrough(_) => self.cut_through_read(host),
-            _ => {
-                let early = std::mem::take(&mut self.inbound);
-                host.read_buffer_add(&early);
-                STATS.bytes(Mode::Plain, early.len());
-                let more = self.plain_read(host);
-                IoResult::keep(early.len() + more.bytes as usize, more.end_stream)
-            }
+            _ => self.plain_read_after_handshake(host, false),
         }
     }
 
     fn start_cut_through(&mut self, mut session: Session) {
         session.use_external_wakeups();
-        self.enter(Mode::CutThrough);
+        STATS.connection(Mode::CutThrough);
         self.state = State::CutThrough(CutThrough {
             session,
             write_blocked: false,
@@ -447,6 +420,19 @@ impl Connection {
     }
 
     // ---- plain ----
+
+    /// Hands Envoy the payload that arrived with the handshake bytes, then reads on (unless
+    /// the peer already ended its stream).
+    fn plain_read_after_handshake(&mut self, host: &mut dyn Host, eof: bool) -> IoResult {
+        let early = std::mem::take(&mut self.inbound);
+        host.read_buffer_add(&early);
+        STATS.bytes(Mode::Plain, early.len());
+        if eof {
+            return IoResult::keep(early.len(), true);
+        }
+        let more = self.plain_read(host);
+        IoResult::keep(early.len() + more.bytes as usize, more.end_stream)
+    }
 
     fn plain_read(&mut self, host: &mut dyn Host) -> IoResult {
         let mut total = 0;
@@ -496,19 +482,7 @@ impl Connection {
         };
         // 1. Doorbells, and the peer's FIN. Any non-doorbell byte is a broken peer.
         let mut bells = std::mem::take(&mut self.inbound);
-        loop {
-            let mut buf = [0u8; 256];
-            match host.io_read(&mut buf) {
-                Io::Done(n) => bells.extend_from_slice(&buf[..n]),
-                Io::Again => break,
-                // A close of the peer's socket with doorbells unread arrives as a reset; the
-                // FIFO, not the TCP connection, says whether the stream ended cleanly.
-                Io::Eof | Io::Error => {
-                    ct.tcp_closed = true;
-                    break;
-                }
-            }
-        }
+        ct.tcp_closed |= read_doorbells(host, &mut bells);
         if bells.iter().any(|b| *b != wire::DOORBELL) {
             return self.fail(host, "peer sent payload on a cut-through connection".into());
         }
@@ -612,8 +586,8 @@ impl Connection {
             // stops read events and waits only for writes, so the peer's space doorbell would
             // never be read. Poll instead: take any doorbells here, and come back until the
             // FIFO has room. This only happens for the last bytes of a stream.
-            let mut buf = [0u8; 256];
-            while let Io::Done(_) = host.io_read(&mut buf) {}
+            let mut bells = Vec::new();
+            ct.tcp_closed |= read_doorbells(host, &mut bells);
             ct.session.on_peer_wakeup();
             host.set_writable();
         }
@@ -656,6 +630,20 @@ impl Connection {
             }
             // The peer is gone; the read side will notice and close.
             Io::Eof | Io::Error => ct.doorbell_owed = false,
+        }
+    }
+}
+
+/// Reads what the peer sent on a cut-through connection into `bells`, until the socket has
+/// nothing more. Returns whether the peer's socket closed. A close with doorbells unread
+/// arrives as a reset; the FIFO, not the TCP connection, says whether the stream ended cleanly.
+fn read_doorbells(host: &mut dyn Host, bells: &mut Vec<u8>) -> bool {
+    let mut buf = [0u8; 256];
+    loop {
+        match host.io_read(&mut buf) {
+            Io::Done(n) => bells.extend_from_slice(&buf[..n]),
+            Io::Again => return false,
+            Io::Eof | Io::Error => return true,
         }
     }
 }

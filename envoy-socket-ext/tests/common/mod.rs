@@ -202,7 +202,7 @@ impl Envoy {
             .arg(&admin_path)
             .args([
                 "--base-id",
-                &(std::process::id() as u64 * 16 + fastrand_id()).to_string(),
+                &(std::process::id() as u64 * 16 + next_base_id()).to_string(),
             ])
             .env("ENVOY_DYNAMIC_MODULES_SEARCH_PATH", module_dir())
             .stdin(Stdio::null())
@@ -261,7 +261,7 @@ impl Drop for Envoy {
     }
 }
 
-fn fastrand_id() -> u64 {
+fn next_base_id() -> u64 {
     use std::sync::atomic::AtomicU64;
     static NEXT: AtomicU64 = AtomicU64::new(1);
     NEXT.fetch_add(1, Ordering::Relaxed)

@@ -396,18 +396,28 @@ impl Worker {
 
     /// Starts a connect; finish it with [`Worker::poll_connect`].
     pub fn start_connect(&self, remote: SocketAddr) -> Result<PendingConnect, Error> {
+        self.start_session_request(Request::Connect { remote }, remote, true)
+    }
+
+    /// Sends a request that shuntd answers with a `Connected` or `ConnectFailed` event.
+    fn start_session_request(
+        &self,
+        req: Request,
+        remote: SocketAddr,
+        is_client: bool,
+    ) -> Result<PendingConnect, Error> {
         self.ensure_attached()?;
         let mut st = self.lock();
         let id = Self::next_request(&mut st);
         st.connects.insert(id, ConnectState::Waiting(None));
-        if let Err(e) = self.send(&mut st, id, &Request::Connect { remote }) {
+        if let Err(e) = self.send(&mut st, id, &req) {
             st.connects.remove(&id);
             return Err(e);
         }
         Ok(PendingConnect {
             id,
             remote,
-            is_client: true,
+            is_client,
         })
     }
 
@@ -415,20 +425,8 @@ impl Worker {
     /// The session comes when the other end offers the same token, or the offer is refused
     /// (`ErrorCode::PairTimeout` when no other end came in time).
     pub fn start_pair(&self, offer: PairOffer) -> Result<PendingConnect, Error> {
-        self.ensure_attached()?;
-        let mut st = self.lock();
-        let id = Self::next_request(&mut st);
-        st.connects.insert(id, ConnectState::Waiting(None));
-        let pending = PendingConnect {
-            id,
-            remote: offer.remote,
-            is_client: offer.role == PairRole::Initiator,
-        };
-        if let Err(e) = self.send(&mut st, id, &Request::Pair(offer)) {
-            st.connects.remove(&id);
-            return Err(e);
-        }
-        Ok(pending)
+        let (remote, is_client) = (offer.remote, offer.role == PairRole::Initiator);
+        self.start_session_request(Request::Pair(offer), remote, is_client)
     }
 
     /// Gives up on a connect or pairing; a session that still arrives for it is closed.

@@ -721,8 +721,22 @@ impl SessionLayer {
 
     // ---- connect ----
 
-    fn count_rule(&self, table: RuleTable, action: &RuleAction) {
-        LayerCounters::bump(&self.counters.rule_hits, (table, action.as_str()));
+    /// Counts the rule that matched in `table`, if any, and turns a deny into the error.
+    /// Returns the action to follow (`None`: no rule matched).
+    fn decide(
+        &self,
+        table: RuleTable,
+        rule: Option<Rule>,
+    ) -> Result<Option<RuleAction>, SessionError> {
+        let Some(rule) = rule else { return Ok(None) };
+        LayerCounters::bump(&self.counters.rule_hits, (table, rule.action.as_str()));
+        match rule.action {
+            RuleAction::Deny => Err(SessionError::Denied {
+                table,
+                tag: rule.tag,
+            }),
+            action => Ok(Some(action)),
+        }
     }
 
     /// Connects `worker` to `remote`. On success both workers have been told, through their
@@ -770,18 +784,8 @@ impl SessionLayer {
             n.get(&namespace)
                 .and_then(|ns| ns.local_rules.lookup(unspecified_local, remote).cloned())
         });
-        if let Some(rule) = egress {
-            self.count_rule(RuleTable::Local, &rule.action);
-            match rule.action {
-                RuleAction::Deny => {
-                    return Err(SessionError::Denied {
-                        table: RuleTable::Local,
-                        tag: rule.tag,
-                    });
-                }
-                RuleAction::Redirect(to) => remote = to,
-                RuleAction::Allow => {}
-            }
+        if let Some(RuleAction::Redirect(to)) = self.decide(RuleTable::Local, egress)? {
+            remote = to;
         }
 
         let lid = reg
@@ -801,21 +805,13 @@ impl SessionLayer {
 
         // Ingress: the node's global table decides whether the listener may take it.
         let listener_ep = reg.listeners[&lid].endpoint;
-        if let Some(rule) = self
+        let ingress = self
             .global_rules
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .lookup(SocketAddr::new(remote.ip(), listener_ep.port()), local)
-            .cloned()
-        {
-            self.count_rule(RuleTable::Global, &rule.action);
-            if rule.action == RuleAction::Deny {
-                return Err(SessionError::Denied {
-                    table: RuleTable::Global,
-                    tag: rule.tag,
-                });
-            }
-        }
+            .cloned();
+        self.decide(RuleTable::Global, ingress)?;
 
         let l = reg.listeners.get_mut(&lid).expect("looked up");
         let server = l.workers[l.rotor % l.workers.len()];
@@ -1112,17 +1108,8 @@ impl SessionLayer {
             .unwrap_or_else(|e| e.into_inner())
             .lookup(responder.local, responder.remote)
             .cloned();
-        for (table, rule) in [(RuleTable::Local, egress), (RuleTable::Global, ingress)] {
-            if let Some(rule) = rule {
-                self.count_rule(table, &rule.action);
-                if rule.action == RuleAction::Deny {
-                    return Err(SessionError::Denied {
-                        table,
-                        tag: rule.tag,
-                    });
-                }
-            }
-        }
+        self.decide(RuleTable::Local, egress)?;
+        self.decide(RuleTable::Global, ingress)?;
         Ok(())
     }
 
