@@ -16,7 +16,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 
-use crate::config::SocketConfig;
+use crate::config::Settings;
 use crate::connection::{Connection, IoResult, Side};
 use crate::host::{Host, Io, LogLevel};
 
@@ -165,6 +165,27 @@ fn write_result(status: u32, n: usize, max: usize) -> Io {
 /// Envoy's side of one connection, valid for the duration of one hook call.
 struct EnvoySocket {
     ptr: *mut c_void,
+    /// Envoy's flush runs our `do_write` at once, re-entering the connection; so it is asked
+    /// for here and done by the hook once the connection is no longer borrowed.
+    flush_requested: bool,
+}
+
+impl EnvoySocket {
+    fn new(ptr: *mut c_void) -> Self {
+        Self {
+            ptr,
+            flush_requested: false,
+        }
+    }
+
+    /// Runs the flush a hook's connection asked for, after that connection's borrow ended.
+    fn flush_if_requested(&mut self, closing: bool) {
+        if self.flush_requested && !closing {
+            // SAFETY: `self.ptr` is the live socket, on Envoy's worker thread, and no reference
+            // to the connection is held while Envoy calls back into `do_write`.
+            unsafe { envoy_dynamic_module_callback_transport_socket_flush_write_buffer(self.ptr) }
+        }
+    }
 }
 
 fn level(l: LogLevel) -> u32 {
@@ -327,8 +348,7 @@ impl Host for EnvoySocket {
     }
 
     fn flush_write_buffer(&mut self) {
-        // SAFETY: `self.ptr` is the live socket, on Envoy's worker thread.
-        unsafe { envoy_dynamic_module_callback_transport_socket_flush_write_buffer(self.ptr) }
+        self.flush_requested = true;
     }
 
     fn local_address(&self) -> Option<SocketAddr> {
@@ -357,7 +377,7 @@ fn log_global(l: LogLevel, message: &str) {
 }
 
 struct Factory {
-    config: Arc<SocketConfig>,
+    settings: Arc<Settings>,
     side: Side,
 }
 
@@ -393,24 +413,22 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_transport_socket_factory_config
 ) -> *const c_void {
     // SAFETY: both buffers are valid during this call and only read inside it.
     let (name, config) = unsafe { (socket_name.as_slice(), socket_config.as_slice()) };
-    guarded(std::ptr::null(), || {
-        match SocketConfig::parse(name, config) {
-            Ok(config) => {
-                let side = if is_upstream {
-                    Side::Initiator
-                } else {
-                    Side::Responder
-                };
-                let factory = Box::new(Factory {
-                    config: Arc::new(config),
-                    side,
-                });
-                Box::into_raw(factory).cast_const().cast()
-            }
-            Err(e) => {
-                log_global(LogLevel::Error, &format!("shunt: {e}"));
-                std::ptr::null()
-            }
+    guarded(std::ptr::null(), || match Settings::parse(name, config) {
+        Ok(settings) => {
+            let side = if is_upstream {
+                Side::Initiator
+            } else {
+                Side::Responder
+            };
+            let factory = Box::new(Factory {
+                settings: Arc::new(settings),
+                side,
+            });
+            Box::into_raw(factory).cast_const().cast()
+        }
+        Err(e) => {
+            log_global(LogLevel::Error, &format!("shunt: {e}"));
+            std::ptr::null()
         }
     })
 }
@@ -439,7 +457,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_transport_socket_new(
         return std::ptr::null();
     };
     guarded(std::ptr::null(), || {
-        let conn = Box::new(Connection::new(factory.config.clone(), factory.side));
+        let conn = Box::new(Connection::new(factory.settings.clone(), factory.side));
         Box::into_raw(conn).cast_const().cast()
     })
 }
@@ -473,8 +491,9 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_transport_socket_on_connected(
     let Some(conn) = (unsafe { connection(socket) }) else {
         return;
     };
-    let mut host = EnvoySocket { ptr: envoy };
+    let mut host = EnvoySocket::new(envoy);
     guarded((), || conn.on_connected(&mut host));
+    host.flush_if_requested(false);
 }
 
 /// # Safety
@@ -488,8 +507,10 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_transport_socket_do_read(
     let Some(conn) = (unsafe { connection(socket) }) else {
         return IoResult::closed().into();
     };
-    let mut host = EnvoySocket { ptr: envoy };
-    guarded(IoResult::closed(), || conn.do_read(&mut host)).into()
+    let mut host = EnvoySocket::new(envoy);
+    let result = guarded(IoResult::closed(), || conn.do_read(&mut host));
+    host.flush_if_requested(result.close);
+    result.into()
 }
 
 /// # Safety
@@ -504,7 +525,8 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_transport_socket_do_write(
     let Some(conn) = (unsafe { connection(socket) }) else {
         return IoResult::closed().into();
     };
-    let mut host = EnvoySocket { ptr: envoy };
+    // A flush asked for here is moot: this is the write.
+    let mut host = EnvoySocket::new(envoy);
     guarded(IoResult::closed(), || conn.do_write(&mut host, end_stream)).into()
 }
 

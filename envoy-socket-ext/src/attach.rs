@@ -57,3 +57,14 @@ pub fn worker_for(config: &SocketConfig) -> Option<Worker> {
         }
     })
 }
+
+/// Drops this thread's worker for `config` after shuntd failed it (shuntd restarted or died),
+/// so that the next connection attaches afresh instead of reusing a dead attachment.
+pub fn forget(config: &SocketConfig) {
+    let key = (config.shuntd_socket.clone(), config.namespace.id.clone());
+    WORKERS.with(|workers| {
+        if let Some(slot) = workers.borrow_mut().get_mut(&key) {
+            slot.worker = None;
+        }
+    });
+}

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
+use shunt_tls::{CertSource, IdentityPolicy, TlsContext, TlsError, TlsSettings};
 
 /// Where `shuntd` listens for apps unless the config says otherwise.
 pub const DEFAULT_SHUNTD_SOCKET: &str = "/run/shunt/shuntd.sock";
@@ -63,6 +64,71 @@ pub struct SocketConfig {
     /// the others on its worker.
     #[serde(default = "default_read_chunk")]
     pub max_read_per_event: usize,
+    /// Mutual TLS. Without it, the module runs in plain mode (no TLS; pairing keyed by the
+    /// namespace secret).
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+}
+
+/// The `tls` block: this workload's certificate, the mesh CA, and whom to accept.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM: the leaf certificate first, then intermediates. Re-read when it changes on disk.
+    pub cert_chain: PathBuf,
+    /// PEM: the leaf's private key.
+    pub private_key: PathBuf,
+    /// PEM: the CA certificates that peers' chains must lead to.
+    pub trust_bundle: PathBuf,
+    /// SPIFFE ids (or `spiffe://<trust-domain>/*`) a peer may present; empty accepts any
+    /// identity the trust bundle vouches for.
+    #[serde(default)]
+    pub peer_identities: Vec<String>,
+    /// Ordinary ALPN protocols, after Shunt's, for peers that are not Shunt (e.g. `h2`).
+    #[serde(default)]
+    pub alpn: Vec<String>,
+}
+
+/// A parsed configuration with what it needs built: the TLS context loads the certificates
+/// once per factory, and connections share it.
+pub struct Settings {
+    pub config: SocketConfig,
+    pub tls: Option<TlsContext>,
+}
+
+impl Settings {
+    pub fn parse(socket_name: &[u8], bytes: &[u8]) -> Result<Self, ConfigError> {
+        let config = SocketConfig::parse(socket_name, bytes)?;
+        let tls = config.tls.as_ref().map(TlsConfig::context).transpose()?;
+        Ok(Self { config, tls })
+    }
+}
+
+impl TlsConfig {
+    fn context(&self) -> Result<TlsContext, ConfigError> {
+        let policy = IdentityPolicy::parse(self.peer_identities.iter().map(String::as_str))
+            .map_err(|e| ConfigError::Invalid {
+                field: "tls.peer_identities",
+                reason: e.to_string(),
+            })?;
+        let mut settings = TlsSettings::new(CertSource::Files {
+            cert_chain: self.cert_chain.clone(),
+            private_key: self.private_key.clone(),
+            trust_bundle: self.trust_bundle.clone(),
+        });
+        settings.policy = policy;
+        settings.alpn = self.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+        TlsContext::new(settings).map_err(|e| ConfigError::Invalid {
+            field: match &e {
+                TlsError::InvalidAlpn(..) => "tls.alpn",
+                TlsError::Material { item, .. } if item.contains("chain") => "tls.cert_chain",
+                TlsError::Material { item, .. } if item.contains("key") => "tls.private_key",
+                TlsError::Material { item, .. } if item.contains("bundle") => "tls.trust_bundle",
+                _ => "tls",
+            },
+            reason: e.to_string(),
+        })
+    }
 }
 
 fn default_socket() -> PathBuf {

@@ -51,7 +51,7 @@ pub trait Host {
     fn set_readable(&mut self);
     /// Asks Envoy for another `do_write` soon.
     fn set_writable(&mut self);
-    /// Runs `do_write` now if Envoy holds data for us.
+    /// Has Envoy run `do_write`, once this hook returns, if it holds data for us.
     fn flush_write_buffer(&mut self);
 
     fn local_address(&self) -> Option<SocketAddr>;

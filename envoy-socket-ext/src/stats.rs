@@ -7,16 +7,21 @@ use std::time::Duration;
 /// How a connection carries its payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Mode {
+    /// Through the FIFO pair; the TCP connection carries doorbells.
     CutThrough,
+    /// Mutual TLS over the TCP connection.
+    Tls,
+    /// Plain TCP.
     Plain,
 }
 
 impl Mode {
-    pub const ALL: [Mode; 2] = [Mode::CutThrough, Mode::Plain];
+    pub const ALL: [Mode; 3] = [Mode::CutThrough, Mode::Tls, Mode::Plain];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Mode::CutThrough => "cut_through",
+            Mode::Tls => "tls",
             Mode::Plain => "plain",
         }
     }
@@ -31,18 +36,20 @@ pub const PAIRING_BUCKETS_US: [u64; 8] = [50, 100, 250, 500, 1_000, 5_000, 25_00
 
 #[derive(Debug, Default)]
 pub struct Stats {
-    connections: [AtomicU64; 2],
-    bytes: [AtomicU64; 2],
+    connections: [AtomicU64; Mode::ALL.len()],
+    bytes: [AtomicU64; Mode::ALL.len()],
     fallbacks: Mutex<Vec<(&'static str, u64)>>,
+    handshake_failures: Mutex<Vec<(&'static str, u64)>>,
     pairing_us: [AtomicU64; PAIRING_BUCKETS_US.len() + 1],
 }
 
 impl Stats {
     pub const fn new() -> Self {
         Self {
-            connections: [AtomicU64::new(0), AtomicU64::new(0)],
-            bytes: [AtomicU64::new(0), AtomicU64::new(0)],
+            connections: [const { AtomicU64::new(0) }; Mode::ALL.len()],
+            bytes: [const { AtomicU64::new(0) }; Mode::ALL.len()],
             fallbacks: Mutex::new(Vec::new()),
+            handshake_failures: Mutex::new(Vec::new()),
             pairing_us: [const { AtomicU64::new(0) }; PAIRING_BUCKETS_US.len() + 1],
         }
     }
@@ -56,11 +63,11 @@ impl Stats {
     }
 
     pub fn fallback(&self, reason: &'static str) {
-        let mut f = self.fallbacks.lock().unwrap_or_else(|e| e.into_inner());
-        match f.iter_mut().find(|(r, _)| *r == reason) {
-            Some((_, n)) => *n += 1,
-            None => f.push((reason, 1)),
-        }
+        count(&self.fallbacks, reason);
+    }
+
+    pub fn handshake_failure(&self, label: &'static str) {
+        count(&self.handshake_failures, label);
     }
 
     pub fn pairing(&self, took: Duration) {
@@ -81,10 +88,11 @@ impl Stats {
     }
 
     pub fn fallbacks(&self) -> Vec<(&'static str, u64)> {
-        self.fallbacks
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        snapshot(&self.fallbacks)
+    }
+
+    pub fn handshake_failures(&self) -> Vec<(&'static str, u64)> {
+        snapshot(&self.handshake_failures)
     }
 
     /// Pairings per latency bucket; the last counts those above every bound.
@@ -94,6 +102,18 @@ impl Stats {
             .map(|c| c.load(Ordering::Relaxed))
             .collect()
     }
+}
+
+fn count(counts: &Mutex<Vec<(&'static str, u64)>>, label: &'static str) {
+    let mut counts = counts.lock().unwrap_or_else(|e| e.into_inner());
+    match counts.iter_mut().find(|(l, _)| *l == label) {
+        Some((_, n)) => *n += 1,
+        None => counts.push((label, 1)),
+    }
+}
+
+fn snapshot(counts: &Mutex<Vec<(&'static str, u64)>>) -> Vec<(&'static str, u64)> {
+    counts.lock().unwrap_or_else(|e| e.into_inner()).clone()
 }
 
 /// This process's statistics.

@@ -8,6 +8,13 @@
 //!
 //! A responder that does not see the magic in the first bytes is talking to a peer without
 //! Shunt, and those bytes are the peer's payload.
+//!
+//! With mutual TLS there is no hello: ALPN says both ends run Shunt, the TLS exporter gives
+//! both the pairing token, and each end sends one answer-shaped frame *inside* TLS. The
+//! initiator's says whether it offered the pairing to its shuntd; the responder's says whether
+//! shuntd paired the two. The responder's frame is the last TLS record either end sends when
+//! they switch to cut-through, so record boundaries ([`tls_record_len`]) tell where TLS ends and
+//! doorbells begin.
 
 /// First bytes of every handshake frame.
 pub const MAGIC: [u8; 4] = *b"SHNT";
@@ -37,14 +44,29 @@ pub enum WireError {
 pub enum Sniff {
     /// Too few bytes to tell.
     NeedMore,
-    /// The peer speaks Shunt.
+    /// The peer speaks Shunt (plain mode).
     Shunt,
+    /// The peer starts a TLS handshake.
+    Tls,
     /// The peer does not: these bytes are its payload.
     Other,
 }
 
-/// Whether `prefix` could be, or is, the start of a Shunt handshake.
+/// TLS record content type of a handshake message: every TLS connection starts with one.
+const TLS_HANDSHAKE: u8 = 0x16;
+/// Bytes in a TLS record header: type, version (2), length (2).
+const TLS_HEADER_LEN: usize = 5;
+
+/// Whether `prefix` could be, or is, the start of a Shunt handshake, or of TLS.
 pub fn sniff(prefix: &[u8]) -> Sniff {
+    if prefix.first() == Some(&TLS_HANDSHAKE) {
+        return match prefix.get(1) {
+            None => Sniff::NeedMore,
+            // Every TLS version's record layer says major version 3.
+            Some(3) => Sniff::Tls,
+            Some(_) => Sniff::Other,
+        };
+    }
     let n = prefix.len().min(MAGIC.len());
     if prefix[..n] != MAGIC[..n] {
         Sniff::Other
@@ -85,8 +107,10 @@ pub enum RefuseReason {
     ShuntdDown,
     /// shuntd did not pair the two ends in time.
     Timeout,
-    /// shuntd refused the pairing (a rule, a full segment).
+    /// shuntd refused the pairing (a full segment, a conflict).
     Refused,
+    /// shuntd's rules deny the pair: the connection must close.
+    Denied,
     Unknown(u8),
 }
 
@@ -96,6 +120,7 @@ impl RefuseReason {
             RefuseReason::ShuntdDown => 1,
             RefuseReason::Timeout => 2,
             RefuseReason::Refused => 3,
+            RefuseReason::Denied => 4,
             RefuseReason::Unknown(n) => n,
         }
     }
@@ -104,6 +129,7 @@ impl RefuseReason {
             1 => RefuseReason::ShuntdDown,
             2 => RefuseReason::Timeout,
             3 => RefuseReason::Refused,
+            4 => RefuseReason::Denied,
             n => RefuseReason::Unknown(n),
         }
     }
@@ -112,6 +138,7 @@ impl RefuseReason {
             RefuseReason::ShuntdDown => "peer_shuntd_down",
             RefuseReason::Timeout => "peer_pairing_timeout",
             RefuseReason::Refused => "peer_pairing_refused",
+            RefuseReason::Denied => "pairing_denied",
             RefuseReason::Unknown(_) => "peer_unknown_reason",
         }
     }
@@ -146,6 +173,14 @@ impl Answer {
         }
         b
     }
+}
+
+/// The length, header included, of the TLS record at the start of `buf`, once all of it is
+/// there. The length field is the peer's word: an oversized record is left for TLS to refuse.
+pub fn tls_record_len(buf: &[u8]) -> Option<usize> {
+    let header = buf.get(..TLS_HEADER_LEN)?;
+    let len = TLS_HEADER_LEN + usize::from(u16::from_be_bytes([header[3], header[4]]));
+    (buf.len() >= len).then_some(len)
 }
 
 /// Checks magic, version and (when `kind` is not 0) the frame kind.
@@ -205,10 +240,24 @@ mod tests {
         assert_eq!(sniff(b"SHNT"), Sniff::Shunt);
         assert_eq!(sniff(b"GET / HTTP/1.1"), Sniff::Other);
         assert_eq!(sniff(b"SHX"), Sniff::Other);
+        assert_eq!(sniff(&[0x16]), Sniff::NeedMore);
+        assert_eq!(sniff(&[0x16, 0x03, 0x01]), Sniff::Tls, "a TLS ClientHello");
+        assert_eq!(sniff(&[0x16, 0x04]), Sniff::Other);
+    }
+
+    #[test]
+    fn tls_records_end_where_their_header_says() {
+        assert_eq!(tls_record_len(&[0x17, 3, 3, 0]), None, "header incomplete");
         assert_eq!(
-            sniff(&[0x16, 0x03, 0x01]),
-            Sniff::Other,
-            "a TLS ClientHello"
+            tls_record_len(&[0x17, 3, 3, 0, 2, 9]),
+            None,
+            "body incomplete"
+        );
+        assert_eq!(tls_record_len(&[0x17, 3, 3, 0, 2, 9, 9]), Some(7));
+        assert_eq!(
+            tls_record_len(&[0x17, 3, 3, 0, 0, b'D', b'D']),
+            Some(5),
+            "what follows a record is not part of it"
         );
     }
 }

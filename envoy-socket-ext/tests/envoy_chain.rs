@@ -6,54 +6,9 @@
 
 mod common;
 
-use common::{Backend, Envoy, Relay, Shuntd, exchange, free_port, module_socket, tcp_sidecar};
+use common::{Backend, Envoy, Shuntd, chain, exchange, free_port, module_socket, tcp_sidecar};
 
 const MIB: u64 = 1 << 20;
-
-struct Chain {
-    b: Envoy,
-    a: Envoy,
-    relay: Relay,
-    entry: u16,
-}
-
-impl Chain {
-    /// Runs one exchange; on failure, panics with both sidecars' logs.
-    fn exchange(&self, up: u64, down: u64) {
-        if let Err(e) = exchange(self.entry, up, down) {
-            panic!(
-                "{up} up / {down} down: {e}\n--- envoy a ---\n{}\n--- envoy b ---\n{}",
-                tail(&self.a.log()),
-                tail(&self.b.log())
-            );
-        }
-    }
-}
-
-fn tail(log: &str) -> String {
-    let lines: Vec<&str> = log.lines().collect();
-    lines[lines.len().saturating_sub(60)..].join("\n")
-}
-
-fn chain(a_module: &str, b_module: &str) -> Chain {
-    let backend = Backend::start();
-    let (a_port, b_port) = (free_port(), free_port());
-    let b = Envoy::start(
-        "b",
-        &tcp_sidecar(b_port, &module_socket(b_module), backend.port, ""),
-    );
-    let relay = Relay::start(b_port);
-    let a = Envoy::start(
-        "a",
-        &tcp_sidecar(a_port, "", relay.port, &module_socket(a_module)),
-    );
-    Chain {
-        b,
-        a,
-        relay,
-        entry: a_port,
-    }
-}
 
 fn shunt_config(d: &Shuntd) -> String {
     format!("shuntd_socket: {}\n", d.socket().display())
@@ -62,7 +17,10 @@ fn shunt_config(d: &Shuntd) -> String {
 #[test]
 fn co_located_sidecars_move_payload_through_shared_memory() {
     let d = Shuntd::start();
-    let c = chain(&shunt_config(&d), &shunt_config(&d));
+    let c = chain(
+        &module_socket(&shunt_config(&d)),
+        &module_socket(&shunt_config(&d)),
+    );
     for (up, down) in [(64 * MIB, 64 * MIB), (0, 3), (5, 0)] {
         c.exchange(up, down);
     }
@@ -83,7 +41,7 @@ fn without_shuntd_the_connection_carries_payload_itself() {
         "shuntd_socket: {}\n",
         dir.path().join("absent.sock").display()
     );
-    let c = chain(&cfg, &cfg);
+    let c = chain(&module_socket(&cfg), &module_socket(&cfg));
     c.exchange(8 * MIB, 8 * MIB);
     assert!(c.relay.bytes() >= 16 * MIB);
 }
@@ -96,7 +54,7 @@ fn one_side_without_shuntd_falls_back_for_both() {
         "shuntd_socket: {}\n",
         dir.path().join("absent.sock").display()
     );
-    let c = chain(&shunt_config(&d), &absent);
+    let c = chain(&module_socket(&shunt_config(&d)), &module_socket(&absent));
     c.exchange(4 * MIB, 4 * MIB);
     assert!(c.relay.bytes() >= 8 * MIB);
     assert_eq!(d.metric("shunt_pairings_total{result=\"paired\"}"), 0.0);

@@ -13,6 +13,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
+use shunt_tls::dev_pki::{DevCa, WorkloadFiles};
 
 /// The pinned Envoy binary. Fails loudly if it cannot be fetched: these tests never skip.
 pub fn envoy_binary() -> PathBuf {
@@ -133,6 +134,85 @@ pub fn module_socket(config_yaml: &str) -> String {
     )
 }
 
+pub const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/client";
+pub const SERVER_ID: &str = "spiffe://cluster.local/ns/default/sa/server";
+
+/// Certificates for a test mesh: workloads issued by the mesh CA, and by an unrelated one.
+pub struct MeshCerts {
+    pub dir: tempfile::TempDir,
+    mesh: DevCa,
+    other: DevCa,
+}
+
+impl MeshCerts {
+    pub fn new() -> MeshCerts {
+        MeshCerts {
+            dir: tempfile::tempdir().unwrap(),
+            mesh: DevCa::new("mesh CA").unwrap(),
+            other: DevCa::new("unrelated CA").unwrap(),
+        }
+    }
+
+    /// Files of a workload with this SPIFFE id, issued by the mesh CA.
+    pub fn workload(&self, name: &str, id: &str) -> WorkloadFiles {
+        self.mesh
+            .write_workload(id, &self.dir.path().join(name))
+            .unwrap()
+    }
+
+    /// Files of a workload issued by an unrelated CA (its trust bundle is that CA, too).
+    pub fn outsider(&self, name: &str, id: &str) -> WorkloadFiles {
+        self.other
+            .write_workload(id, &self.dir.path().join(name))
+            .unwrap()
+    }
+}
+
+/// The module's `tls` block for `files`, accepting only `peer`.
+pub fn module_tls(files: &WorkloadFiles, peer: &str) -> String {
+    format!(
+        "tls:\n  cert_chain: {}\n  private_key: {}\n  trust_bundle: {}\n  peer_identities: [\"{peer}\"]\n",
+        files.cert_chain.display(),
+        files.private_key.display(),
+        files.trust_bundle.display()
+    )
+}
+
+/// Envoy's own TLS transport socket as Istio configures ISTIO_MUTUAL: a client certificate
+/// both ways, the mesh CA, and the peer's SPIFFE id as the only accepted name.
+pub fn envoy_tls_socket(upstream: bool, files: &WorkloadFiles, peer: &str) -> String {
+    let (kind, extra, alpn) = if upstream {
+        ("UpstreamTlsContext", "", "[istio-peer-exchange, istio]")
+    } else {
+        (
+            "DownstreamTlsContext",
+            "\n          require_client_certificate: true",
+            "[istio-peer-exchange, h2, http/1.1]",
+        )
+    };
+    format!(
+        r#"
+      transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.{kind}{extra}
+          common_tls_context:
+            alpn_protocols: {alpn}
+            tls_params: {{tls_minimum_protocol_version: TLSv1_2, tls_maximum_protocol_version: TLSv1_3}}
+            tls_certificates:
+            - certificate_chain: {{filename: {chain}}}
+              private_key: {{filename: {key}}}
+            validation_context:
+              trusted_ca: {{filename: {ca}}}
+              match_typed_subject_alt_names:
+              - san_type: URI
+                matcher: {{exact: "{peer}"}}"#,
+        chain = files.cert_chain.display(),
+        key = files.private_key.display(),
+        ca = files.trust_bundle.display(),
+    )
+}
+
 /// A TCP sidecar: listener on `listen` → tcp_proxy → `upstream`, with optional module sockets
 /// on either side (strings from [`module_socket`], or empty).
 pub fn tcp_sidecar(
@@ -167,6 +247,49 @@ static_resources:
         - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {upstream}}}}}}}{cluster_socket}
 "#
     )
+}
+
+/// client → Envoy A (listener → tcp_proxy → cluster with `a_socket`) → relay → Envoy B
+/// (listener with `b_socket` → tcp_proxy) → backend.
+pub struct Chain {
+    pub b: Envoy,
+    pub a: Envoy,
+    pub relay: Relay,
+    pub entry: u16,
+}
+
+impl Chain {
+    /// Runs one exchange; on failure, panics with both sidecars' logs.
+    pub fn exchange(&self, up: u64, down: u64) {
+        if let Err(e) = exchange(self.entry, up, down) {
+            panic!(
+                "{up} up / {down} down: {e}\n--- envoy a ---\n{}\n--- envoy b ---\n{}",
+                tail(&self.a.log()),
+                tail(&self.b.log())
+            );
+        }
+    }
+}
+
+pub fn tail(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(60)..].join("\n")
+}
+
+/// Two sidecars whose sockets are `transport_socket` blocks (from [`module_socket`] or
+/// [`envoy_tls_socket`]; empty for raw TCP).
+pub fn chain(a_socket: &str, b_socket: &str) -> Chain {
+    let backend = Backend::start();
+    let (a_port, b_port) = (free_port(), free_port());
+    let b = Envoy::start("b", &tcp_sidecar(b_port, b_socket, backend.port, ""));
+    let relay = Relay::start(b_port);
+    let a = Envoy::start("a", &tcp_sidecar(a_port, "", relay.port, a_socket));
+    Chain {
+        b,
+        a,
+        relay,
+        entry: a_port,
+    }
 }
 
 pub struct Envoy {

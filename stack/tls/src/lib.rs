@@ -33,6 +33,8 @@
 //! alert both report `untrusted_ca`.
 
 mod context;
+#[cfg(feature = "dev-pki")]
+pub mod dev_pki;
 mod error;
 pub mod identity;
 mod material;
