@@ -1,8 +1,20 @@
-//! What happened to connections, per Envoy process: modes, bytes, fallbacks and pairing time.
+//! What this Envoy's connections did: modes, bytes, fallbacks, handshake failures and pairing
+//! time. A transport socket cannot define Envoy stats, so the counts go to shuntd, whose
+//! `/metrics` shows them as `shunt_sidecar_*`.
+//!
+//! Counts accumulate per Envoy worker thread, with no locks on the data path, and go to shuntd
+//! whenever a connection's mode is decided or it closes. While shuntd
+//! is unreachable they wait (pairing latencies up to a bound), so what happened during an
+//! outage, such as `shuntd_down` fallbacks, shows once it is back.
 
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::cell::RefCell;
 use std::time::Duration;
+
+use shunt_sapi::UsageReport;
+use shunt_sapi::usage::MAX_LATENCIES;
+
+use crate::attach;
+use crate::config::SocketConfig;
 
 /// How a connection carries its payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -31,115 +43,147 @@ impl Mode {
     }
 }
 
-/// Upper bounds of the pairing-latency buckets, in microseconds.
-pub const PAIRING_BUCKETS_US: [u64; 8] = [50, 100, 250, 500, 1_000, 5_000, 25_000, 100_000];
-
 #[derive(Debug, Default)]
-pub struct Stats {
-    connections: [AtomicU64; Mode::ALL.len()],
-    bytes: [AtomicU64; Mode::ALL.len()],
-    fallbacks: Mutex<Vec<(&'static str, u64)>>,
-    handshake_failures: Mutex<Vec<(&'static str, u64)>>,
-    pairing_us: [AtomicU64; PAIRING_BUCKETS_US.len() + 1],
+struct Pending {
+    connections: [u64; Mode::ALL.len()],
+    bytes: [u64; Mode::ALL.len()],
+    fallbacks: Vec<(&'static str, u64)>,
+    handshake_failures: Vec<(&'static str, u64)>,
+    pairing_us: Vec<u32>,
 }
 
-impl Stats {
-    pub const fn new() -> Self {
-        Self {
-            connections: [const { AtomicU64::new(0) }; Mode::ALL.len()],
-            bytes: [const { AtomicU64::new(0) }; Mode::ALL.len()],
-            fallbacks: Mutex::new(Vec::new()),
-            handshake_failures: Mutex::new(Vec::new()),
-            pairing_us: [const { AtomicU64::new(0) }; PAIRING_BUCKETS_US.len() + 1],
+impl Pending {
+    /// Everything counted and not yet sent.
+    fn report(&self) -> UsageReport {
+        let by_mode = |counts: &[u64; Mode::ALL.len()]| {
+            Mode::ALL
+                .iter()
+                .filter(|m| counts[m.index()] > 0)
+                .map(|m| (m.as_str().to_owned(), counts[m.index()]))
+                .collect()
+        };
+        let labeled = |counts: &[(&'static str, u64)]| {
+            counts
+                .iter()
+                .map(|(label, n)| ((*label).to_owned(), *n))
+                .collect()
+        };
+        UsageReport {
+            connections: by_mode(&self.connections),
+            bytes: by_mode(&self.bytes),
+            fallbacks: labeled(&self.fallbacks),
+            handshake_failures: labeled(&self.handshake_failures),
+            pairing_latency_us: self.pairing_us.clone(),
         }
     }
 
-    pub fn connection(&self, mode: Mode) {
-        self.connections[mode.index()].fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub fn bytes(&self, mode: Mode, n: usize) {
-        self.bytes[mode.index()].fetch_add(n as u64, Ordering::Relaxed);
-    }
-
-    pub fn fallback(&self, reason: &'static str) {
-        count(&self.fallbacks, reason);
-    }
-
-    pub fn handshake_failure(&self, label: &'static str) {
-        count(&self.handshake_failures, label);
-    }
-
-    pub fn pairing(&self, took: Duration) {
-        let us = took.as_micros() as u64;
-        let i = PAIRING_BUCKETS_US
-            .iter()
-            .position(|b| us <= *b)
-            .unwrap_or(PAIRING_BUCKETS_US.len());
-        self.pairing_us[i].fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub fn connections(&self, mode: Mode) -> u64 {
-        self.connections[mode.index()].load(Ordering::Relaxed)
-    }
-
-    pub fn bytes_of(&self, mode: Mode) -> u64 {
-        self.bytes[mode.index()].load(Ordering::Relaxed)
-    }
-
-    pub fn fallbacks(&self) -> Vec<(&'static str, u64)> {
-        snapshot(&self.fallbacks)
-    }
-
-    pub fn handshake_failures(&self) -> Vec<(&'static str, u64)> {
-        snapshot(&self.handshake_failures)
-    }
-
-    /// Pairings per latency bucket; the last counts those above every bound.
-    pub fn pairing_histogram(&self) -> Vec<u64> {
-        self.pairing_us
-            .iter()
-            .map(|c| c.load(Ordering::Relaxed))
-            .collect()
+    /// Forgets what `report` (from [`report`](Self::report)) delivered; what was counted
+    /// since stays.
+    fn sent(&mut self, report: &UsageReport) {
+        let by_mode = |counts: &mut [u64; Mode::ALL.len()], sent: &[(String, u64)]| {
+            for (label, n) in sent {
+                if let Some(m) = Mode::ALL.iter().find(|m| m.as_str() == label) {
+                    counts[m.index()] -= n;
+                }
+            }
+        };
+        let labeled = |counts: &mut Vec<(&'static str, u64)>, sent: &[(String, u64)]| {
+            for (label, n) in sent {
+                if let Some((_, count)) = counts.iter_mut().find(|(l, _)| l == label) {
+                    *count -= n;
+                }
+            }
+            counts.retain(|(_, n)| *n > 0);
+        };
+        by_mode(&mut self.connections, &report.connections);
+        by_mode(&mut self.bytes, &report.bytes);
+        labeled(&mut self.fallbacks, &report.fallbacks);
+        labeled(&mut self.handshake_failures, &report.handshake_failures);
+        self.pairing_us.drain(..report.pairing_latency_us.len());
     }
 }
 
-fn count(counts: &Mutex<Vec<(&'static str, u64)>>, label: &'static str) {
-    let mut counts = counts.lock().unwrap_or_else(|e| e.into_inner());
+thread_local! {
+    static PENDING: RefCell<Pending> = RefCell::new(Pending::default());
+}
+
+fn with<T>(f: impl FnOnce(&mut Pending) -> T) -> T {
+    PENDING.with(|p| f(&mut p.borrow_mut()))
+}
+
+fn count(counts: &mut Vec<(&'static str, u64)>, label: &'static str) {
     match counts.iter_mut().find(|(l, _)| *l == label) {
         Some((_, n)) => *n += 1,
         None => counts.push((label, 1)),
     }
 }
 
-fn snapshot(counts: &Mutex<Vec<(&'static str, u64)>>) -> Vec<(&'static str, u64)> {
-    counts.lock().unwrap_or_else(|e| e.into_inner()).clone()
+pub fn connection(mode: Mode) {
+    with(|p| p.connections[mode.index()] += 1);
 }
 
-/// This process's statistics.
-pub static STATS: Stats = Stats::new();
+pub fn bytes(mode: Mode, n: usize) {
+    if n > 0 {
+        with(|p| p.bytes[mode.index()] += n as u64);
+    }
+}
+
+pub fn fallback(reason: &'static str) {
+    with(|p| count(&mut p.fallbacks, reason));
+}
+
+pub fn handshake_failure(reason: &'static str) {
+    with(|p| count(&mut p.handshake_failures, reason));
+}
+
+pub fn pairing(took: Duration) {
+    let us = u32::try_from(took.as_micros()).unwrap_or(u32::MAX);
+    with(|p| {
+        if p.pairing_us.len() < MAX_LATENCIES {
+            p.pairing_us.push(us);
+        }
+    });
+}
+
+/// Sends what this thread counted to shuntd, attaching if needed (and not given up on).
+pub fn flush(config: &SocketConfig) {
+    let Some(worker) = attach::worker_for(config) else {
+        return;
+    };
+    let report = with(|p| p.report());
+    if report.is_empty() {
+        return;
+    }
+    if worker.report_usage(report.clone()).is_ok() {
+        with(|p| p.sent(&report));
+    }
+}
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn buckets_and_reasons_accumulate() {
-        let s = Stats::new();
-        s.pairing(Duration::from_micros(40));
-        s.pairing(Duration::from_micros(300));
-        s.pairing(Duration::from_secs(1));
-        let h = s.pairing_histogram();
-        assert_eq!((h[0], h[3], h[PAIRING_BUCKETS_US.len()]), (1, 1, 1));
-        s.fallback("shuntd_down");
-        s.fallback("shuntd_down");
-        s.fallback("peer_without_shunt");
-        assert_eq!(
-            s.fallbacks(),
-            vec![("shuntd_down", 2), ("peer_without_shunt", 1)]
-        );
-        s.bytes(Mode::CutThrough, 10);
-        assert_eq!(s.bytes_of(Mode::CutThrough), 10);
-        assert_eq!(s.bytes_of(Mode::Plain), 0);
+    fn a_sent_report_is_forgotten_and_later_counts_stay() {
+        connection(Mode::Tls);
+        connection(Mode::Tls);
+        bytes(Mode::CutThrough, 10);
+        fallback("shuntd_down");
+        fallback("shuntd_down");
+        handshake_failure("untrusted_ca");
+        pairing(Duration::from_micros(90));
+        let report = with(|p| p.report());
+        assert_eq!(report.connections, vec![("tls".to_owned(), 2)]);
+        assert_eq!(report.bytes, vec![("cut_through".to_owned(), 10)]);
+        assert_eq!(report.fallbacks, vec![("shuntd_down".to_owned(), 2)]);
+        assert_eq!(report.pairing_latency_us, vec![90]);
+        assert_eq!(with(|p| p.report()), report, "unsent counts stay");
+        connection(Mode::Tls);
+        fallback("pairing_timeout");
+        with(|p| p.sent(&report));
+        let rest = with(|p| p.report());
+        assert_eq!(rest.connections, vec![("tls".to_owned(), 1)]);
+        assert_eq!(rest.fallbacks, vec![("pairing_timeout".to_owned(), 1)]);
+        assert!(rest.bytes.is_empty() && rest.pairing_latency_us.is_empty());
     }
 }

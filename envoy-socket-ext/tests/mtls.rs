@@ -42,6 +42,11 @@ fn authenticated_co_located_sidecars_move_payload_through_shared_memory() {
         "{wire} bytes crossed the sidecar-to-sidecar TCP connection for {payload} of payload"
     );
     assert_eq!(d.metric("shunt_pairings_total{result=\"paired\"}"), 3.0);
+    // Each sidecar reports its end of each connection.
+    let series = "shunt_sidecar_connections_total{mode=\"cut_through\"}";
+    assert_eq!(d.metric_reaching(series, 6.0), 6.0);
+    let histogram = "shunt_sidecar_pairing_seconds_count";
+    assert_eq!(d.metric_reaching(histogram, 6.0), 6.0);
 }
 
 #[test]
@@ -101,6 +106,11 @@ fn the_module_and_envoys_own_tls_interoperate_in_both_directions() {
     c.exchange(8 * MIB, 8 * MIB);
     c.exchange(1, 0);
     assert_eq!(d.metric("shunt_pairings_total{result=\"paired\"}"), 0.0);
+    // Only the module's end of each connection reports.
+    let series = "shunt_sidecar_connections_total{mode=\"tls\"}";
+    assert_eq!(d.metric_reaching(series, 4.0), 4.0);
+    let series = "shunt_sidecar_fallbacks_total{reason=\"peer_without_shunt\"}";
+    assert_eq!(d.metric_reaching(series, 4.0), 4.0);
 }
 
 #[test]
@@ -120,6 +130,13 @@ fn a_wrong_identity_or_an_untrusted_ca_is_refused() {
         assert!(result.is_err(), "{what}: the exchange went through");
     }
     assert_eq!(d.metric("shunt_pairings_total{result=\"paired\"}"), 0.0);
+    for reason in ["identity_mismatch", "untrusted_ca"] {
+        let series = format!("shunt_sidecar_handshake_failures_total{{reason=\"{reason}\"}}");
+        assert!(
+            d.metric_reaching(&series, 1.0) >= 1.0,
+            "{reason} not counted"
+        );
+    }
 }
 
 #[test]

@@ -12,7 +12,7 @@ use shunt_client::Session;
 
 use super::{CHUNK, Connection, IoResult, State, log};
 use crate::host::{Host, Io, LogLevel};
-use crate::stats::{Mode, STATS};
+use crate::stats::{self, Mode};
 use crate::wire;
 
 pub(super) struct CutThrough {
@@ -39,7 +39,7 @@ impl CutThrough {
 impl Connection {
     pub(super) fn start_cut_through(&mut self, mut session: Session) {
         session.use_external_wakeups();
-        STATS.connection(Mode::CutThrough);
+        self.count_mode(Mode::CutThrough);
         self.state = State::CutThrough(CutThrough {
             session,
             write_blocked: false,
@@ -94,7 +94,7 @@ impl Connection {
                 }
             }
         }
-        STATS.bytes(Mode::CutThrough, total);
+        stats::bytes(Mode::CutThrough, total);
         let tcp_closed = ct.tcp_closed;
         let bell_count = bells.len();
         log(host, LogLevel::Trace, || {
@@ -165,7 +165,7 @@ impl Connection {
             ct.session.on_peer_wakeup();
             host.set_writable();
         }
-        STATS.bytes(Mode::CutThrough, total);
+        stats::bytes(Mode::CutThrough, total);
         log(host, LogLevel::Trace, || {
             format!("shunt: wrote {total} to the FIFO, blocked={blocked}, end_stream={end_stream}")
         });

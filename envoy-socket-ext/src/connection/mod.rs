@@ -30,7 +30,7 @@ use std::sync::Arc;
 
 use crate::config::{PeerPolicy, Settings, SocketConfig};
 use crate::host::{Host, Io, LogLevel};
-use crate::stats::{Mode, STATS};
+use crate::stats::{self, Mode};
 
 use cut_through::CutThrough;
 use pairing::Pairing;
@@ -140,14 +140,14 @@ impl Connection {
     /// Carries payload over the TCP connection itself, in the clear.
     fn fall_back_to_plain(&mut self, host: &dyn Host, reason: &'static str) {
         note_fallback(host, Mode::Plain, reason);
-        STATS.connection(Mode::Plain);
+        self.count_mode(Mode::Plain);
         self.state = State::Plain;
     }
 
     /// Whether a peer without Shunt (plain or TLS) is served, or refused with a reason.
     fn refuse_if_strict(&mut self, host: &dyn Host, what: &str) -> Option<IoResult> {
         (self.config().peers == PeerPolicy::Strict).then(|| {
-            STATS.fallback("refused_by_strict_policy");
+            stats::fallback("refused_by_strict_policy");
             self.fail(host, format!("{what}, and this listener is strict"))
         })
     }
@@ -204,6 +204,13 @@ impl Connection {
             State::TlsHandshake(hs) => hs.abandon(),
             _ => {}
         }
+        stats::flush(self.config());
+    }
+
+    /// Counts the mode just chosen, and reports to shuntd what this thread has counted.
+    fn count_mode(&self, mode: Mode) {
+        stats::connection(mode);
+        stats::flush(self.config());
     }
 
     // ---- socket helpers shared by the handshakes ----
@@ -240,7 +247,7 @@ impl Connection {
 
 /// Counts and logs (at debug, once per connection) why a connection did not go cut-through.
 fn note_fallback(host: &dyn Host, mode: Mode, reason: &'static str) {
-    STATS.fallback(reason);
+    stats::fallback(reason);
     log(host, LogLevel::Debug, || {
         format!("shunt: {} for this connection: {reason}", mode.as_str())
     });

@@ -2,7 +2,7 @@
 
 use super::{CHUNK, Connection, IoResult};
 use crate::host::{Host, Io};
-use crate::stats::{Mode, STATS};
+use crate::stats::{self, Mode};
 
 impl Connection {
     /// Hands Envoy the payload that arrived with the handshake bytes, then reads on (unless
@@ -10,7 +10,7 @@ impl Connection {
     pub(super) fn hand_over_early_payload(&mut self, host: &mut dyn Host, eof: bool) -> IoResult {
         let early = std::mem::take(&mut self.inbound);
         host.read_buffer_add(&early);
-        STATS.bytes(Mode::Plain, early.len());
+        stats::bytes(Mode::Plain, early.len());
         if eof {
             return IoResult::keep(early.len(), true);
         }
@@ -31,7 +31,7 @@ impl Connection {
             match host.io_read_into_buffer(CHUNK) {
                 Io::Done(n) => {
                     total += n;
-                    STATS.bytes(Mode::Plain, n);
+                    stats::bytes(Mode::Plain, n);
                 }
                 Io::Again => return IoResult::keep(total, false),
                 Io::Eof => return IoResult::keep(total, true),

@@ -11,7 +11,7 @@ use shunt_sapi::message::{PAIR_TOKEN_LEN, PairRole};
 use super::pairing::{NoPair, Pairing};
 use super::{Connection, IoResult, Side, State};
 use crate::host::Host;
-use crate::stats::STATS;
+use crate::stats;
 use crate::wire::{self, ANSWER_LEN, Answer, HELLO_LEN, Hello, NONCE_LEN, RefuseReason, Sniff};
 
 /// The pairing token of plain mode: both ends know the namespace secret and see the nonce.
@@ -119,7 +119,7 @@ impl Connection {
             .and_then(|pairing| pairing.finish(self.config()));
         match paired {
             Ok((session, took)) => {
-                STATS.pairing(took);
+                stats::pairing(took);
                 self.start_cut_through(session);
                 Answer::Accept
             }
@@ -153,7 +153,7 @@ impl Connection {
                 // The responder was told after us, so our session is already queued.
                 match pairing.finish(self.config()) {
                     Ok((session, took)) => {
-                        STATS.pairing(took);
+                        stats::pairing(took);
                         self.start_cut_through(session);
                     }
                     Err(no_pair) => {
@@ -167,7 +167,7 @@ impl Connection {
             }
             Ok(Answer::Refuse(RefuseReason::Denied)) => {
                 pairing.abandon();
-                STATS.fallback(RefuseReason::Denied.as_str());
+                stats::fallback(RefuseReason::Denied.as_str());
                 return self.fail(host, "shuntd's rules deny this pair".into());
             }
             Ok(Answer::Refuse(reason)) => {

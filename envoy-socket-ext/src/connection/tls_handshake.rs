@@ -18,7 +18,7 @@ use super::pairing::{NoPair, Pairing};
 use super::tls_payload::TlsPayload;
 use super::{Connection, IoResult, Side, State, log, note_fallback};
 use crate::host::{Host, LogLevel};
-use crate::stats::{Mode, STATS};
+use crate::stats::{self, Mode};
 use crate::wire::{self, ANSWER_LEN, Answer, RefuseReason};
 
 /// The largest TLS record on the wire (RFC 8446 §5.2), header included.
@@ -80,7 +80,7 @@ impl Connection {
                 self.send_tls_output(host);
             }
             Err(e) => {
-                STATS.handshake_failure(e.failure().as_str());
+                stats::handshake_failure(e.failure().as_str());
                 self.fail(host, format!("TLS: {e}"));
                 // The next hook reports the failure; make sure there is one soon.
                 host.set_readable();
@@ -120,7 +120,7 @@ impl Connection {
                     continue;
                 }
                 if closed {
-                    STATS.handshake_failure("connection_closed");
+                    stats::handshake_failure("connection_closed");
                     return self.fail(host, "peer closed during the TLS handshake".into());
                 }
                 return IoResult::keep(0, false);
@@ -133,7 +133,7 @@ impl Connection {
                     self.advance(host)
                 }
                 Err(e) => {
-                    STATS.handshake_failure(e.failure().as_str());
+                    stats::handshake_failure(e.failure().as_str());
                     Next::Fail(format!("TLS handshake: {e}"))
                 }
             };
@@ -154,7 +154,7 @@ impl Connection {
                     if let Some(reason) = reason {
                         note_fallback(host, Mode::Tls, reason);
                     }
-                    STATS.connection(Mode::Tls);
+                    self.count_mode(Mode::Tls);
                     self.state = State::Tls(Box::new(TlsPayload::new(hs.tls)));
                     return self.enter_mode(host);
                 }
@@ -237,7 +237,7 @@ impl Connection {
                         .and_then(|pairing| pairing.finish(config));
                     match paired {
                         Ok((session, took)) => {
-                            STATS.pairing(took);
+                            stats::pairing(took);
                             hs.tls.write_plaintext(&Answer::Accept.emit());
                             Next::CutThrough(session)
                         }
@@ -245,7 +245,7 @@ impl Connection {
                             hs.tls
                                 .write_plaintext(&Answer::Refuse(no_pair.tell_peer).emit());
                             if no_pair == NoPair::DENIED {
-                                STATS.fallback(no_pair.reason);
+                                stats::fallback(no_pair.reason);
                                 Next::Fail("shuntd's rules deny this pair".into())
                             } else {
                                 Next::Tls(Some(no_pair.reason))
@@ -257,7 +257,7 @@ impl Connection {
             Step::AwaitAnswer(pairing) => match frame {
                 Answer::Accept => match pairing.finish(&self.settings.config) {
                     Ok((session, took)) => {
-                        STATS.pairing(took);
+                        stats::pairing(took);
                         Next::CutThrough(session)
                     }
                     // The responder already moved to the FIFOs: there is no way back.
@@ -267,7 +267,7 @@ impl Connection {
                 },
                 Answer::Refuse(RefuseReason::Denied) => {
                     pairing.abandon();
-                    STATS.fallback(RefuseReason::Denied.as_str());
+                    stats::fallback(RefuseReason::Denied.as_str());
                     Next::Fail("shuntd's rules deny this pair".into())
                 }
                 Answer::Refuse(reason) => {

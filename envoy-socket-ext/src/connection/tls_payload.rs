@@ -9,7 +9,7 @@ use shunt_tls::{ReadOutcome, TlsStream};
 
 use super::{CHUNK, Connection, IoResult, State};
 use crate::host::{Host, Io};
-use crate::stats::{Mode, STATS};
+use crate::stats::{self, Mode};
 
 pub(super) struct TlsPayload {
     pub(super) tls: TlsStream,
@@ -100,7 +100,7 @@ impl Connection {
                 }
             }
         };
-        STATS.bytes(Mode::Tls, total);
+        stats::bytes(Mode::Tls, total);
         // Reading may have produced output (a key update, an alert).
         self.send_tls_output(host);
         result

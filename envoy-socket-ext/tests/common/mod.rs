@@ -71,6 +71,19 @@ impl Shuntd {
         self.dir.path().join("shuntd.sock")
     }
 
+    /// The value of `series` once it reaches `want`, or after 10 s, whichever comes first:
+    /// sidecars report asynchronously.
+    pub fn metric_reaching(&self, series: &str, want: f64) -> f64 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let value = self.metric(series);
+            if value >= want || Instant::now() >= deadline {
+                return value;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// The value of one series on `/metrics`, 0 if absent.
     pub fn metric(&self, series: &str) -> f64 {
         let body = http_get(self.metrics, "/metrics");

@@ -13,7 +13,7 @@ use shunt_sapi::event::{Event, FifoPair};
 use shunt_sapi::message::{
     DaemonReply, MAX_MESSAGE_LEN, PairOffer, PairRole, Request, Resume, ResumedSession, Scope,
 };
-use shunt_sapi::{ErrorCode, layout};
+use shunt_sapi::{ErrorCode, UsageReport, layout};
 use shunt_shm::doorbell::Doorbell;
 use shunt_shm::fdpass;
 use shunt_shm::fifo::{Consumer, Producer};
@@ -435,6 +435,13 @@ impl Worker {
         if let Some(ConnectState::Done(Ok((session_id, ..)))) = st.connects.remove(&pending.id) {
             Self::give_back(&st, session_id);
         }
+    }
+
+    /// Sends shuntd what this app's connections did, for its metrics. No reply comes; an
+    /// error means shuntd is gone and the report was not delivered.
+    pub fn report_usage(&self, report: UsageReport) -> Result<(), Error> {
+        let mut st = self.lock();
+        self.send(&mut st, 0, &Request::Usage(report))
     }
 
     /// Tells shuntd that a session nobody will open is reset.

@@ -10,6 +10,7 @@ use shunt_proto::sapi as pb;
 
 use crate::endpoint::{self, EndpointError};
 use crate::error::ErrorCode;
+use crate::usage::UsageReport;
 
 /// Largest datagram either side sends or accepts.
 pub const MAX_MESSAGE_LEN: usize = 64 * 1024;
@@ -110,6 +111,8 @@ pub enum Request {
         reset: bool,
     },
     Pair(PairOffer),
+    /// Fire-and-forget: no reply.
+    Usage(UsageReport),
 }
 
 /// Bytes in a pairing token.
@@ -244,6 +247,7 @@ impl TryFrom<pb::AppRequest> for Request {
                 session_id: c.session_id,
                 reset: c.reset,
             },
+            Body::UsageReport(r) => Request::Usage(r.try_into()?),
             Body::Pair(p) => Request::Pair(PairOffer {
                 token: p
                     .token
@@ -327,6 +331,7 @@ impl Request {
                     reset: *reset,
                 })
             }
+            Request::Usage(report) => Body::UsageReport(report.into()),
             Request::Pair(offer) => Body::Pair(pb::Pair {
                 token: offer.token.to_vec(),
                 role: match offer.role {
@@ -490,6 +495,11 @@ mod tests {
                 session_id: 77,
                 reset: true,
             },
+            Request::Usage(UsageReport {
+                connections: vec![("tls".into(), 2)],
+                pairing_latency_us: vec![90],
+                ..UsageReport::default()
+            }),
             Request::Pair(PairOffer {
                 token: [7; PAIR_TOKEN_LEN],
                 role: PairRole::Responder,

@@ -22,11 +22,13 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
 
 use crate::link::DaemonLink;
+use crate::sidecar_usage::SidecarUsage;
 
 /// Daemon-side counters that the session layer does not see.
 #[derive(Debug, Default)]
 pub struct ServerCounters {
     pub decode_errors: AtomicU64,
+    pub sidecar_usage: SidecarUsage,
 }
 
 struct NewConnection {
@@ -397,6 +399,10 @@ impl Connection {
                     Ok(PairOutcome::Waiting) => {}
                     Err(e) => self.connect_failed(w, request_id, remote, e).await,
                 }
+                Step::Continue
+            }
+            (Request::Usage(report), Some(_)) => {
+                self.shared.counters.sidecar_usage.record(&report);
                 Step::Continue
             }
             (Request::SessionClosed { session_id, reset }, Some(w)) => {

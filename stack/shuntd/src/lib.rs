@@ -17,6 +17,7 @@ pub mod control;
 pub mod link;
 pub mod metrics;
 mod reactor;
+pub mod sidecar_usage;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -43,6 +43,7 @@ fn raise(counter: &IntCounter, value: u64) {
 impl Metrics {
     pub fn new(layer: Arc<SessionLayer>, server: Arc<ServerCounters>) -> prometheus::Result<Self> {
         let registry = Registry::new_custom(Some("shunt".into()), None)?;
+        server.sidecar_usage.register(&registry)?;
         let gauge = |name: &str, help: &str| -> prometheus::Result<IntGauge> {
             let g = IntGauge::new(name, help)?;
             registry.register(Box::new(g.clone()))?;
