@@ -4,12 +4,17 @@
 
 mod common;
 
+use std::net::TcpStream;
+use std::sync::atomic::AtomicU64;
+use std::thread;
+
 use common::{
     Backend, CLIENT_ID, Envoy, MeshCerts, SERVER_ID, Shuntd, chain, envoy_tls_socket, exchange,
-    free_port, module_socket, module_tls, tcp_sidecar,
+    exchange_over, free_port, http_get, module_socket, module_tls, tcp_sidecar,
 };
 
 const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
 
 fn shuntd_socket(d: &Shuntd) -> String {
     format!("shuntd_socket: {}\n", d.socket().display())
@@ -32,21 +37,23 @@ fn authenticated_co_located_sidecars_move_payload_through_shared_memory() {
         &module_socket(&(shuntd_socket(&d) + &module_tls(&client, SERVER_ID))),
         &module_socket(&(shuntd_socket(&d) + &module_tls(&server, CLIENT_ID))),
     );
-    for (up, down) in [(64 * MIB, 64 * MIB), (0, 3), (5, 0)] {
+    for (up, down) in [(64 * MIB, 64 * MIB), (GIB, GIB), (0, 3), (5, 0)] {
         c.exchange(up, down);
     }
-    let payload = 128 * MIB + 8;
+    let payload = 128 * MIB + 2 * GIB + 8;
     let wire = c.relay.bytes();
     assert!(
         (wire as f64) < payload as f64 * 0.001,
         "{wire} bytes crossed the sidecar-to-sidecar TCP connection for {payload} of payload"
     );
-    assert_eq!(d.metric("shunt_pairings_total{result=\"paired\"}"), 3.0);
+    assert_eq!(d.metric("shunt_pairings_total{result=\"paired\"}"), 4.0);
     // Each sidecar reports its end of each connection.
     let series = "shunt_sidecar_connections_total{mode=\"cut_through\"}";
-    assert_eq!(d.metric_reaching(series, 6.0), 6.0);
+    assert_eq!(d.metric_reaching(series, 8.0), 8.0);
     let histogram = "shunt_sidecar_pairing_seconds_count";
-    assert_eq!(d.metric_reaching(histogram, 6.0), 6.0);
+    assert_eq!(d.metric_reaching(histogram, 8.0), 8.0);
+    let series = "shunt_sidecar_bytes_total{mode=\"cut_through\"}";
+    assert_eq!(d.metric_reaching(series, payload as f64), payload as f64);
 }
 
 #[test]
@@ -159,4 +166,78 @@ fn a_plaintext_peer_is_served_when_permissive_and_refused_when_strict() {
         let result = exchange(port, 2 * MIB, 2 * MIB);
         assert_eq!(result.is_ok(), served, "{policy}: {result:?}");
     }
+}
+
+#[test]
+fn a_thousand_concurrent_connections_of_random_sizes_arrive_intact() {
+    const CONNECTIONS: usize = 1000;
+    let d = Shuntd::start();
+    let certs = MeshCerts::new();
+    let client = certs.workload("client", CLIENT_ID);
+    let server = certs.workload("server", SERVER_ID);
+    let c = chain(
+        &module_socket(&(shuntd_socket(&d) + &module_tls(&client, SERVER_ID))),
+        &module_socket(&(shuntd_socket(&d) + &module_tls(&server, CLIENT_ID))),
+    );
+    // All open at once before any payload moves.
+    let streams: Vec<TcpStream> = (0..CONNECTIONS)
+        .map(|_| TcpStream::connect(("127.0.0.1", c.entry)).unwrap())
+        .collect();
+    let mut sizes = 0x9E37_79B9_7F4A_7C15_u64;
+    let transfers: Vec<_> = streams
+        .into_iter()
+        .map(|s| {
+            let (up, down) = (next_size(&mut sizes), next_size(&mut sizes));
+            thread::spawn(move || exchange_over(s, up, down, &AtomicU64::new(0)))
+        })
+        .collect();
+    let failures: Vec<String> = transfers
+        .into_iter()
+        .filter_map(|t| t.join().unwrap().err())
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{} failed, first: {}\n--- envoy a ---\n{}\n--- envoy b ---\n{}\n--- shuntd ---\n{}",
+        failures.len(),
+        failures[0],
+        closings(&c.a.log()) + &cx_stats(&c.a),
+        closings(&c.b.log()) + &cx_stats(&c.b),
+        http_get(d.metrics, "/metrics")
+            .lines()
+            .filter(|l| !l.starts_with('#') && (l.contains("fail") || l.contains("pair")))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert_eq!(
+        d.metric("shunt_pairings_total{result=\"paired\"}"),
+        CONNECTIONS as f64
+    );
+}
+
+/// The module's log lines about connections it closed, and Envoy's warnings and errors.
+fn closings(log: &str) -> String {
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("closing") || l.contains("][warning]") || l.contains("][error]"))
+        .collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+fn cx_stats(e: &common::Envoy) -> String {
+    http_get(
+        e.admin,
+        "/stats?filter=(cx|overflow|flow_control|none_healthy)",
+    )
+    .lines()
+    .filter(|l| !l.ends_with(": 0"))
+    .collect::<Vec<_>>()
+    .join("\n")
+}
+
+/// Sizes from 0 to 256 KiB, from a xorshift sequence (repeatable, no dependency).
+fn next_size(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state % (256 * 1024 + 1)
 }

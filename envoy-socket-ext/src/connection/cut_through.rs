@@ -165,7 +165,6 @@ impl Connection {
             ct.session.on_peer_wakeup();
             host.set_writable();
         }
-        stats::bytes(Mode::CutThrough, total);
         log(host, LogLevel::Trace, || {
             format!("shunt: wrote {total} to the FIFO, blocked={blocked}, end_stream={end_stream}")
         });

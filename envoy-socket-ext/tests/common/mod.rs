@@ -86,11 +86,101 @@ impl Shuntd {
 
     /// The value of one series on `/metrics`, 0 if absent.
     pub fn metric(&self, series: &str) -> f64 {
-        let body = http_get(self.metrics, "/metrics");
-        body.lines()
-            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-            .unwrap_or(0.0)
+        metric(self.metrics, series)
     }
+}
+
+/// The `shuntd` binary, built on first use (a no-op when the workspace is built already).
+pub fn shuntd_binary() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let status = Command::new(cargo)
+                .args(["build", "--quiet", "-p", "shuntd", "--bin", "shuntd"])
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .status()
+                .expect("run cargo build");
+            assert!(status.success(), "cannot build shuntd");
+            // Binaries sit in the profile directory, test executables in its `deps`.
+            let exe = std::env::current_exe().unwrap();
+            let profile_dir = exe.parent().unwrap().parent().unwrap();
+            let bin = profile_dir.join("shuntd");
+            assert!(bin.exists(), "{} missing after the build", bin.display());
+            bin
+        })
+        .clone()
+}
+
+/// shuntd as its own process, so that a test can SIGKILL it and start it again.
+pub struct ShuntdProcess {
+    child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub metrics: SocketAddr,
+}
+
+impl ShuntdProcess {
+    pub fn start() -> ShuntdProcess {
+        let mut d = ShuntdProcess {
+            child: None,
+            dir: tempfile::tempdir().unwrap(),
+            metrics: SocketAddr::from(([127, 0, 0, 1], free_port())),
+        };
+        d.restart();
+        d
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("shuntd.sock")
+    }
+
+    /// Starts shuntd (again) on the same sockets, and waits until it serves metrics.
+    pub fn restart(&mut self) {
+        let log = std::fs::File::create(self.dir.path().join("shuntd.log")).unwrap();
+        let child = Command::new(shuntd_binary())
+            .arg("--app-socket")
+            .arg(self.socket())
+            .arg("--control-socket")
+            .arg(self.dir.path().join("control.sock"))
+            .args(["--metrics-address", &self.metrics.to_string()])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn shuntd");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(self.metrics).is_err() {
+            assert!(Instant::now() < deadline, "shuntd did not start");
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGKILL: no cleanup, as in a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn metric(&self, series: &str) -> f64 {
+        metric(self.metrics, series)
+    }
+}
+
+impl Drop for ShuntdProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The value of one series on a Prometheus endpoint, 0 if absent.
+pub fn metric(addr: SocketAddr, series: &str) -> f64 {
+    http_get(addr, "/metrics")
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
 }
 
 pub fn http_get(addr: SocketAddr, path: &str) -> String {
@@ -251,7 +341,7 @@ static_resources:
           cluster: out{listener_socket}
   clusters:
   - name: out
-    connect_timeout: 2s
+    connect_timeout: 10s
     type: STATIC
     load_assignment:
       cluster_name: out
@@ -463,7 +553,27 @@ impl Backend {
 /// Sends `up` bytes through `port`, half-closes, and checks the backend's answer: the sha256 of
 /// what it received and `down` bytes of its pattern. Returns an error naming what differed.
 pub fn exchange(port: u16, up: u64, down: u64) -> Result<(), String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    exchange_counting(port, up, down, &AtomicU64::new(0))
+}
+
+/// [`exchange`], adding the bytes sent so far to `sent_so_far` as they go.
+pub fn exchange_counting(
+    port: u16,
+    up: u64,
+    down: u64,
+    sent_so_far: &AtomicU64,
+) -> Result<(), String> {
+    let s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    exchange_over(s, up, down, sent_so_far)
+}
+
+/// [`exchange`] over a connection opened already.
+pub fn exchange_over(
+    mut s: TcpStream,
+    up: u64,
+    down: u64,
+    sent_so_far: &AtomicU64,
+) -> Result<(), String> {
     s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     let mut reader = s.try_clone().unwrap();
     let receiver = thread::spawn(move || -> Result<([u8; 32], u64), String> {
@@ -501,6 +611,7 @@ pub fn exchange(port: u16, up: u64, down: u64) -> Result<(), String> {
             .map_err(|e| format!("after {sent} request bytes: {e}"))?;
         h.update(&buf[..n]);
         sent += n as u64;
+        sent_so_far.fetch_add(n as u64, Ordering::Relaxed);
     }
     s.shutdown(Shutdown::Write).map_err(|e| e.to_string())?;
     let (digest, got) = receiver.join().unwrap()?;
