@@ -137,7 +137,9 @@ pub(crate) struct Ratios {
     gbps_vs_envoy_tls: f64,
     /// Shunt's bulk Gbit/s over plain's.
     gbps_vs_plain: f64,
-    /// Shunt's Envoy CPU seconds per GB over envoy-tls's; below 1 is cheaper.
+    /// Shunt's Envoy CPU seconds per GB over envoy-tls's; below 1 is cheaper. CPU time is
+    /// counted in clock ticks (usually 10 ms), so `--quick` runs give rough values, or null
+    /// when envoy-tls registered none.
     cpu_s_per_gb_vs_envoy_tls: f64,
     /// Shunt's p50 at one connection over plain's; below 1 is faster.
     p50_us_1conn_vs_plain: f64,

@@ -237,10 +237,10 @@ impl HttpConn {
     /// Uploads `bytes` of the pattern and returns once the server confirms it received and
     /// checked every one of them.
     pub(crate) fn upload(&mut self, bytes: u64) -> anyhow::Result<()> {
-        write!(
-            self.stream,
-            "PUT /bulk HTTP/1.1\r\nHost: backend\r\nContent-Length: {bytes}\r\n\r\n"
-        )?;
+        // Formatted first: `write!` on a socket may send each piece as its own segment.
+        let head =
+            format!("PUT /bulk HTTP/1.1\r\nHost: backend\r\nContent-Length: {bytes}\r\n\r\n");
+        self.stream.write_all(head.as_bytes())?;
         let mut source = Source::new(BULK_WRITE);
         let mut sent = 0u64;
         while sent < bytes {
@@ -272,10 +272,8 @@ impl HttpConn {
 /// A GET on a short-lived connection, for admin and metrics endpoints; the body on 200.
 pub(crate) fn get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
     let mut conn = HttpConn::connect(addr)?;
-    write!(
-        conn.stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    conn.stream.write_all(request.as_bytes())?;
     let head = conn
         .read_head()?
         .with_context(|| format!("GET {path}: no answer"))?;
@@ -364,11 +362,11 @@ fn serve(stream: TcpStream, answer: &[u8]) -> io::Result<()> {
                 None => ("200 OK", checker.bytes().to_string()),
                 Some(e) => ("500 Internal Server Error", format!("{e:#}")),
             };
-            write!(
-                conn.stream,
+            let answer = format!(
                 "HTTP/1.1 {status}\r\nContent-Length: {}\r\n\r\n{body}",
                 body.len()
-            )?;
+            );
+            conn.stream.write_all(answer.as_bytes())?;
         } else {
             conn.read_body(len, |_| Ok(()))?;
             conn.stream.write_all(answer)?;
