@@ -17,6 +17,7 @@ static NEXT_PORT: AtomicU16 = AtomicU16::new(20_000);
 pub(crate) struct Daemon {
     // Holds the sockets; removed when the bench ends.
     dir: tempfile::TempDir,
+    metrics: std::net::SocketAddr,
 }
 
 impl Daemon {
@@ -25,12 +26,30 @@ impl Daemon {
         let mut config = shuntd::config::Config::load(None)?;
         config.app_socket = dir.path().join("shuntd.sock");
         config.control_socket = dir.path().join("control.sock");
-        config.metrics_address = String::new();
+        // Loopback and unused unless scraped; it is how a run proves cut-through applied.
+        config.metrics_address = "127.0.0.1:0".into();
         // One app-server thread is plenty for setup traffic and leaves the cores to the apps.
         config.workers = 1;
 
-        shuntd::background::spawn(config).context("in-process shuntd")?;
-        Ok(Daemon { dir })
+        let bg = shuntd::background::spawn(config).context("in-process shuntd")?;
+        let metrics = bg
+            .metrics_address
+            .context("in-process shuntd serves no metrics")?;
+        Ok(Daemon { dir, metrics })
+    }
+
+    /// The value of one series on shuntd's `/metrics` (`name{labels}` as printed), 0 when absent.
+    pub(crate) fn metric(&self, series: &str) -> anyhow::Result<f64> {
+        let text = crate::http::get(self.metrics, "/metrics").context("shuntd /metrics")?;
+        for line in text.lines() {
+            if let Some(value) = line.strip_prefix(series).and_then(|r| r.strip_prefix(' ')) {
+                return value
+                    .trim()
+                    .parse()
+                    .with_context(|| format!("shuntd metric `{line}`"));
+            }
+        }
+        Ok(0.0)
     }
 
     pub(crate) fn socket(&self) -> PathBuf {

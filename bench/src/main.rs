@@ -1,17 +1,22 @@
-//! `shunt-bench`: cut-through sessions measured against the kernel paths they replace.
+//! `shunt-bench`: cut-through sessions measured against the paths they replace: the kernel's,
+//! and Envoy sidecars talking TCP or TLS.
 //!
-//! Every command measures cut-through and the kernel baselines in the same run, on the same
-//! machine, so the ratios it prints are comparable even on a noisy host.
+//! Every command measures cut-through and its baselines in the same run, on the same machine,
+//! so the ratios it prints are comparable even on a noisy host.
 
 mod conn;
 mod connect;
 mod daemon;
+mod envoy;
 mod fifo;
+mod http;
 mod memcpy;
 mod pattern;
 mod peer;
 mod pingpong;
+mod pki;
 mod report;
+mod sidecar;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -25,7 +30,7 @@ use crate::report::Reporter;
 #[command(
     name = "shunt-bench",
     version,
-    about = "Cut-through sessions against kernel TCP loopback, Unix sockets and memcpy"
+    about = "Cut-through sessions against kernel TCP loopback, Unix sockets, memcpy and Envoy's TLS"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -50,6 +55,8 @@ enum Command {
     Pingpong(PingpongArgs),
     /// Connection setup rate: connect, accept, one byte, close.
     Connect(ConnectArgs),
+    /// Two Envoy sidecars: no sidecars, plain TCP, Envoy's mTLS and Shunt between them.
+    Envoy(EnvoyArgs),
     /// The child side of a two-process measurement.
     #[command(hide = true)]
     Peer(peer::PeerArgs),
@@ -98,6 +105,24 @@ struct ConnectArgs {
     /// Caps the connections per transport (TIME_WAIT makes kernel TCP run out of ports).
     #[arg(long)]
     max: Option<u64>,
+}
+
+#[derive(Args, Debug)]
+struct EnvoyArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Bytes of the bulk upload per mode (K, M, G suffixes allowed).
+    #[arg(long, value_parser = parse_bytes)]
+    bytes: Option<u64>,
+    /// Seconds of request/response traffic per mode and connection count.
+    #[arg(long, value_name = "SECS")]
+    duration: Option<f64>,
+    /// Body bytes of each request and each response.
+    #[arg(long, default_value_t = 100)]
+    msg_size: usize,
+    /// Configures the module with mutual TLS before pairing (mode `shunt-mtls`).
+    #[arg(long)]
+    shunt_mtls: bool,
 }
 
 /// How bytes travel between the two ends of a measurement.
@@ -197,6 +222,18 @@ fn main() -> anyhow::Result<()> {
                     .max(1),
             };
             connect::run(&opts, &mut r)
+        }
+        Command::Envoy(a) => {
+            let mut r = Reporter::new(a.common.json);
+            let quick = a.common.quick;
+            let opts = envoy::Options {
+                bulk_bytes: a.bytes.unwrap_or(if quick { 64 << 20 } else { 4 << 30 }),
+                warmup: Duration::from_millis(if quick { 50 } else { 500 }),
+                duration: secs(a.duration, quick, 3.0, 0.2)?,
+                msg_size: a.msg_size,
+                shunt_mtls: a.shunt_mtls,
+            };
+            envoy::run(&opts, &mut r)
         }
     }
 }

@@ -88,9 +88,10 @@ pub(crate) fn progress(msg: &str) {
     eprintln!("[shunt-bench] {msg}");
 }
 
-/// A byte count for people: 64 B, 16 KiB, 1 MiB.
+/// A byte count for people: 64 B, 16 KiB, 1 MiB, 4 GiB.
 pub(crate) fn size_label(n: usize) -> String {
     match n {
+        n if n >= 1 << 30 && n % (1 << 30) == 0 => format!("{} GiB", n >> 30),
         n if n >= 1 << 20 && n % (1 << 20) == 0 => format!("{} MiB", n >> 20),
         n if n >= 1 << 10 && n % (1 << 10) == 0 => format!("{} KiB", n >> 10),
         n => format!("{n} B"),

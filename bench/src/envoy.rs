@@ -1,0 +1,390 @@
+//! A client sidecar and a server sidecar, as a mesh puts them between two apps, measured with
+//! each way of carrying the bytes between them, in one run:
+//!
+//! - `direct`: no sidecars; the load talks to the backend itself. The floor.
+//! - `plain`: client Envoy (listener → `tcp_proxy` → cluster) → server Envoy (listener →
+//!   `tcp_proxy` → backend), kernel TCP between them.
+//! - `envoy-tls`: the same with Envoy's own TLS 1.3 between the sidecars, configured as Istio
+//!   configures ISTIO_MUTUAL (client certificate, mesh CA, SPIFFE SAN match both ways, Istio's
+//!   ALPN lists). What a mesh pays today.
+//! - `shunt` (`shunt-mtls` with `--shunt-mtls`): the Shunt module as the transport socket on
+//!   the client's cluster and the server's listener, both attached to one shuntd. The run
+//!   fails unless shuntd paired every connection and carried the bulk bytes.
+//!
+//! Each mode starts fresh sidecars (`--concurrency 1`); the backend and the load are threads of
+//! this process on kernel TCP with `TCP_NODELAY`.
+//!
+//! # Output
+//!
+//! With `--json`, one line per mode, in the order above, then one ratios line:
+//!
+//! ```json
+//! {"bench":"envoy","mode":"plain","bulk_bytes":4294967296,"bulk_secs":2.1,"gbps":16.3,
+//!  "envoy_cpu_s":3.4,"cpu_s_per_gb":0.79,"msg_size":100,
+//!  "rr":[{"connections":1,"requests":52000,"secs":3.0,"rps":17300,"p50_us":55.1,"p99_us":80.2},
+//!        {"connections":16,...}],
+//!  "connections":18,"paired_connections":0}
+//! {"bench":"envoy-ratios","shunt_mode":"shunt","gbps_vs_envoy_tls":2.1,"gbps_vs_plain":1.4,
+//!  "cpu_s_per_gb_vs_envoy_tls":0.3,"p50_us_1conn_vs_plain":0.8}
+//! ```
+//!
+//! [`ModeResult`], [`RrResult`] and [`Ratios`] document each field. GB and Gbit are 10^9.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde::Serialize;
+
+use crate::daemon::Daemon;
+use crate::http::{self, Backend, Exchange, HttpConn};
+use crate::pki::Pki;
+use crate::report::{self, Reporter};
+use crate::sidecar::{self, Side, Sidecar};
+
+/// Connection counts of the request/response runs; the first is what the ratios use.
+const CONNECTIONS: [usize; 2] = [1, 16];
+const PAIRED: &str = "shunt_pairings_total{result=\"paired\"}";
+const CUT_THROUGH_BYTES: &str = "shunt_cut_through_bytes_total";
+
+pub(crate) struct Options {
+    /// Bytes of the one bulk upload per mode.
+    pub(crate) bulk_bytes: u64,
+    /// Request/response traffic before measuring, per connection count.
+    pub(crate) warmup: Duration,
+    /// Measured request/response traffic, per connection count.
+    pub(crate) duration: Duration,
+    /// Body bytes of each request and of each response.
+    pub(crate) msg_size: usize,
+    /// Runs the module with mutual TLS before pairing (`shunt-mtls` instead of `shunt`).
+    pub(crate) shunt_mtls: bool,
+}
+
+/// How the two sidecars talk, if there are any.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum Mode {
+    Direct,
+    Plain,
+    EnvoyTls,
+    Shunt,
+    ShuntMtls,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Direct => "direct",
+            Mode::Plain => "plain",
+            Mode::EnvoyTls => "envoy-tls",
+            Mode::Shunt => "shunt",
+            Mode::ShuntMtls => "shunt-mtls",
+        }
+    }
+}
+
+/// One mode's results (`"bench": "envoy"`).
+#[derive(Debug, Serialize)]
+pub(crate) struct ModeResult {
+    bench: &'static str,
+    mode: Mode,
+    /// Bytes of the bulk upload, one connection, client to backend; the backend checked the
+    /// pattern and confirmed the count before the clock stopped.
+    bulk_bytes: u64,
+    /// From the first byte written to the backend's confirmation.
+    bulk_secs: f64,
+    /// Bulk throughput, Gbit/s (10^9 bits).
+    gbps: f64,
+    /// CPU seconds (user + system) both Envoy processes spent during the bulk upload; 0 for
+    /// `direct`.
+    envoy_cpu_s: f64,
+    /// `envoy_cpu_s` per 10^9 bytes uploaded; 0 for `direct`.
+    cpu_s_per_gb: f64,
+    /// Body bytes of each small request and of each answer.
+    msg_size: usize,
+    /// Keep-alive request/response traffic, one entry per connection count (1, then 16).
+    rr: Vec<RrResult>,
+    /// Connections the load opened through the chain in this mode.
+    connections: u64,
+    /// Of those, how many shuntd paired for cut-through (all of them for `shunt`, else 0).
+    paired_connections: u64,
+}
+
+/// Closed-loop HTTP/1.1 requests: each connection waits for an answer before its next request.
+#[derive(Debug, Serialize)]
+pub(crate) struct RrResult {
+    connections: usize,
+    /// Requests that started and finished inside the measured window.
+    requests: usize,
+    /// Length of the measured window.
+    secs: f64,
+    /// Requests per second, all connections together.
+    rps: f64,
+    /// Median request-to-answer time, microseconds.
+    p50_us: f64,
+    /// 99th percentile request-to-answer time, microseconds.
+    p99_us: f64,
+}
+
+/// What Shunt changes (`"bench": "envoy-ratios"`), printed last.
+#[derive(Debug, Serialize)]
+pub(crate) struct Ratios {
+    bench: &'static str,
+    /// The mode the ratios are about: `shunt`, or `shunt-mtls`.
+    shunt_mode: Mode,
+    /// Shunt's bulk Gbit/s over envoy-tls's; above 1 is faster.
+    gbps_vs_envoy_tls: f64,
+    /// Shunt's bulk Gbit/s over plain's.
+    gbps_vs_plain: f64,
+    /// Shunt's Envoy CPU seconds per GB over envoy-tls's; below 1 is cheaper. CPU time is
+    /// counted in clock ticks (usually 10 ms), so `--quick` runs give rough values, or null
+    /// when envoy-tls registered none.
+    cpu_s_per_gb_vs_envoy_tls: f64,
+    /// Shunt's p50 at one connection over plain's; below 1 is faster.
+    p50_us_1conn_vs_plain: f64,
+}
+
+/// What every mode shares.
+struct Parts {
+    envoy: PathBuf,
+    module_dir: PathBuf,
+    daemon: Daemon,
+    pki: Pki,
+    backend: Backend,
+    exchange: Exchange,
+}
+
+pub(crate) fn run(opts: &Options, r: &mut Reporter) -> anyhow::Result<()> {
+    anyhow::ensure!(opts.msg_size > 0, "--msg-size must be positive");
+    report::progress("envoy: fetching Envoy and building libshunt_envoy.so");
+    let parts = Parts {
+        envoy: sidecar::envoy_binary()?,
+        module_dir: sidecar::build_module()?,
+        daemon: Daemon::start()?,
+        pki: Pki::generate()?,
+        backend: Backend::start(opts.msg_size)?,
+        exchange: Exchange::new(opts.msg_size),
+    };
+    let shunt = if opts.shunt_mtls {
+        Mode::ShuntMtls
+    } else {
+        Mode::Shunt
+    };
+    // A module config Envoy rejects fails now rather than after the other modes ran.
+    drop(Chain::start(shunt, &parts).with_context(|| format!("envoy {}", shunt.name()))?);
+    let mut results = Vec::new();
+    for mode in [Mode::Direct, Mode::Plain, Mode::EnvoyTls, shunt] {
+        report::progress(&format!("envoy {}", mode.name()));
+        let m = measure(mode, &parts, opts).with_context(|| format!("envoy {}", mode.name()))?;
+        r.emit(&m)?;
+        results.push(m);
+    }
+    table(r, &results);
+
+    let of = |mode| {
+        results
+            .iter()
+            .find(|m| m.mode == mode)
+            .expect("every mode ran")
+    };
+    let p50_1 = |m: &ModeResult| m.rr[0].p50_us;
+    let (s, tls, plain) = (of(shunt), of(Mode::EnvoyTls), of(Mode::Plain));
+    let ratios = Ratios {
+        bench: "envoy-ratios",
+        shunt_mode: shunt,
+        gbps_vs_envoy_tls: s.gbps / tls.gbps,
+        gbps_vs_plain: s.gbps / plain.gbps,
+        cpu_s_per_gb_vs_envoy_tls: s.cpu_s_per_gb / tls.cpu_s_per_gb,
+        p50_us_1conn_vs_plain: p50_1(s) / p50_1(plain),
+    };
+    let name = shunt.name();
+    r.human(&format!(
+        "\n{name} / envoy-tls throughput: {:.2}x\n{name} / plain throughput: {:.2}x\n\
+         {name} / envoy-tls Envoy CPU per GB: {:.2}\n{name} / plain p50 at 1 connection: {:.2}",
+        ratios.gbps_vs_envoy_tls,
+        ratios.gbps_vs_plain,
+        ratios.cpu_s_per_gb_vs_envoy_tls,
+        ratios.p50_us_1conn_vs_plain
+    ));
+    r.emit(&ratios)
+}
+
+fn table(r: &mut Reporter, results: &[ModeResult]) {
+    let mut headers = vec!["mode", "Gbit/s", "CPU s/GB"];
+    let labels: Vec<String> = CONNECTIONS
+        .iter()
+        .flat_map(|c| [format!("rps@{c}"), format!("p50@{c}"), format!("p99@{c}")])
+        .collect();
+    headers.extend(labels.iter().map(String::as_str));
+    let rows: Vec<Vec<String>> = results
+        .iter()
+        .map(|m| {
+            let mut row = vec![
+                m.mode.name().to_owned(),
+                format!("{:.2}", m.gbps),
+                format!("{:.3}", m.cpu_s_per_gb),
+            ];
+            for rr in &m.rr {
+                row.push(format!("{:.0}", rr.rps));
+                row.push(format!("{:.1}", rr.p50_us));
+                row.push(format!("{:.1}", rr.p99_us));
+            }
+            row
+        })
+        .collect();
+    let bulk = results.first().map_or(0, |m| m.bulk_bytes);
+    let size = results.first().map_or(0, |m| m.msg_size);
+    r.table(
+        &format!(
+            "envoy: bulk upload of {}, HTTP/1.1 {size} B request/response (latency in us)",
+            report::size_label(bulk as usize)
+        ),
+        &headers,
+        &rows,
+    );
+}
+
+/// The sidecars of one mode (none for `direct`) and where the load connects.
+struct Chain {
+    sidecars: Vec<Sidecar>,
+    entry: SocketAddr,
+}
+
+impl Chain {
+    fn start(mode: Mode, parts: &Parts) -> anyhow::Result<Chain> {
+        let (listener_socket, cluster_socket) = match mode {
+            Mode::Direct => {
+                return Ok(Chain {
+                    sidecars: Vec::new(),
+                    entry: parts.backend.addr,
+                });
+            }
+            Mode::Plain => (None, None),
+            Mode::EnvoyTls => (
+                Some(sidecar::istio_tls(Side::Downstream, &parts.pki.server)),
+                Some(sidecar::istio_tls(Side::Upstream, &parts.pki.client)),
+            ),
+            Mode::Shunt | Mode::ShuntMtls => {
+                let mtls = mode == Mode::ShuntMtls;
+                let socket = parts.daemon.socket();
+                let config = |id| sidecar::shunt_module_config(&socket, id, mtls);
+                (
+                    Some(sidecar::shunt_socket(config(&parts.pki.server))),
+                    Some(sidecar::shunt_socket(config(&parts.pki.client))),
+                )
+            }
+        };
+        let start = |name, resources| {
+            let s = Sidecar::start(name, &parts.envoy, &parts.module_dir, resources);
+            if mode == Mode::ShuntMtls {
+                s.context("--shunt-mtls: Envoy did not take the module's `tls` config; the module needs mTLS support")
+            } else {
+                s
+            }
+        };
+        let server = start(
+            "server",
+            sidecar::tcp_proxy(listener_socket, parts.backend.addr, None),
+        )?;
+        let upstream = server.listener("in")?;
+        let client = start("client", sidecar::tcp_proxy(None, upstream, cluster_socket))?;
+        let entry = client.listener("in")?;
+        Ok(Chain {
+            sidecars: vec![client, server],
+            entry,
+        })
+    }
+
+    fn cpu(&self) -> anyhow::Result<Duration> {
+        self.sidecars.iter().map(Sidecar::cpu).sum()
+    }
+
+    fn logs(&self) -> String {
+        let mut text = String::new();
+        for (s, name) in self.sidecars.iter().zip(["client", "server"]) {
+            text += &format!("\n--- envoy {name} ---\n{}", s.log_tail());
+        }
+        text
+    }
+}
+
+fn measure(mode: Mode, parts: &Parts, opts: &Options) -> anyhow::Result<ModeResult> {
+    let chain = Chain::start(mode, parts)?;
+    measure_chain(mode, &chain, parts, opts).with_context(|| chain.logs())
+}
+
+fn measure_chain(
+    mode: Mode,
+    chain: &Chain,
+    parts: &Parts,
+    opts: &Options,
+) -> anyhow::Result<ModeResult> {
+    let daemon = &parts.daemon;
+    let paired_before = daemon.metric(PAIRED)?;
+    let cut_through_before = daemon.metric(CUT_THROUGH_BYTES)?;
+
+    let mut conn = HttpConn::connect(chain.entry).context("bulk connection")?;
+    let cpu_before = chain.cpu()?;
+    let t0 = Instant::now();
+    conn.upload(opts.bulk_bytes).context("bulk upload")?;
+    let bulk = t0.elapsed();
+    let cpu = chain.cpu()? - cpu_before;
+    drop(conn);
+
+    let mut rr = Vec::new();
+    for connections in CONNECTIONS {
+        let run = http::request_response(
+            chain.entry,
+            &parts.exchange,
+            connections,
+            opts.warmup,
+            opts.duration,
+        )
+        .with_context(|| format!("request/response on {connections} connections"))?;
+        let mut samples = run.samples;
+        samples.sort_unstable();
+        let us = |q: usize| {
+            samples[(samples.len() * q / 100).min(samples.len() - 1)].as_secs_f64() * 1e6
+        };
+        rr.push(RrResult {
+            connections,
+            requests: samples.len(),
+            secs: run.secs,
+            rps: samples.len() as f64 / run.secs,
+            p50_us: us(50),
+            p99_us: us(99),
+        });
+    }
+
+    let connections = 1 + CONNECTIONS.iter().sum::<usize>() as u64;
+    let paired = (daemon.metric(PAIRED)? - paired_before) as u64;
+    if matches!(mode, Mode::Shunt | Mode::ShuntMtls) {
+        anyhow::ensure!(
+            paired >= connections,
+            "shuntd paired {paired} of {connections} connections: cut-through did not apply"
+        );
+        let carried = daemon.metric(CUT_THROUGH_BYTES)? - cut_through_before;
+        anyhow::ensure!(
+            carried >= opts.bulk_bytes as f64,
+            "only {carried} bytes went through cut-through FIFOs for a {} byte upload",
+            opts.bulk_bytes
+        );
+    }
+
+    let secs = bulk.as_secs_f64();
+    let gb = opts.bulk_bytes as f64 / 1e9;
+    Ok(ModeResult {
+        bench: "envoy",
+        mode,
+        bulk_bytes: opts.bulk_bytes,
+        bulk_secs: secs,
+        gbps: gb * 8.0 / secs,
+        envoy_cpu_s: cpu.as_secs_f64(),
+        cpu_s_per_gb: cpu.as_secs_f64() / gb,
+        msg_size: opts.msg_size,
+        rr,
+        connections,
+        paired_connections: paired,
+    })
+}

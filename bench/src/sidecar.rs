@@ -1,0 +1,386 @@
+//! Envoy sidecars for the `envoy` command: getting the parts (the pinned Envoy, the Shunt
+//! module), writing their bootstraps, running them, and reading what they cost.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde_json::{Value, json};
+
+use crate::http;
+use crate::pki::Identity;
+
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+const POLL: Duration = Duration::from_millis(10);
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the bench crate sits in the workspace")
+        .to_path_buf()
+}
+
+/// The pinned Envoy, fetched and cached by the repository's script.
+pub(crate) fn envoy_binary() -> anyhow::Result<PathBuf> {
+    let script = workspace().join("ci/envoy.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("run {}", script.display()))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{} failed ({}): cannot get Envoy",
+        script.display(),
+        out.status
+    );
+    let path = PathBuf::from(String::from_utf8(out.stdout)?.trim());
+    anyhow::ensure!(
+        path.is_file(),
+        "{} printed `{}`, which is not a file",
+        script.display(),
+        path.display()
+    );
+    Ok(path)
+}
+
+/// Builds `libshunt_envoy.so` with the release profile and returns the directory holding it.
+///
+/// Cargo reports where it put the library, so this finds it whatever the target directory.
+pub(crate) fn build_module() -> anyhow::Result<PathBuf> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let out = Command::new(&cargo)
+        .args(["build", "--release", "--locked", "-p", "shunt-envoy"])
+        .arg("--message-format=json-render-diagnostics")
+        .arg("--manifest-path")
+        .arg(workspace().join("Cargo.toml"))
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("run {}", Path::new(&cargo).display()))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "building shunt-envoy failed ({})",
+        out.status
+    );
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(msg) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        if msg["reason"] != "compiler-artifact" || msg["target"]["name"] != "shunt_envoy" {
+            continue;
+        }
+        let files = msg["filenames"].as_array().into_iter().flatten();
+        for file in files.filter_map(Value::as_str).map(Path::new) {
+            if file.file_name().is_some_and(|n| n == "libshunt_envoy.so") {
+                return Ok(file.parent().context("library path")?.to_path_buf());
+            }
+        }
+    }
+    anyhow::bail!("cargo built shunt-envoy but reported no libshunt_envoy.so")
+}
+
+/// A running Envoy, killed when dropped.
+pub(crate) struct Sidecar {
+    name: String,
+    child: Child,
+    admin: SocketAddr,
+    // Holds the bootstrap and the log.
+    dir: tempfile::TempDir,
+}
+
+impl Sidecar {
+    /// Starts Envoy on `static_resources` and returns once its admin reports LIVE.
+    pub(crate) fn start(
+        name: &str,
+        envoy: &Path,
+        module_dir: &Path,
+        static_resources: Value,
+    ) -> anyhow::Result<Sidecar> {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("shunt-bench-{name}"))
+            .tempdir()?;
+        let bootstrap = json!({
+            "admin": {"address": socket_address(([127, 0, 0, 1], 0).into())},
+            "static_resources": static_resources,
+        });
+        // JSON is YAML, and needs no care with indentation or quoting.
+        let config = dir.path().join("envoy.json");
+        std::fs::write(&config, serde_json::to_vec_pretty(&bootstrap)?)?;
+        let admin_path = dir.path().join("admin.address");
+        let log = std::fs::File::create(dir.path().join("envoy.log"))?;
+        let child = Command::new(envoy)
+            .arg("--config-path")
+            .arg(&config)
+            .args([
+                "--concurrency",
+                "1",
+                "--disable-hot-restart",
+                "-l",
+                "warning",
+            ])
+            .arg("--admin-address-path")
+            .arg(&admin_path)
+            .env("ENVOY_DYNAMIC_MODULES_SEARCH_PATH", module_dir)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("spawn {}", envoy.display()))?;
+        let mut sidecar = Sidecar {
+            name: name.to_owned(),
+            child,
+            admin: SocketAddr::from(([127, 0, 0, 1], 0)),
+            dir,
+        };
+        sidecar.wait_ready(&admin_path)?;
+        Ok(sidecar)
+    }
+
+    fn wait_ready(&mut self, admin_path: &Path) -> anyhow::Result<()> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                anyhow::bail!(
+                    "envoy {} exited ({status}):\n{}",
+                    self.name,
+                    self.log_tail()
+                );
+            }
+            if self.admin.port() == 0
+                && let Some(addr) = std::fs::read_to_string(admin_path)
+                    .ok()
+                    .and_then(|t| t.trim().parse().ok())
+            {
+                self.admin = addr;
+            }
+            if self.admin.port() != 0
+                && http::get(self.admin, "/ready").is_ok_and(|b| b.trim() == "LIVE")
+            {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "envoy {} not ready within {READY_TIMEOUT:?}:\n{}",
+                self.name,
+                self.log_tail()
+            );
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// Where the listener called `name` is bound; listeners ask for port 0, so no other
+    /// program can take their port between choosing and binding it.
+    pub(crate) fn listener(&self, name: &str) -> anyhow::Result<SocketAddr> {
+        let text = http::get(self.admin, "/listeners")?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix("::")?.parse().ok())
+            .with_context(|| format!("envoy {} has no listener `{name}`: {text}", self.name))
+    }
+
+    /// CPU time, user and system, of the whole process so far.
+    pub(crate) fn cpu(&self) -> anyhow::Result<Duration> {
+        cpu_time(self.child.id())
+    }
+
+    pub(crate) fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.dir.path().join("envoy.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// utime + stime from `/proc/<pid>/stat`, which counts every thread of the process.
+fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name may hold spaces and parentheses; the fields resume after the last ')'.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .context("malformed /proc stat")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // Fields 14 and 15 of stat(5); `rest` starts at field 3.
+    let ticks: u64 = [11, 12]
+        .iter()
+        .map(|&i| fields.get(i).and_then(|f| f.parse::<u64>().ok()))
+        .sum::<Option<u64>>()
+        .context("malformed /proc stat")?;
+    let hz = rustix::param::clock_ticks_per_second();
+    Ok(Duration::from_secs_f64(ticks as f64 / hz as f64))
+}
+
+fn socket_address(addr: SocketAddr) -> Value {
+    json!({"socket_address": {"address": addr.ip().to_string(), "port_value": addr.port()}})
+}
+
+/// A sidecar's static resources: listener `in` on a free port → `tcp_proxy` → cluster `out`
+/// at `upstream`, with optional transport sockets on the listener and the cluster.
+pub(crate) fn tcp_proxy(
+    listener_socket: Option<Value>,
+    upstream: SocketAddr,
+    cluster_socket: Option<Value>,
+) -> Value {
+    let mut chain = json!({
+        "filters": [{
+            "name": "envoy.filters.network.tcp_proxy",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+                "stat_prefix": "in",
+                "cluster": "out",
+            },
+        }],
+    });
+    if let Some(ts) = listener_socket {
+        chain["transport_socket"] = ts;
+    }
+    let mut cluster = json!({
+        "name": "out",
+        "connect_timeout": "2s",
+        "type": "STATIC",
+        "load_assignment": {
+            "cluster_name": "out",
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": socket_address(upstream)}}]}],
+        },
+    });
+    if let Some(ts) = cluster_socket {
+        cluster["transport_socket"] = ts;
+    }
+    json!({
+        "listeners": [{
+            "name": "in",
+            "address": socket_address(([127, 0, 0, 1], 0).into()),
+            "filter_chains": [chain],
+        }],
+        "clusters": [cluster],
+    })
+}
+
+/// Which end of the sidecar-to-sidecar connection a transport socket is for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Side {
+    /// The client's cluster, which connects.
+    Upstream,
+    /// The server's listener, which accepts.
+    Downstream,
+}
+
+/// Envoy's own TLS as Istio configures it for ISTIO_MUTUAL, with files in place of SDS.
+pub(crate) fn istio_tls(side: Side, id: &Identity) -> Value {
+    let tls_params = json!({
+        "tls_minimum_protocol_version": "TLSv1_3",
+        "tls_maximum_protocol_version": "TLSv1_3",
+    });
+    let certificate = json!({
+        "certificate_chain": {"filename": id.cert_chain},
+        "private_key": {"filename": id.private_key},
+    });
+    let validation = json!({
+        "trusted_ca": {"filename": id.trust_bundle},
+        "match_typed_subject_alt_names": [{"san_type": "URI", "matcher": {"exact": id.peer_id}}],
+    });
+    let typed_config = match side {
+        Side::Upstream => json!({
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "sni": "outbound_.80_._.server.default.svc.cluster.local",
+            "common_tls_context": {
+                "tls_params": tls_params,
+                "alpn_protocols": ["istio-peer-exchange", "istio"],
+                "tls_certificates": [certificate],
+                "validation_context": validation,
+            },
+        }),
+        Side::Downstream => json!({
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+            "require_client_certificate": true,
+            "common_tls_context": {
+                "tls_params": tls_params,
+                "alpn_protocols": ["istio-peer-exchange", "h2", "http/1.1"],
+                "tls_certificates": [certificate],
+                "validation_context": validation,
+            },
+        }),
+    };
+    json!({"name": "envoy.transport_sockets.tls", "typed_config": typed_config})
+}
+
+/// The Shunt module as a transport socket, with `config` from [`shunt_module_config`].
+pub(crate) fn shunt_socket(config: String) -> Value {
+    json!({
+        "name": "envoy.transport_sockets.dynamic_modules",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.dynamic_modules.v3.DynamicModuleTransportSocket",
+            "dynamic_module_config": {"name": "shunt_envoy"},
+            "transport_socket_name": "shunt",
+            "transport_socket_config": {
+                "@type": "type.googleapis.com/google.protobuf.StringValue",
+                "value": config,
+            },
+        },
+    })
+}
+
+/// The module's own YAML: attach to `shuntd_socket` in namespace `default` with the empty
+/// secret and, with `mtls`, authenticate the peer with `id`'s material before pairing.
+pub(crate) fn shunt_module_config(shuntd_socket: &Path, id: &Identity, mtls: bool) -> String {
+    // JSON strings are YAML double-quoted scalars, so any path survives.
+    let q = |p: &Path| Value::from(p.to_string_lossy()).to_string();
+    let mut yaml = format!(
+        "shuntd_socket: {}\nnamespace: {{id: default, secret: \"\"}}\n",
+        q(shuntd_socket)
+    );
+    if mtls {
+        yaml += &format!(
+            "tls:\n  cert_chain: {}\n  private_key: {}\n  trust_bundle: {}\n  peer_identities: [{}]\n",
+            q(&id.cert_chain),
+            q(&id.private_key),
+            q(&id.trust_bundle),
+            Value::from(id.peer_id)
+        );
+    }
+    yaml
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity() -> Identity {
+        Identity {
+            cert_chain: "/pki/client-cert.pem".into(),
+            private_key: "/pki/client-key.pem".into(),
+            trust_bundle: "/pki/ca.pem".into(),
+            peer_id: crate::pki::SERVER_ID,
+        }
+    }
+
+    #[test]
+    fn module_config_names_the_socket_and_adds_tls_only_for_mtls() {
+        let plain = shunt_module_config(Path::new("/s/shuntd.sock"), &identity(), false);
+        assert_eq!(
+            plain,
+            "shuntd_socket: \"/s/shuntd.sock\"\nnamespace: {id: default, secret: \"\"}\n"
+        );
+        let mtls = shunt_module_config(Path::new("/s/shuntd.sock"), &identity(), true);
+        assert!(mtls.starts_with(&plain));
+        assert!(mtls.ends_with(
+            "tls:\n  cert_chain: \"/pki/client-cert.pem\"\n  private_key: \"/pki/client-key.pem\"\n  \
+             trust_bundle: \"/pki/ca.pem\"\n  \
+             peer_identities: [\"spiffe://cluster.local/ns/default/sa/server\"]\n"
+        ));
+    }
+
+    #[test]
+    fn this_process_has_spent_cpu() {
+        let busy = Instant::now();
+        while busy.elapsed() < Duration::from_millis(30) {}
+        assert!(cpu_time(std::process::id()).unwrap() > Duration::ZERO);
+    }
+}
