@@ -7,9 +7,11 @@
 //! - `envoy-tls`: the same with Envoy's own TLS 1.3 between the sidecars, configured as Istio
 //!   configures ISTIO_MUTUAL (client certificate, mesh CA, SPIFFE SAN match both ways, Istio's
 //!   ALPN lists). What a mesh pays today.
-//! - `shunt` (`shunt-mtls` with `--shunt-mtls`): the Shunt module as the transport socket on
-//!   the client's cluster and the server's listener, both attached to one shuntd. The run
-//!   fails unless shuntd paired every connection and carried the bulk bytes.
+//! - `shunt`: the Shunt module as the transport socket on the client's cluster and the server's
+//!   listener, both attached to one shuntd, with the same certificates as `envoy-tls`: a TLS
+//!   handshake proves both identities, then payload moves through shared memory. The run fails
+//!   unless shuntd paired every connection and carried the bulk bytes. With `--shunt-plain`,
+//!   `shunt-plain` instead: the module's mode for meshes without mTLS.
 //!
 //! Each mode starts fresh sidecars (`--concurrency 1`); the backend and the load are threads of
 //! this process on kernel TCP with `TCP_NODELAY`.
@@ -57,8 +59,8 @@ pub(crate) struct Options {
     pub(crate) duration: Duration,
     /// Body bytes of each request and of each response.
     pub(crate) msg_size: usize,
-    /// Runs the module with mutual TLS before pairing (`shunt-mtls` instead of `shunt`).
-    pub(crate) shunt_mtls: bool,
+    /// Runs the module without TLS (`shunt-plain` instead of `shunt`).
+    pub(crate) shunt_plain: bool,
 }
 
 /// How the two sidecars talk, if there are any.
@@ -69,7 +71,7 @@ pub(crate) enum Mode {
     Plain,
     EnvoyTls,
     Shunt,
-    ShuntMtls,
+    ShuntPlain,
 }
 
 impl Mode {
@@ -79,7 +81,7 @@ impl Mode {
             Mode::Plain => "plain",
             Mode::EnvoyTls => "envoy-tls",
             Mode::Shunt => "shunt",
-            Mode::ShuntMtls => "shunt-mtls",
+            Mode::ShuntPlain => "shunt-plain",
         }
     }
 }
@@ -131,7 +133,7 @@ pub(crate) struct RrResult {
 #[derive(Debug, Serialize)]
 pub(crate) struct Ratios {
     bench: &'static str,
-    /// The mode the ratios are about: `shunt`, or `shunt-mtls`.
+    /// The mode the ratios are about: `shunt`, or `shunt-plain`.
     shunt_mode: Mode,
     /// Shunt's bulk Gbit/s over envoy-tls's; above 1 is faster.
     gbps_vs_envoy_tls: f64,
@@ -166,8 +168,8 @@ pub(crate) fn run(opts: &Options, r: &mut Reporter) -> anyhow::Result<()> {
         backend: Backend::start(opts.msg_size)?,
         exchange: Exchange::new(opts.msg_size),
     };
-    let shunt = if opts.shunt_mtls {
-        Mode::ShuntMtls
+    let shunt = if opts.shunt_plain {
+        Mode::ShuntPlain
     } else {
         Mode::Shunt
     };
@@ -265,8 +267,8 @@ impl Chain {
                 Some(sidecar::istio_tls(Side::Downstream, &parts.pki.server)),
                 Some(sidecar::istio_tls(Side::Upstream, &parts.pki.client)),
             ),
-            Mode::Shunt | Mode::ShuntMtls => {
-                let mtls = mode == Mode::ShuntMtls;
+            Mode::Shunt | Mode::ShuntPlain => {
+                let mtls = mode == Mode::Shunt;
                 let socket = parts.daemon.socket();
                 let config = |id| sidecar::shunt_module_config(&socket, id, mtls);
                 (
@@ -275,14 +277,8 @@ impl Chain {
                 )
             }
         };
-        let start = |name, resources| {
-            let s = Sidecar::start(name, &parts.envoy, &parts.module_dir, resources);
-            if mode == Mode::ShuntMtls {
-                s.context("--shunt-mtls: Envoy did not take the module's `tls` config; the module needs mTLS support")
-            } else {
-                s
-            }
-        };
+        let start =
+            |name, resources| Sidecar::start(name, &parts.envoy, &parts.module_dir, resources);
         let server = start(
             "server",
             sidecar::tcp_proxy(listener_socket, parts.backend.addr, None),
@@ -359,7 +355,7 @@ fn measure_chain(
 
     let connections = 1 + CONNECTIONS.iter().sum::<usize>() as u64;
     let paired = (daemon.metric(PAIRED)? - paired_before) as u64;
-    if matches!(mode, Mode::Shunt | Mode::ShuntMtls) {
+    if matches!(mode, Mode::Shunt | Mode::ShuntPlain) {
         anyhow::ensure!(
             paired >= connections,
             "shuntd paired {paired} of {connections} connections: cut-through did not apply"

@@ -120,9 +120,9 @@ struct EnvoyArgs {
     /// Body bytes of each request and each response.
     #[arg(long, default_value_t = 100)]
     msg_size: usize,
-    /// Configures the module with mutual TLS before pairing (mode `shunt-mtls`).
+    /// Runs the module in its plain mode, without TLS (mode `shunt-plain`).
     #[arg(long)]
-    shunt_mtls: bool,
+    shunt_plain: bool,
 }
 
 /// How bytes travel between the two ends of a measurement.
@@ -231,7 +231,7 @@ fn main() -> anyhow::Result<()> {
                 warmup: Duration::from_millis(if quick { 50 } else { 500 }),
                 duration: secs(a.duration, quick, 3.0, 0.2)?,
                 msg_size: a.msg_size,
-                shunt_mtls: a.shunt_mtls,
+                shunt_plain: a.shunt_plain,
             };
             envoy::run(&opts, &mut r)
         }

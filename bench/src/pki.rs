@@ -1,13 +1,9 @@
 //! A mesh CA and the two workload identities of a sidecar chain, made fresh for each run and
 //! written as PEM files, the form sidecars load them in.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use anyhow::Context;
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
-};
+use shunt_tls::dev_pki::{DevCa, WorkloadFiles};
 
 pub(crate) const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/client";
 pub(crate) const SERVER_ID: &str = "spiffe://cluster.local/ns/default/sa/server";
@@ -18,6 +14,17 @@ pub(crate) struct Identity {
     pub(crate) private_key: PathBuf,
     pub(crate) trust_bundle: PathBuf,
     pub(crate) peer_id: &'static str,
+}
+
+impl Identity {
+    fn new(files: WorkloadFiles, peer_id: &'static str) -> Self {
+        Self {
+            cert_chain: files.cert_chain,
+            private_key: files.private_key,
+            trust_bundle: files.trust_bundle,
+            peer_id,
+        }
+    }
 }
 
 pub(crate) struct Pki {
@@ -32,63 +39,15 @@ impl Pki {
         let dir = tempfile::Builder::new()
             .prefix("shunt-bench-pki")
             .tempdir()?;
-        let mut ca = CertificateParams::default();
-        ca.distinguished_name.push(DnType::CommonName, "mesh CA");
-        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let ca_key = KeyPair::generate()?;
-        let trust_bundle = dir.path().join("ca.pem");
-        std::fs::write(&trust_bundle, ca.self_signed(&ca_key)?.pem())?;
-        let issuer = Issuer::new(ca, ca_key);
-
-        let client = leaf(dir.path(), "client", CLIENT_ID, &issuer)?;
-        let server = leaf(dir.path(), "server", SERVER_ID, &issuer)?;
+        let ca = DevCa::new("mesh CA")?;
+        let client = ca.write_workload(CLIENT_ID, &dir.path().join("client"))?;
+        let server = ca.write_workload(SERVER_ID, &dir.path().join("server"))?;
         Ok(Pki {
-            client: Identity {
-                cert_chain: client.0,
-                private_key: client.1,
-                trust_bundle: trust_bundle.clone(),
-                peer_id: SERVER_ID,
-            },
-            server: Identity {
-                cert_chain: server.0,
-                private_key: server.1,
-                trust_bundle,
-                peer_id: CLIENT_ID,
-            },
+            client: Identity::new(client, SERVER_ID),
+            server: Identity::new(server, CLIENT_ID),
             _dir: dir,
         })
     }
-}
-
-/// A workload certificate with `id` as its only URI SAN, as SPIFFE requires; returns the
-/// paths of the certificate and of its key.
-fn leaf(
-    dir: &Path,
-    name: &str,
-    id: &str,
-    issuer: &Issuer<'_, KeyPair>,
-) -> anyhow::Result<(PathBuf, PathBuf)> {
-    let mut params = CertificateParams::default();
-    params.distinguished_name.push(DnType::CommonName, name);
-    params.subject_alt_names = vec![SanType::URI(
-        id.try_into().with_context(|| format!("SAN {id}"))?,
-    )];
-    params.key_usages = vec![
-        KeyUsagePurpose::DigitalSignature,
-        KeyUsagePurpose::KeyEncipherment,
-    ];
-    params.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
-    let key = KeyPair::generate()?;
-    let cert = params.signed_by(&key, issuer)?;
-    let cert_path = dir.join(format!("{name}-cert.pem"));
-    let key_path = dir.join(format!("{name}-key.pem"));
-    std::fs::write(&cert_path, cert.pem())?;
-    std::fs::write(&key_path, key.serialize_pem())?;
-    Ok((cert_path, key_path))
 }
 
 #[cfg(test)]

@@ -52,8 +52,10 @@ fn authenticated_co_located_sidecars_move_payload_through_shared_memory() {
     assert_eq!(d.metric_reaching(series, 8.0), 8.0);
     let histogram = "shunt_sidecar_pairing_seconds_count";
     assert_eq!(d.metric_reaching(histogram, 8.0), 8.0);
+    // Each exchange also carries its 8-byte length and the backend's 32-byte digest.
+    let received = payload + 4 * (8 + 32);
     let series = "shunt_sidecar_bytes_total{mode=\"cut_through\"}";
-    assert_eq!(d.metric_reaching(series, payload as f64), payload as f64);
+    assert_eq!(d.metric_reaching(series, received as f64), received as f64);
 }
 
 #[test]
