@@ -10,7 +10,7 @@ use std::io::{ErrorKind, IoSlice};
 
 use shunt_client::Session;
 
-use super::{CHUNK, Connection, IoResult, State, log};
+use super::{Connection, IoResult, State, log};
 use crate::host::{Host, Io, LogLevel};
 use crate::stats::{self, Mode};
 use crate::wire;
@@ -74,16 +74,16 @@ impl Connection {
         let mut fifo_empty = false;
         let limit = self.settings.config.max_read_per_event;
         while total < limit && !host.should_drain_read_buffer() {
-            let want = CHUNK.min(limit - total);
-            match ct.session.try_read(&mut self.scratch[..want]) {
+            // Straight from the FIFO into Envoy's buffer: one copy.
+            match ct
+                .session
+                .try_read_with(limit - total, |bytes| host.read_buffer_add(bytes))
+            {
                 Ok(0) => {
                     end_stream = true;
                     break;
                 }
-                Ok(n) => {
-                    host.read_buffer_add(&self.scratch[..n]);
-                    total += n;
-                }
+                Ok(n) => total += n,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {
                     fifo_empty = true;
                     break;

@@ -260,6 +260,41 @@ impl Session {
         })
     }
 
+    /// Zero-copy read: hands `consume` up to `max` readable bytes, straight from the FIFO, as
+    /// one or two slices in order, and then frees them. Returns how many were consumed: 0 at
+    /// end of stream, `WouldBlock` when nothing is readable. The bytes are the peer's and
+    /// untrusted.
+    pub fn try_read_with(
+        &mut self,
+        max: usize,
+        mut consume: impl FnMut(&[u8]),
+    ) -> io::Result<usize> {
+        self.with(|st, s| {
+            if s.peer_reset {
+                return Err(SessionState::reset_error());
+            }
+            let slices = s.rx.read_slices().map_err(SessionState::corrupt)?;
+            let first = &slices.first[..slices.first.len().min(max)];
+            let second = &slices.second[..slices.second.len().min(max - first.len())];
+            let n = first.len() + second.len();
+            if n > 0 {
+                consume(first);
+                if !second.is_empty() {
+                    consume(second);
+                }
+                s.rx.release(n).map_err(SessionState::corrupt)?;
+                if s.rx.take_tx_space_request() {
+                    Self::notify(st, s, Notify::TxSpace)?;
+                }
+                return Ok(n);
+            }
+            if s.rx.at_eof().map_err(SessionState::corrupt)? || max == 0 {
+                return Ok(0);
+            }
+            Err(io::ErrorKind::WouldBlock.into())
+        })
+    }
+
     pub fn try_read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.try_read_vectored(&mut [IoSliceMut::new(buf)])
     }

@@ -245,3 +245,40 @@ fn data_written_before_a_clean_close_survives_the_writer_leaving() {
         );
     }
 }
+
+#[test]
+fn zero_copy_reads_hand_over_bytes_in_order_up_to_the_limit() {
+    let d = Daemon::start("");
+    let server = d.attach("server");
+    let listener = server.listen(ep("127.0.0.1:7002")).unwrap();
+    let client = d.attach("client");
+    let mut c = client.connect(ep("127.0.0.1:7002")).unwrap();
+    let mut s = listener.accept().unwrap();
+    assert_eq!(
+        s.try_read_with(1024, |_| panic!("nothing was written"))
+            .unwrap_err()
+            .kind(),
+        std::io::ErrorKind::WouldBlock
+    );
+    // More than one FIFO's worth in all, so reads wrap around the ring.
+    let sent: Vec<u8> = (0..3 << 20).map(|i: u32| (i % 251) as u8).collect();
+    let writer = thread::spawn(move || {
+        c.write_all(&sent).unwrap();
+        c.shutdown_write().unwrap();
+        sent
+    });
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match s.try_read_with(100_000, |bytes| got.extend_from_slice(bytes)) {
+            Ok(0) => break,
+            Ok(n) => assert!(n <= 100_000, "read {n}, more than the limit"),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(Instant::now() < deadline, "stalled after {}", got.len());
+                s.worker().wait(Some(Duration::from_millis(100))).unwrap();
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(got == writer.join().unwrap(), "bytes differ");
+}
