@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# Sets up, starts shuntd, and runs two apps through cut-through next to kernel TCP loopback.
+# Sets up, starts shuntd, and runs two apps through cut-through next to kernel TCP loopback;
+# then two real Envoy sidecars: Shunt's module (mutual TLS, then cut-through) next to Envoy's
+# own mutual TLS as Istio configures it, plain Envoy, and no Envoy at all.
+# SHUNT_DEMO_ENVOY=0 skips the Envoy part.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,3 +21,9 @@ pid=$!
 for _ in $(seq 100); do [ -S "$dir/shuntd.sock" ] && break; sleep 0.05; done
 [ -S "$dir/shuntd.sock" ] || { echo "shuntd did not start" >&2; exit 1; }
 target/release/examples/demo "$dir/shuntd.sock" "${DEMO_BYTES:-2147483648}"
+
+if [ "${SHUNT_DEMO_ENVOY:-1}" != 0 ]; then
+    echo
+    echo "== two Envoy 1.40 sidecars: client -> Envoy -> Envoy -> backend"
+    cargo run --release --locked -q -p shunt-bench -- envoy --bytes "${DEMO_ENVOY_BYTES:-2G}" --duration 1
+fi

@@ -242,4 +242,40 @@ mod tests {
             Err(ConfigError::UnknownSocketName(_))
         ));
     }
+
+    #[test]
+    fn tls_errors_name_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = shunt_tls::dev_pki::DevCa::new("test CA").unwrap();
+        let files = ca
+            .write_workload("spiffe://cluster.local/ns/default/sa/web", dir.path())
+            .unwrap();
+        let tls = |chain: &str, bundle: &str, ids: &str| {
+            format!(
+                "tls: {{cert_chain: {chain}, private_key: {}, trust_bundle: {bundle}, peer_identities: [{ids}]}}",
+                files.private_key.display()
+            )
+        };
+        let (chain, bundle) = (
+            files.cert_chain.display().to_string(),
+            files.trust_bundle.display().to_string(),
+        );
+        let ok = Settings::parse(b"shunt", tls(&chain, &bundle, "").as_bytes()).unwrap();
+        assert!(ok.tls.is_some());
+        for (yaml, field) in [
+            (tls("/nonexistent/chain.pem", &bundle, ""), "tls.cert_chain"),
+            (tls(&chain, "/nonexistent/ca.pem", ""), "tls.trust_bundle"),
+            (
+                tls(&chain, &bundle, "\"spiffe://x/*/y\""),
+                "tls.peer_identities",
+            ),
+            ("tls: {cert_chain: /a}".to_owned(), "private_key"),
+        ] {
+            let e = Settings::parse(b"shunt", yaml.as_bytes())
+                .err()
+                .expect("refused")
+                .to_string();
+            assert!(e.contains(field), "`{yaml}` gave `{e}`");
+        }
+    }
 }

@@ -72,10 +72,25 @@ fn the_module_exports_every_transport_socket_hook() {
 #[test]
 fn the_example_sidecars_load_the_module_and_validate() {
     let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/envoy");
-    for name in ["client-sidecar.yaml", "server-sidecar.yaml"] {
+    // The mutual-TLS examples read certificates from `certs/` under Envoy's working directory,
+    // as `shunt dev-certs certs` writes them.
+    let cwd = tempfile::tempdir().unwrap();
+    let ca = shunt_tls::dev_pki::DevCa::new("dev mesh CA").unwrap();
+    for side in ["client", "server"] {
+        let id = format!("spiffe://cluster.local/ns/default/sa/{side}");
+        ca.write_workload(&id, &cwd.path().join("certs").join(side))
+            .unwrap();
+    }
+    for name in [
+        "client-sidecar.yaml",
+        "server-sidecar.yaml",
+        "client-sidecar-mtls.yaml",
+        "server-sidecar-mtls.yaml",
+    ] {
         let out = Command::new(common::envoy_binary())
             .args(["--mode", "validate", "--disable-hot-restart", "-c"])
             .arg(examples.join(name))
+            .current_dir(cwd.path())
             .env("ENVOY_DYNAMIC_MODULES_SEARCH_PATH", common::module_dir())
             .output()
             .expect("run envoy --mode validate");
@@ -115,4 +130,50 @@ fn a_bad_module_config_fails_envoys_config_load_naming_the_field() {
         log.contains("pairing_timeout_ms"),
         "no field name in:\n{log}"
     );
+}
+
+/// Every module config embedded in `examples/istio` (EnvoyFilter patches, and the bootstrap
+/// override's JSON) parses; Istio itself is not here to load them.
+#[test]
+fn the_istio_examples_carry_valid_module_configs() {
+    fn module_configs(v: &serde_yaml_ng::Value, found: &mut Vec<String>) {
+        use serde_yaml_ng::Value;
+        match v {
+            Value::Mapping(m) => {
+                for (k, v) in m {
+                    if k.as_str() == Some("transport_socket_config")
+                        && let Some(value) = v.get("value").and_then(Value::as_str)
+                    {
+                        found.push(value.to_owned());
+                    }
+                    if k.as_str() == Some("custom_bootstrap.json") {
+                        let json: Value = serde_yaml_ng::from_str(v.as_str().unwrap()).unwrap();
+                        module_configs(&json, found);
+                    }
+                    module_configs(v, found);
+                }
+            }
+            Value::Sequence(s) => s.iter().for_each(|v| module_configs(v, found)),
+            _ => {}
+        }
+    }
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/istio");
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            let text = std::fs::read_to_string(&path).unwrap();
+            for doc in serde_yaml_ng::Deserializer::from_str(&text) {
+                let v: serde_yaml_ng::Value = serde::Deserialize::deserialize(doc)
+                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                module_configs(&v, &mut found);
+            }
+        }
+    }
+    assert_eq!(found.len(), 3, "module configs in examples/istio");
+    for config in found {
+        let parsed = shunt_envoy::config::SocketConfig::parse(b"shunt", config.as_bytes());
+        let tls = parsed.unwrap_or_else(|e| panic!("{e}\n{config}")).tls;
+        assert!(tls.is_some(), "the Istio examples run in mutual-TLS mode");
+    }
 }

@@ -1,6 +1,7 @@
 //! `shunt`: inspect and change a running shuntd through its control API.
 
 mod connect;
+mod dev_certs;
 mod namespaces;
 mod rules;
 mod status;
@@ -44,6 +45,21 @@ enum Command {
     /// List, add or delete session rules (local: a namespace's egress; global: ingress).
     #[command(subcommand)]
     Rules(rules::RulesCommand),
+    /// Write a throwaway mesh CA and workload certificates, to try the Envoy module's
+    /// mutual-TLS mode without a mesh (never for production). Needs no shuntd.
+    DevCerts {
+        /// Where to write one directory per identity.
+        dir: std::path::PathBuf,
+        /// SPIFFE ids to issue certificates for.
+        #[arg(
+            long = "id",
+            default_values_t = [
+                "spiffe://cluster.local/ns/default/sa/client".to_owned(),
+                "spiffe://cluster.local/ns/default/sa/server".to_owned(),
+            ]
+        )]
+        ids: Vec<String>,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -71,6 +87,9 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<String> {
+    if let Command::DevCerts { dir, ids } = &cli.command {
+        return dev_certs::write(dir, ids);
+    }
     let mut client = connect::control_client(&cli.control_socket).await?;
     match cli.command {
         Command::Sessions { namespace } => status::sessions(&mut client, namespace).await,
@@ -78,6 +97,8 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
         Command::Stats => status::stats(&mut client).await,
         Command::Namespaces(cmd) => namespaces::run(&mut client, cmd).await,
         Command::Rules(cmd) => rules::run(&mut client, cmd).await,
+        // Answered above, without shuntd.
+        Command::DevCerts { .. } => Ok(String::new()),
     }
 }
 
