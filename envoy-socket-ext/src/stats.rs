@@ -3,12 +3,13 @@
 //! `/metrics` shows them as `shunt_sidecar_*`.
 //!
 //! Counts accumulate per Envoy worker thread, with no locks on the data path, and go to shuntd
-//! whenever a connection's mode is decided or it closes. While shuntd
+//! whenever a connection's mode is decided or it closes, and while payload flows (every 16 MiB
+//! or second). While shuntd
 //! is unreachable they wait (pairing latencies up to a bound), so what happened during an
 //! outage, such as `shuntd_down` fallbacks, shows once it is back.
 
 use std::cell::RefCell;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use shunt_sapi::UsageReport;
 use shunt_sapi::usage::MAX_LATENCIES;
@@ -50,7 +51,13 @@ struct Pending {
     fallbacks: Vec<(&'static str, u64)>,
     handshake_failures: Vec<(&'static str, u64)>,
     pairing_us: Vec<u32>,
+    last_flush: Option<Instant>,
 }
+
+/// Long-lived connections report their bytes while they last: once this many are pending, or
+/// once a second.
+const FLUSH_BYTES: u64 = 16 << 20;
+const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Pending {
     /// Everything counted and not yet sent.
@@ -145,12 +152,27 @@ pub fn pairing(took: Duration) {
     });
 }
 
+/// [`flush`]es if enough bytes are pending, or enough time passed since the last report.
+pub fn flush_if_due(config: &SocketConfig) {
+    let due = with(|p| {
+        let pending: u64 = p.bytes.iter().sum();
+        pending >= FLUSH_BYTES
+            || (pending > 0 && p.last_flush.is_none_or(|t| t.elapsed() >= FLUSH_INTERVAL))
+    });
+    if due {
+        flush(config);
+    }
+}
+
 /// Sends what this thread counted to shuntd, attaching if needed (and not given up on).
 pub fn flush(config: &SocketConfig) {
     let Some(worker) = attach::worker_for(config) else {
         return;
     };
-    let report = with(|p| p.report());
+    let report = with(|p| {
+        p.last_flush = Some(Instant::now());
+        p.report()
+    });
     if report.is_empty() {
         return;
     }

@@ -166,6 +166,12 @@ impl Connection {
     }
 
     pub fn do_read(&mut self, host: &mut dyn Host) -> IoResult {
+        let result = self.read_by_state(host);
+        stats::flush_if_due(self.config());
+        result
+    }
+
+    fn read_by_state(&mut self, host: &mut dyn Host) -> IoResult {
         match self.state {
             State::Start => IoResult::keep(0, false),
             State::Closed if self.failure.is_some() => IoResult::closed(),
