@@ -54,6 +54,8 @@ pub trait Host {
     /// Has Envoy run `do_write`, once this hook returns, if it holds data for us.
     fn flush_write_buffer(&mut self);
 
+    /// Envoy's id of this connection.
+    fn connection_id(&self) -> Option<u64>;
     fn local_address(&self) -> Option<SocketAddr>;
     fn remote_address(&self) -> Option<SocketAddr>;
 

@@ -17,5 +17,6 @@ pub mod attach;
 pub mod config;
 pub mod connection;
 pub mod host;
+pub mod identity;
 pub mod stats;
 pub mod wire;

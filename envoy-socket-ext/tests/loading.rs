@@ -43,7 +43,7 @@ fn every_callback_the_module_imports_is_exported_by_the_pinned_envoy() {
 }
 
 #[test]
-fn the_module_exports_every_transport_socket_hook() {
+fn the_module_exports_every_transport_socket_and_network_filter_hook() {
     let module = common::module_dir().join("libshunt_envoy.so");
     let exported = symbols(&module, "--defined-only");
     let hooks = [
@@ -66,6 +66,22 @@ fn the_module_exports_every_transport_socket_hook() {
         .map(|h| format!("envoy_dynamic_module_on_transport_socket_{h}"))
         .collect();
     expected.insert("envoy_dynamic_module_on_program_init".into());
+    // The companion filter's hooks: exactly those of a network-filter module statically linked
+    // into the pinned Envoy (its symbols carry a `<module>_static_` prefix).
+    let out = Command::new("nm")
+        .args(["-D", "--defined-only"])
+        .arg(common::envoy_binary())
+        .output()
+        .expect("run nm (binutils)");
+    const HOOK: &str = "envoy_dynamic_module_on_network_filter_";
+    let network_filter_hooks: BTreeSet<String> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .filter_map(|l| Some(&l[l.find(HOOK)?..]))
+        .map(str::to_owned)
+        .collect();
+    assert!(network_filter_hooks.len() >= 8, "{network_filter_hooks:?}");
+    expected.extend(network_filter_hooks);
     assert_eq!(exported, expected);
 }
 

@@ -11,6 +11,7 @@ use std::thread;
 use common::{
     Backend, CLIENT_ID, Envoy, MeshCerts, SERVER_ID, Shuntd, chain, envoy_tls_socket, exchange,
     exchange_over, free_port, http_get, module_socket, module_tls, tcp_sidecar,
+    tcp_sidecar_with_filters,
 };
 
 const MIB: u64 = 1 << 20;
@@ -242,4 +243,67 @@ fn next_size(state: &mut u64) -> u64 {
     *state ^= *state >> 7;
     *state ^= *state << 17;
     *state % (256 * 1024 + 1)
+}
+
+/// The companion filter publishes the identity the module verified; Envoy's own RBAC then
+/// allows one client identity and denies another, both trusted by the module.
+#[test]
+fn envoys_rbac_sees_the_peer_identity_through_the_companion_filter() {
+    let d = Shuntd::start();
+    let certs = MeshCerts::new();
+    let server = certs.workload("server", SERVER_ID);
+    let backend = Backend::start();
+    let filters = format!(
+        r#"
+      - name: envoy.filters.network.dynamic_modules
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.dynamic_modules.v3.DynamicModuleNetworkFilter
+          dynamic_module_config: {{name: shunt_envoy}}
+          filter_name: peer_identity
+      - name: envoy.filters.network.rbac
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC
+          stat_prefix: shunt
+          rules:
+            action: ALLOW
+            policies:
+              client-only:
+                permissions: [{{any: true}}]
+                principals:
+                - filter_state:
+                    key: shunt.peer_identity
+                    string_match: {{exact: "{CLIENT_ID}"}}"#
+    );
+    let b_port = free_port();
+    let b = Envoy::start(
+        "b",
+        &tcp_sidecar_with_filters(
+            b_port,
+            &filters,
+            &module_socket(&(shuntd_socket(&d) + &module_tls(&server, "spiffe://cluster.local/*"))),
+            backend.port,
+            "",
+        ),
+    );
+    let intruder_id = "spiffe://cluster.local/ns/default/sa/intruder";
+    for (name, id, allowed) in [
+        ("client", CLIENT_ID, true),
+        ("intruder", intruder_id, false),
+    ] {
+        let files = certs.workload(name, id);
+        let a_port = free_port();
+        let _a = Envoy::start(
+            "a",
+            &tcp_sidecar(
+                a_port,
+                "",
+                b_port,
+                &module_socket(&(shuntd_socket(&d) + &module_tls(&files, SERVER_ID))),
+            ),
+        );
+        let result = exchange(a_port, MIB, MIB);
+        assert_eq!(result.is_ok(), allowed, "{id}: {result:?}\n{}", b.log());
+    }
+    assert_eq!(b.stat("shunt.rbac.allowed"), 1);
+    assert_eq!(b.stat("shunt.rbac.denied"), 1);
 }

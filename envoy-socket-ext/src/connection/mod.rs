@@ -30,6 +30,7 @@ use std::sync::Arc;
 
 use crate::config::{PeerPolicy, Settings, SocketConfig};
 use crate::host::{Host, Io, LogLevel};
+use crate::identity::{self, PeerRecord};
 use crate::stats::{self, Mode};
 
 use cut_through::CutThrough;
@@ -98,6 +99,10 @@ pub struct Connection {
     outbound: Vec<u8>,
     scratch: Vec<u8>,
     failure: Option<String>,
+    /// Envoy's id of this connection, under which the companion filter finds its peer.
+    connection_id: Option<u64>,
+    /// The SPIFFE id the TLS handshake verified.
+    peer_identity: Option<Arc<str>>,
 }
 
 fn log(host: &dyn Host, level: LogLevel, msg: impl FnOnce() -> String) {
@@ -116,6 +121,8 @@ impl Connection {
             outbound: Vec::new(),
             scratch: vec![0u8; CHUNK],
             failure: None,
+            connection_id: None,
+            peer_identity: None,
         }
     }
 
@@ -155,6 +162,7 @@ impl Connection {
     // ---- hooks ----
 
     pub fn on_connected(&mut self, host: &mut dyn Host) {
+        self.connection_id = host.connection_id();
         match self.side {
             Side::Responder => {
                 host.raise_connected();
@@ -213,10 +221,18 @@ impl Connection {
         stats::flush(self.config());
     }
 
-    /// Counts the mode just chosen, and reports to shuntd what this thread has counted.
+    /// Counts the mode just chosen, reports to shuntd what this thread has counted, and
+    /// records the peer for the companion filter.
     fn count_mode(&self, mode: Mode) {
         stats::connection(mode);
         stats::flush(self.config());
+        if let Some(id) = self.connection_id {
+            let peer = PeerRecord {
+                identity: self.peer_identity.clone(),
+                mode: mode.as_str(),
+            };
+            identity::record(id, peer);
+        }
     }
 
     // ---- socket helpers shared by the handshakes ----
@@ -248,6 +264,14 @@ impl Connection {
             }
         }
         Ok(false)
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        if let Some(id) = self.connection_id {
+            identity::forget(id);
+        }
     }
 }
 

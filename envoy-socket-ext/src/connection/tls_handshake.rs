@@ -183,11 +183,14 @@ impl Connection {
         if hs.tls.is_handshaking() {
             return Next::Wait;
         }
-        if let Some(peer) = hs.tls.peer() {
-            let identity = peer.identity.as_str().to_owned();
+        if self.peer_identity.is_none()
+            && let Some(peer) = hs.tls.peer()
+        {
+            let identity: std::sync::Arc<str> = peer.identity.as_str().into();
             log(host, LogLevel::Debug, || {
                 format!("shunt: TLS peer {identity}")
             });
+            self.peer_identity = Some(identity);
         }
         if matches!(hs.step, Step::Handshaking) {
             if !hs.tls.negotiated_shunt() {

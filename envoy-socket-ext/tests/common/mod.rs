@@ -324,6 +324,18 @@ pub fn tcp_sidecar(
     upstream: u16,
     cluster_socket: &str,
 ) -> String {
+    tcp_sidecar_with_filters(listen, "", listener_socket, upstream, cluster_socket)
+}
+
+/// [`tcp_sidecar`] with network filters (YAML list items at the filters' indentation) before
+/// `tcp_proxy`.
+pub fn tcp_sidecar_with_filters(
+    listen: u16,
+    filters: &str,
+    listener_socket: &str,
+    upstream: u16,
+    cluster_socket: &str,
+) -> String {
     // Cluster fields sit two columns left of filter-chain fields.
     let cluster_socket = cluster_socket.replace("\n  ", "\n");
     format!(
@@ -333,7 +345,7 @@ static_resources:
   - name: in
     address: {{socket_address: {{address: 127.0.0.1, port_value: {listen}}}}}
     filter_chains:
-    - filters:
+    - filters:{filters}
       - name: envoy.filters.network.tcp_proxy
         typed_config:
           "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy

@@ -1,5 +1,6 @@
 //! Envoy 1.40's dynamic-module ABI for transport sockets (ABI version `v0.2.0`): the hooks
-//! this library exports and the callbacks it imports. All of the crate's unsafe code is here.
+//! this library exports and the callbacks it imports; [`network_filter`] has the companion
+//! network filter's. All of the crate's unsafe code is here.
 //!
 //! Each hook checks its pointers once, turns them into references or slices, runs safe code
 //! under `catch_unwind`, and maps the result back: a panic fails that one call (the connection
@@ -10,6 +11,8 @@
 //! with the symbols the pinned Envoy binary exports.
 
 #![allow(unsafe_code)]
+
+pub mod network_filter;
 
 use std::ffi::{c_char, c_void};
 use std::net::{IpAddr, SocketAddr};
@@ -128,6 +131,10 @@ unsafe extern "C" {
     fn envoy_dynamic_module_callback_transport_socket_set_is_readable(envoy: *mut c_void);
     fn envoy_dynamic_module_callback_transport_socket_set_is_writable(envoy: *mut c_void);
     fn envoy_dynamic_module_callback_transport_socket_flush_write_buffer(envoy: *mut c_void);
+    fn envoy_dynamic_module_callback_transport_socket_get_connection_id(
+        envoy: *mut c_void,
+        id: *mut u64,
+    ) -> bool;
     fn envoy_dynamic_module_callback_transport_socket_get_local_address(
         envoy: *mut c_void,
         addr: *mut Buffer,
@@ -349,6 +356,15 @@ impl Host for EnvoySocket {
 
     fn flush_write_buffer(&mut self) {
         self.flush_requested = true;
+    }
+
+    fn connection_id(&self) -> Option<u64> {
+        let mut id = 0u64;
+        // SAFETY: `self.ptr` is the live socket of this hook; `id` is a valid out-pointer.
+        let ok = unsafe {
+            envoy_dynamic_module_callback_transport_socket_get_connection_id(self.ptr, &mut id)
+        };
+        ok.then_some(id)
     }
 
     fn local_address(&self) -> Option<SocketAddr> {
