@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
+use shunt_sapi::message::MIN_FIFO_SIZE;
 use shunt_tls::{CertSource, IdentityPolicy, TlsContext, TlsError, TlsSettings};
 
 /// Where `shuntd` listens for apps unless the config says otherwise.
@@ -64,6 +65,11 @@ pub struct SocketConfig {
     /// the others on its worker.
     #[serde(default = "default_read_chunk")]
     pub max_read_per_event: usize,
+    /// Bytes per FIFO of a cut-through connection (a power of two, at least 4096); unset for
+    /// shuntd's default. shuntd grants the larger of the two sidecars' wishes, within what a
+    /// segment holds.
+    #[serde(default)]
+    pub fifo_size: Option<u32>,
     /// Mutual TLS. Without it, the module runs in plain mode (no TLS; pairing keyed by the
     /// namespace secret).
     #[serde(default)]
@@ -177,6 +183,14 @@ impl SocketConfig {
                 reason: format!("{} is below 4096", self.max_read_per_event),
             });
         }
+        if let Some(size) = self.fifo_size
+            && (!size.is_power_of_two() || size < MIN_FIFO_SIZE)
+        {
+            return Err(ConfigError::Invalid {
+                field: "fifo_size",
+                reason: format!("{size} is not a power of two of at least {MIN_FIFO_SIZE}"),
+            });
+        }
         if self.namespace.id.is_empty() {
             return Err(ConfigError::Invalid {
                 field: "namespace.id",
@@ -231,6 +245,8 @@ mod tests {
             ("shuntd_sockett: /x", "shuntd_sockett"),
             ("shuntd_socket: relative.sock", "shuntd_socket"),
             ("namespace: {id: ''}", "namespace.id"),
+            ("fifo_size: 5000", "fifo_size"),
+            ("fifo_size: 2048", "fifo_size"),
         ] {
             let e = SocketConfig::parse(b"shunt", yaml.as_bytes())
                 .unwrap_err()

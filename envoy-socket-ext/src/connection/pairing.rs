@@ -59,6 +59,7 @@ impl Pairing {
             role,
             local,
             remote,
+            fifo_size: config.fifo_size,
         };
         match worker.start_pair(offer) {
             Ok(pending) => Ok(Pairing {

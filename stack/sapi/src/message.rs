@@ -143,7 +143,13 @@ pub struct PairOffer {
     /// The replaced connection as the offering side sees it.
     pub local: SocketAddr,
     pub remote: SocketAddr,
+    /// Bytes per FIFO this side asks for (a power of two, at least [`MIN_FIFO_SIZE`]); `None`
+    /// for shuntd's default.
+    pub fifo_size: Option<u32>,
 }
+
+/// The smallest FIFO an app may ask for.
+pub const MIN_FIFO_SIZE: u32 = 4096;
 
 fn endpoint(field: &'static str, ep: Option<&pb::Endpoint>) -> Result<SocketAddr, DecodeError> {
     endpoint::from_proto(ep).map_err(|error| DecodeError::Endpoint { field, error })
@@ -263,6 +269,11 @@ impl TryFrom<pb::AppRequest> for Request {
                 },
                 local: endpoint("local", p.local.as_ref())?,
                 remote: endpoint("remote", p.remote.as_ref())?,
+                fifo_size: match p.fifo_size {
+                    0 => None,
+                    n if n.is_power_of_two() && n >= MIN_FIFO_SIZE => Some(n),
+                    _ => return Err(DecodeError::Invalid("fifo_size")),
+                },
             }),
         })
     }
@@ -340,6 +351,7 @@ impl Request {
                 } as i32,
                 local: Some(endpoint::to_proto(offer.local)),
                 remote: Some(endpoint::to_proto(offer.remote)),
+                fifo_size: offer.fifo_size.unwrap_or(0),
             }),
         };
         pb::AppRequest {
@@ -505,6 +517,7 @@ mod tests {
                 role: PairRole::Responder,
                 local: "10.0.0.2:15006".parse().unwrap(),
                 remote: "10.0.0.1:40000".parse().unwrap(),
+                fifo_size: Some(1 << 22),
             }),
         ];
         for req in reqs {
@@ -562,18 +575,28 @@ mod tests {
                 ..
             })
         ));
-        let short_token = pb::AppRequest {
-            request_id: 1,
-            body: Some(pb::app_request::Body::Pair(pb::Pair {
-                token: vec![1; 31],
-                role: pb::PairRole::Initiator as i32,
-                local: Some(endpoint::to_proto("127.0.0.1:1".parse().unwrap())),
-                remote: Some(endpoint::to_proto("127.0.0.1:2".parse().unwrap())),
-            })),
+        let pair = |token: Vec<u8>, fifo_size: u32| {
+            pb::AppRequest {
+                request_id: 1,
+                body: Some(pb::app_request::Body::Pair(pb::Pair {
+                    token,
+                    role: pb::PairRole::Initiator as i32,
+                    local: Some(endpoint::to_proto("127.0.0.1:1".parse().unwrap())),
+                    remote: Some(endpoint::to_proto("127.0.0.1:2".parse().unwrap())),
+                    fifo_size,
+                })),
+            }
+            .encode_to_vec()
+        };
+        for bad_size in [3000, 1 << 11, 5 << 20] {
+            assert_eq!(
+                Request::decode(&pair(vec![1; 32], bad_size)),
+                Err(DecodeError::Invalid("fifo_size")),
+                "{bad_size}"
+            );
         }
-        .encode_to_vec();
         assert_eq!(
-            Request::decode(&short_token),
+            Request::decode(&pair(vec![1; 31], 0)),
             Err(DecodeError::Invalid("token"))
         );
         assert_eq!(

@@ -159,8 +159,18 @@ impl CutThrough {
         Ok(id)
     }
 
+    /// The FIFO size for a request: what the apps asked for, within a quarter of a segment
+    /// (so that a segment always holds a pair), or the configured default.
+    fn fifo_size_for(&self, req: &ConnectRequest<'_>) -> u32 {
+        let most = u32::try_from(self.config.segment_size / 4).unwrap_or(u32::MAX);
+        let most = 1u32 << most.max(4096).ilog2();
+        req.fifo_size
+            .map_or(self.config.fifo_size, |asked| asked.clamp(4096, most))
+    }
+
     fn connect_pair(&self, req: &ConnectRequest<'_>) -> Result<Connected, TransportError> {
-        let footprint = fifo::fifo_footprint(self.config.fifo_size);
+        let fifo_size = self.fifo_size_for(req);
+        let footprint = fifo::fifo_footprint(fifo_size);
         let mut st = self.lock();
         let candidates = st
             .pairs
@@ -199,7 +209,7 @@ impl CutThrough {
             return Err(TransportError::SegmentFull);
         };
         for off in [to_server, to_client] {
-            if let Err(e) = fifo::init_fifo(seg.segment.region(), off, self.config.fifo_size) {
+            if let Err(e) = fifo::init_fifo(seg.segment.region(), off, fifo_size) {
                 seg.allocator.free(to_server);
                 seg.allocator.free(to_client);
                 return Err(TransportError::Segment(e.to_string()));

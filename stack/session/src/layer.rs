@@ -219,6 +219,8 @@ struct Establish {
     server_notice: ServerNotice,
     local: SocketAddr,
     remote: SocketAddr,
+    /// Bytes per FIFO the apps asked for; `None` for the transport's default.
+    fifo_size: Option<u32>,
 }
 
 /// A rule that matched while deciding a connect.
@@ -826,6 +828,7 @@ impl SessionLayer {
                 server_notice: ServerNotice::Accepted(lid),
                 local,
                 remote,
+                fifo_size: None,
             },
         )
     }
@@ -841,6 +844,7 @@ impl SessionLayer {
             server_notice,
             local,
             remote,
+            fifo_size,
         } = e;
         let client_rec = reg
             .workers
@@ -884,6 +888,7 @@ impl SessionLayer {
                 remote,
                 client_doorbell: cd.as_fd(),
                 server_doorbell: sd.as_fd(),
+                fifo_size,
             };
             match self.transport(proto).connect(&req) {
                 Ok(c) => c,
@@ -1032,6 +1037,7 @@ impl SessionLayer {
             role: offer.role,
             local: offer.local,
             remote: offer.remote,
+            fifo_size: offer.fifo_size,
         };
         let (initiator, responder) =
             match reg.pairings.offer(offer.token, waiting, Instant::now())? {
@@ -1054,6 +1060,8 @@ impl SessionLayer {
                         server_notice: ServerNotice::Connected(responder.request_id),
                         local: initiator.local,
                         remote: initiator.remote,
+                        // Either side may need the room: the larger wish applies.
+                        fifo_size: initiator.fifo_size.max(responder.fifo_size),
                     },
                 )
             });

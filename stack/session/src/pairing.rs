@@ -30,6 +30,8 @@ pub struct Offer {
     /// The replaced connection as this end sees it.
     pub local: SocketAddr,
     pub remote: SocketAddr,
+    /// Bytes per FIFO this end asked for.
+    pub fifo_size: Option<u32>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -153,6 +155,7 @@ mod tests {
             role,
             local: local.parse().unwrap(),
             remote: remote.parse().unwrap(),
+            fifo_size: None,
         }
     }
 

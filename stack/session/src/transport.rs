@@ -84,6 +84,8 @@ pub struct ConnectRequest<'a> {
     /// Doorbells of both workers, for transports whose peers notify each other directly.
     pub client_doorbell: BorrowedFd<'a>,
     pub server_doorbell: BorrowedFd<'a>,
+    /// Bytes per FIFO the apps asked for, for transports with FIFOs; `None`: the default.
+    pub fifo_size: Option<u32>,
 }
 
 /// A new connection and what each side must be told to use it.

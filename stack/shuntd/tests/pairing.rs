@@ -27,6 +27,7 @@ fn offer(token: u8, role: PairRole) -> PairOffer {
         role,
         local,
         remote,
+        fifo_size: None,
     }
 }
 
@@ -165,4 +166,32 @@ rules:
     let p2 = b.start_pair(offer(4, PairRole::Responder)).unwrap();
     assert_eq!(refused_with(finish(&b, &p2)), ErrorCode::Denied);
     assert_eq!(refused_with(finish(&a, &p1)), ErrorCode::Denied);
+}
+
+#[test]
+fn the_larger_fifo_size_either_side_asks_for_applies() {
+    let d = Daemon::start("");
+    let (a, b) = (d.attach("a"), d.attach("b"));
+    for (asked_by_initiator, asked_by_responder, expect) in [
+        (Some(8192), None, 8192usize),
+        (Some(8192), Some(16384), 16384),
+        // Within a quarter of the (default, 64 MiB) segment.
+        (Some(1 << 30), None, 16 << 20),
+    ] {
+        let token = expect.trailing_zeros() as u8;
+        let mut i = offer(token, PairRole::Initiator);
+        i.fifo_size = asked_by_initiator;
+        let mut r = offer(token, PairRole::Responder);
+        r.fifo_size = asked_by_responder;
+        let pi = a.start_pair(i).unwrap();
+        let pr = b.start_pair(r).unwrap();
+        let mut client = finish(&a, &pi).unwrap();
+        let _server = finish(&b, &pr).unwrap();
+        // Nobody reads: the writer can queue exactly one FIFO's worth.
+        let queued = client.try_write(&vec![7u8; 64 << 20]).unwrap();
+        assert_eq!(
+            queued, expect,
+            "{asked_by_initiator:?} / {asked_by_responder:?}"
+        );
+    }
 }
