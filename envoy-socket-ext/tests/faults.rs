@@ -8,23 +8,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{
-    CLIENT_ID, Chain, MeshCerts, SERVER_ID, Shuntd, ShuntdProcess, chain, exchange_counting,
-    module_socket, module_tls,
-};
+use common::{MeshCerts, Shuntd, ShuntdProcess, exchange_counting, mtls_chain, shuntd_at};
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
-
-fn mtls_chain(certs: &MeshCerts, shuntd_socket: &std::path::Path) -> Chain {
-    let client = certs.workload("client", CLIENT_ID);
-    let server = certs.workload("server", SERVER_ID);
-    let at = format!("shuntd_socket: {}\n", shuntd_socket.display());
-    chain(
-        &module_socket(&(at.clone() + &module_tls(&client, SERVER_ID))),
-        &module_socket(&(at + &module_tls(&server, CLIENT_ID))),
-    )
-}
 
 /// Runs an exchange in the background; `sent` tells how far the upload got.
 fn start_exchange(
@@ -50,7 +37,7 @@ fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
 fn a_transfer_survives_shuntd_being_killed_and_new_connections_use_tls_until_it_is_back() {
     let mut d = ShuntdProcess::start();
     let certs = MeshCerts::new();
-    let c = mtls_chain(&certs, &d.socket());
+    let c = mtls_chain(&certs, &shuntd_at(&d.socket()), &shuntd_at(&d.socket()));
 
     let (sent, transfer) = start_exchange(c.entry, GIB, 16 * MIB);
     wait_until("a quarter of the upload went", || {
@@ -80,7 +67,7 @@ fn a_transfer_survives_shuntd_being_killed_and_new_connections_use_tls_until_it_
 fn a_server_sidecar_killed_mid_transfer_resets_the_client_within_a_second() {
     let d = Shuntd::start();
     let certs = MeshCerts::new();
-    let mut c = mtls_chain(&certs, &d.socket());
+    let mut c = mtls_chain(&certs, &shuntd_at(&d.socket()), &shuntd_at(&d.socket()));
     let (sent, transfer) = start_exchange(c.entry, GIB, 0);
     wait_until("the upload is under way", || {
         sent.load(Ordering::Relaxed) >= 32 * MIB

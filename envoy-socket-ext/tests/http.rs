@@ -15,6 +15,7 @@ use std::thread;
 
 use common::{
     CLIENT_ID, Envoy, MeshCerts, SERVER_ID, Shuntd, fill, free_port, module_socket, module_tls,
+    sidecar,
 };
 use sha2::{Digest, Sha256};
 
@@ -29,7 +30,6 @@ fn http_sidecar(
     cluster_socket: &str,
     upstream_h2: bool,
 ) -> String {
-    let cluster_socket = cluster_socket.replace("\n  ", "\n");
     let protocol = if upstream_h2 {
         r#"
     typed_extension_protocol_options:
@@ -39,14 +39,7 @@ fn http_sidecar(
     } else {
         ""
     };
-    format!(
-        r#"
-static_resources:
-  listeners:
-  - name: in
-    address: {{socket_address: {{address: 127.0.0.1, port_value: {listen}}}}}
-    filter_chains:
-    - filters:
+    let hcm = r#"
       - name: envoy.filters.network.http_connection_manager
         typed_config:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
@@ -57,22 +50,19 @@ static_resources:
             - name: all
               domains: ["*"]
               routes:
-              - match: {{prefix: "/"}}
-                route: {{cluster: out, timeout: 60s}}
+              - match: {prefix: "/"}
+                route: {cluster: out, timeout: 60s}
           http_filters:
           - name: envoy.filters.http.router
             typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router{listener_socket}
-  clusters:
-  - name: out
-    connect_timeout: 10s
-    type: STATIC{protocol}
-    load_assignment:
-      cluster_name: out
-      endpoints:
-      - lb_endpoints:
-        - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {upstream}}}}}}}{cluster_socket}
-"#
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"#;
+    sidecar(
+        listen,
+        hcm,
+        listener_socket,
+        upstream,
+        cluster_socket,
+        protocol,
     )
 }
 

@@ -10,34 +10,25 @@ use std::thread;
 
 use common::{
     Backend, CLIENT_ID, Envoy, MeshCerts, SERVER_ID, Shuntd, chain, envoy_tls_socket, exchange,
-    exchange_over, free_port, http_get, module_socket, module_tls, tcp_sidecar,
-    tcp_sidecar_with_filters,
+    exchange_over, free_port, http_get, module_socket, module_tls, mtls_chain, shuntd_at,
+    tcp_sidecar, tcp_sidecar_with_filters,
 };
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
 
 fn shuntd_socket(d: &Shuntd) -> String {
-    format!("shuntd_socket: {}\n", d.socket().display())
+    shuntd_at(&d.socket())
 }
 
 fn absent_shuntd(dir: &tempfile::TempDir) -> String {
-    format!(
-        "shuntd_socket: {}\n",
-        dir.path().join("absent.sock").display()
-    )
+    shuntd_at(&dir.path().join("absent.sock"))
 }
 
 #[test]
 fn authenticated_co_located_sidecars_move_payload_through_shared_memory() {
     let d = Shuntd::start();
-    let certs = MeshCerts::new();
-    let client = certs.workload("client", CLIENT_ID);
-    let server = certs.workload("server", SERVER_ID);
-    let c = chain(
-        &module_socket(&(shuntd_socket(&d) + &module_tls(&client, SERVER_ID))),
-        &module_socket(&(shuntd_socket(&d) + &module_tls(&server, CLIENT_ID))),
-    );
+    let c = mtls_chain(&MeshCerts::new(), &shuntd_socket(&d), &shuntd_socket(&d));
     for (up, down) in [(64 * MIB, 64 * MIB), (GIB, GIB), (0, 3), (5, 0)] {
         c.exchange(up, down);
     }
@@ -61,13 +52,11 @@ fn authenticated_co_located_sidecars_move_payload_through_shared_memory() {
 
 #[test]
 fn without_shuntd_the_sidecars_fall_back_to_mutual_tls() {
-    let certs = MeshCerts::new();
-    let client = certs.workload("client", CLIENT_ID);
-    let server = certs.workload("server", SERVER_ID);
     let dir = tempfile::tempdir().unwrap();
-    let c = chain(
-        &module_socket(&(absent_shuntd(&dir) + &module_tls(&client, SERVER_ID))),
-        &module_socket(&(absent_shuntd(&dir) + &module_tls(&server, CLIENT_ID))),
+    let c = mtls_chain(
+        &MeshCerts::new(),
+        &absent_shuntd(&dir),
+        &absent_shuntd(&dir),
     );
     c.exchange(16 * MIB, 16 * MIB);
     c.exchange(0, 0);
@@ -78,17 +67,12 @@ fn without_shuntd_the_sidecars_fall_back_to_mutual_tls() {
 fn one_side_without_shuntd_falls_back_to_mutual_tls_for_both() {
     let d = Shuntd::start();
     let certs = MeshCerts::new();
-    let client = certs.workload("client", CLIENT_ID);
-    let server = certs.workload("server", SERVER_ID);
     let dir = tempfile::tempdir().unwrap();
     for (a, b) in [
         (shuntd_socket(&d), absent_shuntd(&dir)),
         (absent_shuntd(&dir), shuntd_socket(&d)),
     ] {
-        let c = chain(
-            &module_socket(&(a + &module_tls(&client, SERVER_ID))),
-            &module_socket(&(b + &module_tls(&server, CLIENT_ID))),
-        );
+        let c = mtls_chain(&certs, &a, &b);
         c.exchange(4 * MIB, 4 * MIB);
         assert!(c.relay.bytes() >= 8 * MIB);
     }
@@ -175,13 +159,7 @@ fn a_plaintext_peer_is_served_when_permissive_and_refused_when_strict() {
 fn a_thousand_concurrent_connections_of_random_sizes_arrive_intact() {
     const CONNECTIONS: usize = 1000;
     let d = Shuntd::start();
-    let certs = MeshCerts::new();
-    let client = certs.workload("client", CLIENT_ID);
-    let server = certs.workload("server", SERVER_ID);
-    let c = chain(
-        &module_socket(&(shuntd_socket(&d) + &module_tls(&client, SERVER_ID))),
-        &module_socket(&(shuntd_socket(&d) + &module_tls(&server, CLIENT_ID))),
-    );
+    let c = mtls_chain(&MeshCerts::new(), &shuntd_socket(&d), &shuntd_socket(&d));
     // All open at once before any payload moves.
     let streams: Vec<TcpStream> = (0..CONNECTIONS)
         .map(|_| TcpStream::connect(("127.0.0.1", c.entry)).unwrap())

@@ -183,15 +183,19 @@ pub fn metric(addr: SocketAddr, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// The body of `GET path`, or empty if the server is not (yet) answering: callers poll.
 pub fn http_get(addr: SocketAddr, path: &str) -> String {
-    let mut s = TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
     let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
+    let got = TcpStream::connect(addr).and_then(|mut s| {
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )?;
+        s.read_to_string(&mut out)
+    });
+    if got.is_err() {
+        return String::new();
+    }
     let Some((head, body)) = out.split_once("\r\n\r\n") else {
         return String::new();
     };
@@ -271,6 +275,28 @@ impl MeshCerts {
     }
 }
 
+/// The start of a module config that attaches to the shuntd at `socket`.
+pub fn shuntd_at(socket: &Path) -> String {
+    format!("shuntd_socket: {}\n", socket.display())
+}
+
+/// Two sidecars with the module in mutual-TLS mode, with the `client` and `server` workloads
+/// of `certs`; each side's module config starts with its prefix (say, its [`shuntd_at`]).
+pub fn mtls_chain(certs: &MeshCerts, client_prefix: &str, server_prefix: &str) -> Chain {
+    let client = certs.workload("client", CLIENT_ID);
+    let server = certs.workload("server", SERVER_ID);
+    chain(
+        &module_socket(&format!(
+            "{client_prefix}{}",
+            module_tls(&client, SERVER_ID)
+        )),
+        &module_socket(&format!(
+            "{server_prefix}{}",
+            module_tls(&server, CLIENT_ID)
+        )),
+    )
+}
+
 /// The module's `tls` block for `files`, accepting only `peer`.
 pub fn module_tls(files: &WorkloadFiles, peer: &str) -> String {
     format!(
@@ -336,6 +362,35 @@ pub fn tcp_sidecar_with_filters(
     upstream: u16,
     cluster_socket: &str,
 ) -> String {
+    let filters = format!(
+        r#"{filters}
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: in
+          cluster: out"#
+    );
+    sidecar(
+        listen,
+        &filters,
+        listener_socket,
+        upstream,
+        cluster_socket,
+        "",
+    )
+}
+
+/// A sidecar: a listener on `listen` whose filter chain runs `filters` (YAML list items at
+/// the filters' indentation) and a cluster `out` to `upstream`. The sockets are
+/// `transport_socket` blocks, or empty; `cluster_options` adds cluster fields.
+pub fn sidecar(
+    listen: u16,
+    filters: &str,
+    listener_socket: &str,
+    upstream: u16,
+    cluster_socket: &str,
+    cluster_options: &str,
+) -> String {
     // Cluster fields sit two columns left of filter-chain fields.
     let cluster_socket = cluster_socket.replace("\n  ", "\n");
     format!(
@@ -345,16 +400,11 @@ static_resources:
   - name: in
     address: {{socket_address: {{address: 127.0.0.1, port_value: {listen}}}}}
     filter_chains:
-    - filters:{filters}
-      - name: envoy.filters.network.tcp_proxy
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
-          stat_prefix: in
-          cluster: out{listener_socket}
+    - filters:{filters}{listener_socket}
   clusters:
   - name: out
     connect_timeout: 10s
-    type: STATIC
+    type: STATIC{cluster_options}
     load_assignment:
       cluster_name: out
       endpoints:

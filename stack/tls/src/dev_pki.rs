@@ -8,11 +8,11 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
+    BasicConstraints, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    SanType,
 };
 
-pub use rcgen::Error;
+pub use rcgen::{CertificateParams, Error};
 
 /// A certificate authority that issues workload certificates.
 pub struct DevCa {
@@ -25,6 +25,8 @@ pub struct DevCa {
 pub struct DevLeaf {
     pub cert_pem: String,
     pub key_pem: String,
+    /// The certificate, DER-encoded.
+    pub der: Vec<u8>,
 }
 
 /// Where [`DevCa::write_workload`] put a workload's files.
@@ -51,11 +53,24 @@ impl DevCa {
 
     /// A certificate whose only name is `spiffe_id` (a URI SAN), usable as client and server.
     pub fn issue(&self, spiffe_id: &str) -> Result<DevLeaf, Error> {
+        self.issue_with(&[spiffe_id], |_| {})
+    }
+
+    /// A certificate with these URI SANs (none, or several, to test what peers make of that),
+    /// its parameters adjusted by `adjust` before signing.
+    pub fn issue_with(
+        &self,
+        uris: &[&str],
+        adjust: impl FnOnce(&mut CertificateParams),
+    ) -> Result<DevLeaf, Error> {
         let mut params = CertificateParams::default();
         params
             .distinguished_name
             .push(DnType::CommonName, "workload");
-        params.subject_alt_names = vec![SanType::URI(spiffe_id.try_into()?)];
+        params.subject_alt_names = uris
+            .iter()
+            .map(|uri| Ok(SanType::URI((*uri).try_into()?)))
+            .collect::<Result<_, Error>>()?;
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,
@@ -64,11 +79,13 @@ impl DevCa {
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
+        adjust(&mut params);
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(DevLeaf {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
+            der: cert.der().to_vec(),
         })
     }
 

@@ -8,19 +8,16 @@ use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
-};
+use shunt_tls::dev_pki::{CertificateParams, DevCa};
 use shunt_tls::rustls::pki_types::CertificateDer;
 use shunt_tls::{CertSource, ReadOutcome, TlsContext, TlsError, TlsSettings, TlsStream};
 
 pub const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/client";
 pub const SERVER_ID: &str = "spiffe://cluster.local/ns/default/sa/server";
 
-/// A certificate authority that issues workload certificates.
+/// A certificate authority that issues workload certificates: the crate's dev PKI.
 pub struct Ca {
-    issuer: Issuer<'static, KeyPair>,
+    dev: DevCa,
     pub pem: String,
 }
 
@@ -33,16 +30,9 @@ pub struct Leaf {
 
 impl Ca {
     pub fn new(name: &str) -> Self {
-        let mut params = CertificateParams::default();
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let key = KeyPair::generate().unwrap();
-        let pem = params.self_signed(&key).unwrap().pem();
-        Self {
-            issuer: Issuer::new(params, key),
-            pem,
-        }
+        let dev = DevCa::new(name).unwrap();
+        let pem = dev.pem.clone();
+        Self { dev, pem }
     }
 
     /// A workload certificate, valid now, with these URI SANs (none: no SAN at all).
@@ -52,29 +42,11 @@ impl Ca {
 
     /// Like [`leaf`](Self::leaf), with the parameters adjusted by `adjust` before signing.
     pub fn leaf_with(&self, uris: &[&str], adjust: impl FnOnce(&mut CertificateParams)) -> Leaf {
-        let mut params = CertificateParams::default();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "workload");
-        params.subject_alt_names = uris
-            .iter()
-            .map(|uri| SanType::URI((*uri).try_into().unwrap()))
-            .collect();
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        adjust(&mut params);
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        let leaf = self.dev.issue_with(uris, adjust).unwrap();
         Leaf {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-            der: cert.der().clone(),
+            cert_pem: leaf.cert_pem,
+            key_pem: leaf.key_pem,
+            der: CertificateDer::from(leaf.der),
         }
     }
 }
