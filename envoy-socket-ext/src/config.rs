@@ -9,6 +9,8 @@ use serde::Deserialize;
 use shunt_sapi::message::MIN_FIFO_SIZE;
 use shunt_tls::{CertSource, IdentityPolicy, TlsContext, TlsError, TlsSettings};
 
+use crate::tls_source::TlsSource;
+
 /// Where `shuntd` listens for apps unless the config says otherwise.
 pub const DEFAULT_SHUNTD_SOCKET: &str = "/run/shunt/shuntd.sock";
 
@@ -81,11 +83,14 @@ pub struct SocketConfig {
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     /// PEM: the leaf certificate first, then intermediates. Re-read when it changes on disk.
-    pub cert_chain: PathBuf,
+    pub cert_chain: Option<PathBuf>,
     /// PEM: the leaf's private key.
-    pub private_key: PathBuf,
+    pub private_key: Option<PathBuf>,
     /// PEM: the CA certificates that peers' chains must lead to.
-    pub trust_bundle: PathBuf,
+    pub trust_bundle: Option<PathBuf>,
+    /// Instead of the three files: the name of a certificate in shuntd's store, in this
+    /// socket's namespace (put there by `shunt certs put` or the xDS adapter from SDS).
+    pub certificate: Option<String>,
     /// SPIFFE ids (or `spiffe://<trust-domain>/*`) a peer may present; empty accepts any
     /// identity the trust bundle vouches for.
     #[serde(default)]
@@ -95,45 +100,86 @@ pub struct TlsConfig {
     pub alpn: Vec<String>,
 }
 
-/// A parsed configuration with what it needs built: the TLS context loads the certificates
-/// once per factory, and connections share it.
+/// A parsed configuration with what it needs built: the TLS material's source, shared by the
+/// factory's connections.
 pub struct Settings {
     pub config: SocketConfig,
-    pub tls: Option<TlsContext>,
+    pub tls: Option<TlsSource>,
 }
 
 impl Settings {
     pub fn parse(socket_name: &[u8], bytes: &[u8]) -> Result<Self, ConfigError> {
         let config = SocketConfig::parse(socket_name, bytes)?;
-        let tls = config.tls.as_ref().map(TlsConfig::context).transpose()?;
+        let tls = config.tls.as_ref().map(TlsConfig::source).transpose()?;
         Ok(Self { config, tls })
+    }
+
+    /// The TLS context for a new connection, or why there is none (plain mode, or a store
+    /// with no usable certificate yet).
+    pub fn tls_context(&self) -> Result<TlsContext, String> {
+        match &self.tls {
+            Some(source) => source.context(&self.config),
+            None => Err("plain mode has no TLS".into()),
+        }
+    }
+
+    pub fn uses_tls(&self) -> bool {
+        self.tls.is_some()
     }
 }
 
 impl TlsConfig {
-    fn context(&self) -> Result<TlsContext, ConfigError> {
+    fn source(&self) -> Result<TlsSource, ConfigError> {
+        let invalid = |field, reason: String| ConfigError::Invalid { field, reason };
         let policy = IdentityPolicy::parse(self.peer_identities.iter().map(String::as_str))
-            .map_err(|e| ConfigError::Invalid {
-                field: "tls.peer_identities",
-                reason: e.to_string(),
-            })?;
-        let mut settings = TlsSettings::new(CertSource::Files {
-            cert_chain: self.cert_chain.clone(),
-            private_key: self.private_key.clone(),
-            trust_bundle: self.trust_bundle.clone(),
-        });
-        settings.policy = policy;
-        settings.alpn = self.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
-        TlsContext::new(settings).map_err(|e| ConfigError::Invalid {
-            field: match &e {
-                TlsError::InvalidAlpn(..) => "tls.alpn",
-                TlsError::Material { item, .. } if item.contains("chain") => "tls.cert_chain",
-                TlsError::Material { item, .. } if item.contains("key") => "tls.private_key",
-                TlsError::Material { item, .. } if item.contains("bundle") => "tls.trust_bundle",
-                _ => "tls",
-            },
-            reason: e.to_string(),
-        })
+            .map_err(|e| invalid("tls.peer_identities", e.to_string()))?;
+        let alpn: Vec<Vec<u8>> = self.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+        let files = (&self.cert_chain, &self.private_key, &self.trust_bundle);
+        match (files, &self.certificate) {
+            ((None, None, None), Some(name)) => {
+                if name.is_empty() {
+                    return Err(invalid("tls.certificate", "must not be empty".into()));
+                }
+                Ok(TlsSource::store(name.clone(), policy, alpn))
+            }
+            ((Some(chain), Some(key), Some(bundle)), None) => {
+                let mut settings = TlsSettings::new(CertSource::Files {
+                    cert_chain: chain.clone(),
+                    private_key: key.clone(),
+                    trust_bundle: bundle.clone(),
+                });
+                settings.policy = policy;
+                settings.alpn = alpn;
+                let context = TlsContext::new(settings).map_err(|e| {
+                    let field = match &e {
+                        TlsError::InvalidAlpn(..) => "tls.alpn",
+                        TlsError::Material { item, .. } if item.contains("chain") => {
+                            "tls.cert_chain"
+                        }
+                        TlsError::Material { item, .. } if item.contains("key") => {
+                            "tls.private_key"
+                        }
+                        TlsError::Material { item, .. } if item.contains("bundle") => {
+                            "tls.trust_bundle"
+                        }
+                        _ => "tls",
+                    };
+                    invalid(field, e.to_string())
+                })?;
+                Ok(TlsSource::Files(context))
+            }
+            (_, Some(_)) => Err(invalid(
+                "tls.certificate",
+                "takes the place of cert_chain, private_key and trust_bundle; give one or the other"
+                    .into(),
+            )),
+            ((None, _, _), None) => Err(invalid(
+                "tls.cert_chain",
+                "missing (or give tls.certificate)".into(),
+            )),
+            ((_, None, _), None) => Err(invalid("tls.private_key", "missing".into())),
+            ((_, _, None), None) => Err(invalid("tls.trust_bundle", "missing".into())),
+        }
     }
 }
 
@@ -277,7 +323,9 @@ mod tests {
             files.trust_bundle.display().to_string(),
         );
         let ok = Settings::parse(b"shunt", tls(&chain, &bundle, "").as_bytes()).unwrap();
-        assert!(ok.tls.is_some());
+        assert!(ok.tls_context().is_ok());
+        let store = Settings::parse(b"shunt", b"tls: {certificate: mesh}").unwrap();
+        assert!(store.uses_tls());
         for (yaml, field) in [
             (tls("/nonexistent/chain.pem", &bundle, ""), "tls.cert_chain"),
             (tls(&chain, "/nonexistent/ca.pem", ""), "tls.trust_bundle"),
@@ -285,7 +333,13 @@ mod tests {
                 tls(&chain, &bundle, "\"spiffe://x/*/y\""),
                 "tls.peer_identities",
             ),
-            ("tls: {cert_chain: /a}".to_owned(), "private_key"),
+            ("tls: {cert_chain: /a}".to_owned(), "tls.private_key"),
+            (
+                "tls: {certificate: mesh, cert_chain: /a}".to_owned(),
+                "tls.certificate",
+            ),
+            ("tls: {certificate: ''}".to_owned(), "tls.certificate"),
+            ("tls: {peer_identities: []}".to_owned(), "tls.cert_chain"),
         ] {
             let e = Settings::parse(b"shunt", yaml.as_bytes())
                 .err()

@@ -19,4 +19,5 @@ pub mod connection;
 pub mod host;
 pub mod identity;
 pub mod stats;
+pub mod tls_source;
 pub mod wire;

@@ -168,7 +168,7 @@ impl Connection {
                 host.raise_connected();
                 self.state = State::Sniffing;
             }
-            Side::Initiator if self.settings.tls.is_some() => self.start_tls_client(host),
+            Side::Initiator if self.settings.uses_tls() => self.start_tls_client(host),
             Side::Initiator => self.start_plain_initiator(host),
         }
     }

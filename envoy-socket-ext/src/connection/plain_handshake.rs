@@ -72,7 +72,7 @@ impl Connection {
             }
         };
         match wire::sniff(&self.inbound) {
-            Sniff::Tls if self.settings.tls.is_some() => return self.start_tls_server(host),
+            Sniff::Tls if self.settings.uses_tls() => return self.start_tls_server(host),
             Sniff::Shunt if !eof => {}
             _ => {
                 if let Some(refused) = self.refuse_if_strict(host, "peer does not speak Shunt") {
@@ -83,7 +83,7 @@ impl Connection {
                 return self.hand_over_early_payload(host, eof);
             }
         }
-        if self.settings.tls.is_some()
+        if self.settings.uses_tls()
             && let Some(refused) = self.refuse_if_strict(host, "peer speaks Shunt without TLS")
         {
             return refused;

@@ -63,12 +63,21 @@ enum Next {
 impl Connection {
     /// Initiator: sends the ClientHello.
     pub(super) fn start_tls_client(&mut self, host: &mut dyn Host) {
-        let context = self.settings.tls.as_ref().expect("tls configured");
+        let context = match self.settings.tls_context() {
+            Ok(context) => context,
+            Err(reason) => {
+                stats::handshake_failure("no_certificate");
+                self.fail(host, reason);
+                // The next hook reports the failure; make sure there is one soon.
+                host.set_readable();
+                return;
+            }
+        };
         // Offering Shunt commits the peer to wait for a pairing: only offer what can happen.
         let not_offered = crate::attach::worker_for(self.config())
             .is_none()
             .then_some(NoPair::SHUNTD_DOWN.reason);
-        match TlsStream::client(context, not_offered.is_none()) {
+        match TlsStream::client(&context, not_offered.is_none()) {
             Ok(tls) => {
                 self.state = State::TlsHandshake(Box::new(TlsHandshake {
                     tls,
@@ -90,9 +99,15 @@ impl Connection {
 
     /// Responder: the peer's first bytes are a TLS record.
     pub(super) fn start_tls_server(&mut self, host: &mut dyn Host) -> IoResult {
-        let context = self.settings.tls.as_ref().expect("tls configured");
+        let context = match self.settings.tls_context() {
+            Ok(context) => context,
+            Err(reason) => {
+                stats::handshake_failure("no_certificate");
+                return self.fail(host, reason);
+            }
+        };
         self.state = State::TlsHandshake(Box::new(TlsHandshake {
-            tls: TlsStream::server(context),
+            tls: TlsStream::server(&context),
             step: Step::Handshaking,
             record_left: 0,
             frame: Vec::new(),

@@ -71,6 +71,34 @@ impl Shuntd {
         self.dir.path().join("shuntd.sock")
     }
 
+    /// Stores `files` in shuntd's certificate store as `name` (namespace `default`), with the
+    /// `shunt` CLI.
+    pub fn put_certificate(&self, name: &str, files: &WorkloadFiles) {
+        let out = Command::new(shunt_cli())
+            .arg("--control-socket")
+            .arg(self.dir.path().join("control.sock"))
+            .args([
+                "certs",
+                "put",
+                name,
+                "--namespace",
+                "default",
+                "--cert-chain",
+            ])
+            .arg(&files.cert_chain)
+            .arg("--private-key")
+            .arg(&files.private_key)
+            .arg("--trust-bundle")
+            .arg(&files.trust_bundle)
+            .output()
+            .expect("run shunt");
+        assert!(
+            out.status.success(),
+            "shunt certs put: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// The value of `series` once it reaches `want`, or after 10 s, whichever comes first:
     /// sidecars report asynchronously.
     pub fn metric_reaching(&self, series: &str, want: f64) -> f64 {
@@ -94,22 +122,31 @@ impl Shuntd {
 pub fn shuntd_binary() -> PathBuf {
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BUILT
-        .get_or_init(|| {
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let status = Command::new(cargo)
-                .args(["build", "--quiet", "-p", "shuntd", "--bin", "shuntd"])
-                .current_dir(env!("CARGO_MANIFEST_DIR"))
-                .status()
-                .expect("run cargo build");
-            assert!(status.success(), "cannot build shuntd");
-            // Binaries sit in the profile directory, test executables in its `deps`.
-            let exe = std::env::current_exe().unwrap();
-            let profile_dir = exe.parent().unwrap().parent().unwrap();
-            let bin = profile_dir.join("shuntd");
-            assert!(bin.exists(), "{} missing after the build", bin.display());
-            bin
-        })
+        .get_or_init(|| workspace_binary("shuntd", "shuntd"))
         .clone()
+}
+
+/// The `shunt` CLI, built on first use.
+pub fn shunt_cli() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| workspace_binary("shunt-cli", "shunt"))
+        .clone()
+}
+
+fn workspace_binary(package: &str, bin: &str) -> PathBuf {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["build", "--quiet", "-p", package, "--bin", bin])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .expect("run cargo build");
+    assert!(status.success(), "cannot build {bin}");
+    // Binaries sit in the profile directory, test executables in its `deps`.
+    let exe = std::env::current_exe().unwrap();
+    let path = exe.parent().unwrap().parent().unwrap().join(bin);
+    assert!(path.exists(), "{} missing after the build", path.display());
+    path
 }
 
 /// shuntd as its own process, so that a test can SIGKILL it and start it again.

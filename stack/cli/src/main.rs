@@ -1,5 +1,6 @@
 //! `shunt`: inspect and change a running shuntd through its control API.
 
+mod certs;
 mod connect;
 mod dev_certs;
 mod namespaces;
@@ -45,6 +46,9 @@ enum Command {
     /// List, add or delete session rules (local: a namespace's egress; global: ingress).
     #[command(subcommand)]
     Rules(rules::RulesCommand),
+    /// List, put or delete workload certificates that apps of a namespace fetch by name.
+    #[command(subcommand)]
+    Certs(certs::CertsCommand),
     /// Write a throwaway mesh CA and workload certificates, to try the Envoy module's
     /// mutual-TLS mode without a mesh (never for production). Needs no shuntd.
     DevCerts {
@@ -97,6 +101,7 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
         Command::Stats => status::stats(&mut client).await,
         Command::Namespaces(cmd) => namespaces::run(&mut client, cmd).await,
         Command::Rules(cmd) => rules::run(&mut client, cmd).await,
+        Command::Certs(cmd) => certs::run(&mut client, cmd).await,
         // Answered above, without shuntd.
         Command::DevCerts { .. } => Ok(String::new()),
     }

@@ -260,3 +260,60 @@ fn help_lists_every_command() {
         assert!(help.contains(cmd), "{cmd} missing from --help:\n{help}");
     }
 }
+
+#[test]
+fn certificates_are_checked_stored_for_their_namespace_only_and_deleted() {
+    let d = Daemon::start();
+    let dir = tempfile::tempdir().unwrap();
+    d.ok(&["dev-certs", dir.path().to_str().unwrap()]);
+    let files = dir.path().join("server");
+    let file = |name: &str| files.join(name).to_str().unwrap().to_owned();
+    let put = |name: &str, key: &str| {
+        d.shunt(&[
+            "certs",
+            "put",
+            name,
+            "--namespace",
+            "default",
+            "--cert-chain",
+            &file("cert-chain.pem"),
+            "--private-key",
+            key,
+            "--trust-bundle",
+            &file("root-cert.pem"),
+        ])
+    };
+    let out = put("mesh", &file("key.pem"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains("spiffe://cluster.local/ns/default/sa/server")
+    );
+    // A key that does not belong to the chain is refused, with the reason.
+    let wrong_key = dir.path().join("client").join("key.pem");
+    let out = put("other", wrong_key.to_str().unwrap());
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("certificate"));
+    assert!(d.ok(&["certs", "list"]).contains("mesh"));
+
+    // An app of the namespace fetches it; the material never shows in the listing.
+    let app = Worker::attach(AttachOptions::new(d.app_socket()).namespace("default", b"")).unwrap();
+    let cert = app.certificate("mesh").unwrap();
+    assert_eq!(
+        cert.private_key,
+        std::fs::read_to_string(files.join("key.pem")).unwrap()
+    );
+    assert!(!d.ok(&["certs", "list"]).contains("PRIVATE KEY"));
+    assert!(app.certificate("absent").is_err());
+
+    d.ok(&["certs", "delete", "mesh", "--namespace", "default"]);
+    assert!(app.certificate("mesh").is_err());
+    assert!(
+        d.fails(&["certs", "delete", "mesh", "--namespace", "default"])
+            .contains("mesh")
+    );
+}

@@ -11,7 +11,8 @@ use rustix::event::epoll;
 use rustix::net::{self, AddressFamily, SocketFlags, SocketType};
 use shunt_sapi::event::{Event, FifoPair};
 use shunt_sapi::message::{
-    DaemonReply, MAX_MESSAGE_LEN, PairOffer, PairRole, Request, Resume, ResumedSession, Scope,
+    CertificateMaterial, DaemonReply, MAX_MESSAGE_LEN, PairOffer, PairRole, Request, Resume,
+    ResumedSession, Scope,
 };
 use shunt_sapi::{ErrorCode, UsageReport, layout};
 use shunt_shm::doorbell::Doorbell;
@@ -390,6 +391,20 @@ impl Worker {
             }
             other => Err(Error::Protocol(format!(
                 "unexpected listen reply {other:?}"
+            ))),
+        }
+    }
+
+    /// The workload certificate `name` of this app's namespace, as shuntd holds it. Blocks for
+    /// one shuntd round trip; compare [`CertificateMaterial::version`] to know whether it
+    /// changed.
+    pub fn certificate(&self, name: &str) -> Result<CertificateMaterial, Error> {
+        self.ensure_attached()?;
+        let name = name.to_owned();
+        match self.request(Request::GetCertificate { name })? {
+            DaemonReply::Certificate(c) => Ok(c),
+            other => Err(Error::Protocol(format!(
+                "unexpected certificate reply {other:?}"
             ))),
         }
     }

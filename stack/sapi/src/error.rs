@@ -31,6 +31,8 @@ pub enum ErrorCode {
     PairTimeout,
     #[error("another offer with the same pairing token is waiting")]
     PairConflict,
+    #[error("no certificate of that name in the namespace")]
+    UnknownCertificate,
     #[error("unknown error code {0}")]
     Unknown(i32),
 }
@@ -52,6 +54,7 @@ impl ErrorCode {
             Self::Internal => "internal",
             Self::PairTimeout => "pair_timeout",
             Self::PairConflict => "pair_conflict",
+            Self::UnknownCertificate => "unknown_certificate",
             Self::Unknown(_) => "unknown",
         }
     }
@@ -71,6 +74,7 @@ impl ErrorCode {
             Self::Internal => pb::ErrorCode::Internal,
             Self::PairTimeout => pb::ErrorCode::PairTimeout,
             Self::PairConflict => pb::ErrorCode::PairConflict,
+            Self::UnknownCertificate => pb::ErrorCode::UnknownCertificate,
             Self::Unknown(n) => return n,
         };
         code as i32
@@ -91,6 +95,7 @@ impl ErrorCode {
             Ok(pb::ErrorCode::Internal) => Self::Internal,
             Ok(pb::ErrorCode::PairTimeout) => Self::PairTimeout,
             Ok(pb::ErrorCode::PairConflict) => Self::PairConflict,
+            Ok(pb::ErrorCode::UnknownCertificate) => Self::UnknownCertificate,
             Ok(pb::ErrorCode::Unspecified) | Err(_) => Self::Unknown(value),
         }
     }
@@ -109,6 +114,7 @@ mod tests {
             ErrorCode::Internal,
             ErrorCode::PairTimeout,
             ErrorCode::PairConflict,
+            ErrorCode::UnknownCertificate,
             ErrorCode::Unknown(4242),
         ] {
             assert_eq!(ErrorCode::from_wire(code.to_wire()), code);

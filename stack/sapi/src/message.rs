@@ -113,6 +113,10 @@ pub enum Request {
     Pair(PairOffer),
     /// Fire-and-forget: no reply.
     Usage(UsageReport),
+    /// A workload certificate of the app's namespace, by name.
+    GetCertificate {
+        name: String,
+    },
 }
 
 /// Bytes in a pairing token.
@@ -254,6 +258,9 @@ impl TryFrom<pb::AppRequest> for Request {
                 reset: c.reset,
             },
             Body::UsageReport(r) => Request::Usage(r.try_into()?),
+            Body::GetCertificate(g) => Request::GetCertificate {
+                name: bounded_string("name", g.name, MAX_NAME_LEN)?,
+            },
             Body::Pair(p) => Request::Pair(PairOffer {
                 token: p
                     .token
@@ -343,6 +350,9 @@ impl Request {
                 })
             }
             Request::Usage(report) => Body::UsageReport(report.into()),
+            Request::GetCertificate { name } => {
+                Body::GetCertificate(pb::GetCertificate { name: name.clone() })
+            }
             Request::Pair(offer) => Body::Pair(pb::Pair {
                 token: offer.token.to_vec(),
                 role: match offer.role {
@@ -387,6 +397,24 @@ pub enum DaemonReply {
         segment_id: u32,
         is_client: bool,
     },
+    Certificate(CertificateMaterial),
+}
+
+/// A workload certificate as PEM.
+#[derive(Clone, PartialEq, Eq)]
+pub struct CertificateMaterial {
+    pub cert_chain: String,
+    pub private_key: String,
+    pub trust_bundle: String,
+    pub version: u64,
+}
+
+impl std::fmt::Debug for CertificateMaterial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertificateMaterial")
+            .field("version", &self.version)
+            .finish_non_exhaustive()
+    }
 }
 
 impl DaemonReply {
@@ -426,6 +454,12 @@ impl DaemonReply {
                 segment_id: s.segment_id,
                 is_client: s.is_client,
             },
+            Body::Certificate(c) => DaemonReply::Certificate(CertificateMaterial {
+                cert_chain: c.cert_chain,
+                private_key: c.private_key,
+                trust_bundle: c.trust_bundle,
+                version: c.version,
+            }),
         };
         Ok((msg.request_id, reply))
     }
@@ -464,6 +498,12 @@ impl DaemonReply {
             } => Body::SegmentAdded(pb::SegmentAdded {
                 segment_id: *segment_id,
                 is_client: *is_client,
+            }),
+            DaemonReply::Certificate(c) => Body::Certificate(pb::CertificateReply {
+                cert_chain: c.cert_chain.clone(),
+                private_key: c.private_key.clone(),
+                trust_bundle: c.trust_bundle.clone(),
+                version: c.version,
             }),
         };
         pb::DaemonMessage {
@@ -507,6 +547,9 @@ mod tests {
                 session_id: 77,
                 reset: true,
             },
+            Request::GetCertificate {
+                name: "default".into(),
+            },
             Request::Usage(UsageReport {
                 connections: vec![("tls".into(), 2)],
                 pairing_latency_us: vec![90],
@@ -537,6 +580,12 @@ mod tests {
                 is_client: true,
             },
             DaemonReply::Ack,
+            DaemonReply::Certificate(CertificateMaterial {
+                cert_chain: "chain".into(),
+                private_key: "key".into(),
+                trust_bundle: "ca".into(),
+                version: 9,
+            }),
         ];
         for r in replies {
             assert_eq!(DaemonReply::decode(&r.encode(1)), Ok((1, r)));

@@ -15,6 +15,7 @@ use subtle::ConstantTimeEq;
 use crate::app::{
     AppId, AppRecord, LinkError, ListenerId, PeerCred, WorkerId, WorkerLink, WorkerRecord,
 };
+use crate::certificates::{Certificate, CertificateError};
 use crate::cut_through::{CutThrough, CutThroughConfig};
 use crate::namespace::{Namespace, NamespaceError, Namespaces};
 use crate::pairing::{DEFAULT_PAIR_TIMEOUT, Offer, OfferOutcome, PairingError, PairingTable};
@@ -64,6 +65,8 @@ pub enum SessionError {
     Rule(#[from] RuleError),
     #[error("pairing: {0}")]
     Pairing(#[from] PairingError),
+    #[error(transparent)]
+    Certificate(#[from] CertificateError),
 }
 
 impl SessionError {
@@ -86,6 +89,10 @@ impl SessionError {
             SessionError::Link(..) => ErrorCode::PeerGone,
             SessionError::Pairing(PairingError::Conflict) => ErrorCode::PairConflict,
             SessionError::Pairing(_) => ErrorCode::InvalidRequest,
+            SessionError::Certificate(CertificateError::Unknown { .. }) => {
+                ErrorCode::UnknownCertificate
+            }
+            SessionError::Certificate(_) => ErrorCode::InvalidRequest,
         }
     }
 }
@@ -292,6 +299,8 @@ pub struct LayerCounters {
     pub connect_failures: Mutex<HashMap<&'static str, u64>>,
     /// Completed pairings ("paired") and refused ones, by error code.
     pub pairings: Mutex<HashMap<&'static str, u64>>,
+    /// Certificates put so far; also the source of their versions.
+    pub certificate_puts: AtomicU64,
 }
 
 impl LayerCounters {
@@ -354,6 +363,89 @@ impl SessionLayer {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .insert(ns, replace)
+    }
+
+    /// Stores `certificate` under `name` in namespace `namespace`, replacing any; returns the
+    /// version it was given.
+    pub fn put_certificate(
+        &self,
+        namespace: &str,
+        name: &str,
+        mut certificate: Certificate,
+    ) -> Result<u64, SessionError> {
+        let mut namespaces = self.namespaces.write().unwrap_or_else(|e| e.into_inner());
+        let ns = namespaces
+            .get_mut(namespace)
+            .ok_or_else(|| NamespaceError::Unknown(namespace.to_owned()))?;
+        certificate.version = self
+            .counters
+            .certificate_puts
+            .fetch_add(1, Ordering::Relaxed)
+            + 1;
+        let version = certificate.version;
+        ns.certificates.put(name, certificate)?;
+        Ok(version)
+    }
+
+    pub fn delete_certificate(&self, namespace: &str, name: &str) -> Result<(), SessionError> {
+        let mut namespaces = self.namespaces.write().unwrap_or_else(|e| e.into_inner());
+        let ns = namespaces
+            .get_mut(namespace)
+            .ok_or_else(|| NamespaceError::Unknown(namespace.to_owned()))?;
+        ns.certificates.remove(name).map(|_| ()).ok_or_else(|| {
+            CertificateError::Unknown {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+            }
+            .into()
+        })
+    }
+
+    /// Every stored certificate as (namespace, name, identity, version); never the material.
+    pub fn list_certificates(&self) -> Vec<(String, String, String, u64)> {
+        let namespaces = self.namespaces.read().unwrap_or_else(|e| e.into_inner());
+        namespaces
+            .iter()
+            .flat_map(|ns| {
+                ns.certificates.iter().map(|(name, c)| {
+                    (
+                        ns.id.clone(),
+                        name.to_owned(),
+                        c.identity.clone(),
+                        c.version,
+                    )
+                })
+            })
+            .collect()
+    }
+
+    /// The certificate `name` of the namespace `worker`'s app attached to: an app sees only its
+    /// own namespace's certificates.
+    pub fn certificate_for(
+        &self,
+        worker: WorkerId,
+        name: &str,
+    ) -> Result<Certificate, SessionError> {
+        let namespace = {
+            let reg = self.registry();
+            let w = reg
+                .workers
+                .get(&worker)
+                .ok_or(SessionError::UnknownWorker(worker))?;
+            reg.apps[&w.app].namespace.clone()
+        };
+        let namespaces = self.namespaces.read().unwrap_or_else(|e| e.into_inner());
+        namespaces
+            .get(&namespace)
+            .and_then(|ns| ns.certificates.get(name))
+            .cloned()
+            .ok_or_else(|| {
+                CertificateError::Unknown {
+                    namespace,
+                    name: name.to_owned(),
+                }
+                .into()
+            })
     }
 
     pub fn delete_namespace(&self, id: &str) -> Result<(), NamespaceError> {

@@ -7,6 +7,7 @@
 //! together and never branches on which transport carries a session.
 
 pub mod app;
+pub mod certificates;
 pub mod cut_through;
 pub mod layer;
 pub mod namespace;

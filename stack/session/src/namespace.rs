@@ -9,6 +9,7 @@ use std::net::IpAddr;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use crate::certificates::Certificates;
 use crate::rules::RulesTable;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -44,6 +45,8 @@ pub struct Namespace {
     pub address: IpAddr,
     /// Egress rules for connects made from this namespace.
     pub local_rules: RulesTable,
+    /// Workload certificates its apps may fetch.
+    pub certificates: Certificates,
 }
 
 impl std::fmt::Debug for Namespace {
@@ -71,6 +74,7 @@ impl Namespace {
             secret: SecretDigest::of(secret),
             address,
             local_rules: RulesTable::default(),
+            certificates: Certificates::default(),
         })
     }
 
@@ -88,7 +92,8 @@ impl Namespaces {
     pub fn insert(&mut self, ns: Namespace, replace: bool) -> Result<(), NamespaceError> {
         match self.by_id.get_mut(&ns.id) {
             Some(existing) if replace => {
-                // Keep the namespace's rules: replacing a secret must not drop its policy.
+                // Keep the namespace's rules and certificates: replacing a secret must not drop
+                // its policy.
                 existing.secret = ns.secret;
                 existing.address = ns.address;
                 Ok(())

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use rustix::net::{self, AddressFamily, SocketFlags, SocketType};
 use shunt_sapi::ErrorCode;
 use shunt_sapi::event::Event;
-use shunt_sapi::message::{DaemonReply, MAX_MESSAGE_LEN, Request};
+use shunt_sapi::message::{CertificateMaterial, DaemonReply, MAX_MESSAGE_LEN, Request};
 use shunt_session::SessionLayer;
 use shunt_session::app::{PeerCred, WorkerId, WorkerLink};
 use shunt_session::layer::{AttachRequest, Attached, PairOutcome, SessionError, SessionId};
@@ -398,6 +398,21 @@ impl Connection {
                     }
                     Ok(PairOutcome::Waiting) => {}
                     Err(e) => self.connect_failed(w, request_id, remote, e).await,
+                }
+                Step::Continue
+            }
+            (Request::GetCertificate { name }, Some(w)) => {
+                match self.shared.layer.certificate_for(w, &name) {
+                    Ok(c) => {
+                        let reply = DaemonReply::Certificate(CertificateMaterial {
+                            cert_chain: c.cert_chain,
+                            private_key: c.private_key,
+                            trust_bundle: c.trust_bundle,
+                            version: c.version,
+                        });
+                        self.send(request_id, reply, &[]).await;
+                    }
+                    Err(e) => self.fail(request_id, e.code(), e.to_string()).await,
                 }
                 Step::Continue
             }

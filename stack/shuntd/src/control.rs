@@ -1,4 +1,4 @@
-//! The gRPC control API: namespaces, rules, sessions, apps and stats.
+//! The gRPC control API: namespaces, rules, sessions, apps, stats and certificates.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -6,8 +6,12 @@ use std::sync::Arc;
 use shunt_proto::control as pb;
 use shunt_proto::control::control_server::Control;
 use shunt_session::SessionLayer;
+use shunt_session::certificates::{Certificate, CertificateError};
+use shunt_session::layer::SessionError;
 use shunt_session::namespace::Namespace;
+use shunt_session::namespace::NamespaceError;
 use shunt_session::rules::{PortRange, Rule, RuleAction};
+use shunt_tls::CertSource;
 use tonic::{Request, Response, Status};
 
 use crate::config::{RuleActionSection, build_rule};
@@ -289,5 +293,77 @@ impl Control for ControlService {
             attach_failures: sum(&c.attach_failures),
             workers: self.workers as u32,
         }))
+    }
+
+    async fn put_certificate(
+        &self,
+        request: Request<pb::PutCertificateRequest>,
+    ) -> Result<Response<pb::PutCertificateResponse>, Status> {
+        let r = request.into_inner();
+        // Refuse unusable material here, where the putter learns why, not at every handshake.
+        let identity = CertSource::Pem {
+            cert_chain: r.cert_chain.clone(),
+            private_key: r.private_key.clone(),
+            trust_bundle: r.trust_bundle.clone(),
+        }
+        .check()
+        .map_err(|e| Status::invalid_argument(format!("certificate: {e}")))?
+        .as_str()
+        .to_owned();
+        let certificate = Certificate {
+            cert_chain: r.cert_chain,
+            private_key: r.private_key,
+            trust_bundle: r.trust_bundle,
+            identity: identity.clone(),
+            version: 0,
+        };
+        let version = self
+            .layer
+            .put_certificate(&r.namespace, &r.name, certificate)
+            .map_err(session_status)?;
+        tracing::info!(namespace = %r.namespace, name = %r.name, %identity, version, "certificate put");
+        Ok(Response::new(pb::PutCertificateResponse {
+            identity,
+            version,
+        }))
+    }
+
+    async fn delete_certificate(
+        &self,
+        request: Request<pb::DeleteCertificateRequest>,
+    ) -> Result<Response<pb::DeleteCertificateResponse>, Status> {
+        let r = request.into_inner();
+        self.layer
+            .delete_certificate(&r.namespace, &r.name)
+            .map_err(session_status)?;
+        Ok(Response::new(pb::DeleteCertificateResponse {}))
+    }
+
+    async fn list_certificates(
+        &self,
+        _: Request<pb::ListCertificatesRequest>,
+    ) -> Result<Response<pb::ListCertificatesResponse>, Status> {
+        let certificates = self
+            .layer
+            .list_certificates()
+            .into_iter()
+            .map(|(namespace, name, identity, version)| pb::CertificateInfo {
+                namespace,
+                name,
+                identity,
+                version,
+            })
+            .collect();
+        Ok(Response::new(pb::ListCertificatesResponse { certificates }))
+    }
+}
+
+fn session_status(e: SessionError) -> Status {
+    match &e {
+        SessionError::Namespace(NamespaceError::Unknown(_))
+        | SessionError::Certificate(CertificateError::Unknown { .. }) => {
+            Status::not_found(e.to_string())
+        }
+        _ => Status::invalid_argument(e.to_string()),
     }
 }

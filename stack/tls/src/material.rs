@@ -54,6 +54,21 @@ pub(crate) const KEY: &str = "private key";
 const BUNDLE: &str = "trust bundle";
 
 impl CertSource {
+    /// Checks that the material is usable (the chain and key parse and match, the bundle has a
+    /// CA, the leaf has one SPIFFE id) and returns the leaf's identity.
+    pub fn check(&self) -> Result<SpiffeId, TlsError> {
+        let material = self.load()?;
+        let provider = rustls::crypto::ring::default_provider();
+        rustls::sign::CertifiedKey::from_der(material.chain, material.key, &provider).map_err(
+            |e| TlsError::Material {
+                item: KEY,
+                origin: material.key_origin,
+                problem: e.to_string(),
+            },
+        )?;
+        Ok(material.identity)
+    }
+
     /// Reads and validates the material.
     pub(crate) fn load(&self) -> Result<Material, TlsError> {
         match self {
