@@ -134,7 +134,17 @@ pub fn shunt_cli() -> PathBuf {
         .clone()
 }
 
+/// A binary of another workspace package. A workspace test run (`cargo nextest run
+/// --workspace`, as CI runs it) builds every binary first, with the features of that build;
+/// building it again here with other features would rebuild and replace it on every run, so an
+/// existing one is used and only a missing one is built.
 fn workspace_binary(package: &str, bin: &str) -> PathBuf {
+    // Binaries sit in the profile directory, test executables in its `deps`.
+    let exe = std::env::current_exe().unwrap();
+    let path = exe.parent().unwrap().parent().unwrap().join(bin);
+    if path.exists() {
+        return path;
+    }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(cargo)
         .args(["build", "--quiet", "-p", package, "--bin", bin])
@@ -142,9 +152,6 @@ fn workspace_binary(package: &str, bin: &str) -> PathBuf {
         .status()
         .expect("run cargo build");
     assert!(status.success(), "cannot build {bin}");
-    // Binaries sit in the profile directory, test executables in its `deps`.
-    let exe = std::env::current_exe().unwrap();
-    let path = exe.parent().unwrap().parent().unwrap().join(bin);
     assert!(path.exists(), "{} missing after the build", path.display());
     path
 }
