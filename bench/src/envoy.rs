@@ -149,7 +149,6 @@ pub(crate) struct Ratios {
 
 /// What every mode shares.
 struct Parts {
-    envoy: PathBuf,
     module_dir: PathBuf,
     daemon: Daemon,
     pki: Pki,
@@ -160,8 +159,9 @@ struct Parts {
 pub(crate) fn run(opts: &Options, r: &mut Reporter) -> anyhow::Result<()> {
     anyhow::ensure!(opts.msg_size > 0, "--msg-size must be positive");
     report::progress("envoy: fetching Envoy and building libshunt_envoy.so");
+    // Fail now, before anything is measured, if Envoy cannot be had.
+    sidecar::envoy_binary()?;
     let parts = Parts {
-        envoy: sidecar::envoy_binary()?,
         module_dir: sidecar::build_module()?,
         daemon: Daemon::start()?,
         pki: Pki::generate()?,
@@ -277,8 +277,7 @@ impl Chain {
                 )
             }
         };
-        let start =
-            |name, resources| Sidecar::start(name, &parts.envoy, &parts.module_dir, resources);
+        let start = |name, resources| Sidecar::start(name, &parts.module_dir, resources);
         let server = start(
             "server",
             sidecar::tcp_proxy(listener_socket, parts.backend.addr, None),

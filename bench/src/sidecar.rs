@@ -3,17 +3,14 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use anyhow::Context;
 use serde_json::{Value, json};
+use shunt_envoy_harness::Envoy;
 
-use crate::http;
 use crate::pki::Identity;
-
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
-const POLL: Duration = Duration::from_millis(10);
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -24,26 +21,7 @@ fn workspace() -> PathBuf {
 
 /// The pinned Envoy, fetched and cached by the repository's script.
 pub(crate) fn envoy_binary() -> anyhow::Result<PathBuf> {
-    let script = workspace().join("ci/envoy.sh");
-    let out = Command::new("bash")
-        .arg(&script)
-        .stderr(Stdio::inherit())
-        .output()
-        .with_context(|| format!("run {}", script.display()))?;
-    anyhow::ensure!(
-        out.status.success(),
-        "{} failed ({}): cannot get Envoy",
-        script.display(),
-        out.status
-    );
-    let path = PathBuf::from(String::from_utf8(out.stdout)?.trim());
-    anyhow::ensure!(
-        path.is_file(),
-        "{} printed `{}`, which is not a file",
-        script.display(),
-        path.display()
-    );
-    Ok(path)
+    Ok(shunt_envoy_harness::envoy_binary()?)
 }
 
 /// Builds `libshunt_envoy.so` with the release profile and returns the directory holding it.
@@ -84,96 +62,30 @@ pub(crate) fn build_module() -> anyhow::Result<PathBuf> {
 /// A running Envoy, killed when dropped.
 pub(crate) struct Sidecar {
     name: String,
-    child: Child,
-    admin: SocketAddr,
-    // Holds the bootstrap and the log.
-    dir: tempfile::TempDir,
+    envoy: Envoy,
 }
 
 impl Sidecar {
     /// Starts Envoy on `static_resources` and returns once its admin reports LIVE.
     pub(crate) fn start(
         name: &str,
-        envoy: &Path,
         module_dir: &Path,
         static_resources: Value,
     ) -> anyhow::Result<Sidecar> {
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("shunt-bench-{name}"))
-            .tempdir()?;
-        let bootstrap = json!({
-            "admin": {"address": socket_address(([127, 0, 0, 1], 0).into())},
-            "static_resources": static_resources,
-        });
         // JSON is YAML, and needs no care with indentation or quoting.
-        let config = dir.path().join("envoy.json");
-        std::fs::write(&config, serde_json::to_vec_pretty(&bootstrap)?)?;
-        let admin_path = dir.path().join("admin.address");
-        let log = std::fs::File::create(dir.path().join("envoy.log"))?;
-        let child = Command::new(envoy)
-            .arg("--config-path")
-            .arg(&config)
-            .args([
-                "--concurrency",
-                "1",
-                "--disable-hot-restart",
-                "-l",
-                "warning",
-            ])
-            .arg("--admin-address-path")
-            .arg(&admin_path)
-            .env("ENVOY_DYNAMIC_MODULES_SEARCH_PATH", module_dir)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("spawn {}", envoy.display()))?;
-        let mut sidecar = Sidecar {
+        let bootstrap =
+            serde_json::to_string_pretty(&json!({"static_resources": static_resources}))?;
+        let envoy = Envoy::start(&format!("bench-{name}"), &bootstrap, module_dir, &[])?;
+        Ok(Sidecar {
             name: name.to_owned(),
-            child,
-            admin: SocketAddr::from(([127, 0, 0, 1], 0)),
-            dir,
-        };
-        sidecar.wait_ready(&admin_path)?;
-        Ok(sidecar)
-    }
-
-    fn wait_ready(&mut self, admin_path: &Path) -> anyhow::Result<()> {
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                anyhow::bail!(
-                    "envoy {} exited ({status}):\n{}",
-                    self.name,
-                    self.log_tail()
-                );
-            }
-            if self.admin.port() == 0
-                && let Some(addr) = std::fs::read_to_string(admin_path)
-                    .ok()
-                    .and_then(|t| t.trim().parse().ok())
-            {
-                self.admin = addr;
-            }
-            if self.admin.port() != 0
-                && http::get(self.admin, "/ready").is_ok_and(|b| b.trim() == "LIVE")
-            {
-                return Ok(());
-            }
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "envoy {} not ready within {READY_TIMEOUT:?}:\n{}",
-                self.name,
-                self.log_tail()
-            );
-            std::thread::sleep(POLL);
-        }
+            envoy,
+        })
     }
 
     /// Where the listener called `name` is bound; listeners ask for port 0, so no other
     /// program can take their port between choosing and binding it.
     pub(crate) fn listener(&self, name: &str) -> anyhow::Result<SocketAddr> {
-        let text = http::get(self.admin, "/listeners")?;
+        let text = self.envoy.admin_get("/listeners")?;
         text.lines()
             .find_map(|l| l.strip_prefix(name)?.strip_prefix("::")?.parse().ok())
             .with_context(|| format!("envoy {} has no listener `{name}`: {text}", self.name))
@@ -181,20 +93,11 @@ impl Sidecar {
 
     /// CPU time, user and system, of the whole process so far.
     pub(crate) fn cpu(&self) -> anyhow::Result<Duration> {
-        cpu_time(self.child.id())
+        cpu_time(self.envoy.pid())
     }
 
     pub(crate) fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(self.dir.path().join("envoy.log")).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
-    }
-}
-
-impl Drop for Sidecar {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.envoy.log_tail(40)
     }
 }
 
@@ -350,6 +253,8 @@ pub(crate) fn shunt_module_config(shuntd_socket: &Path, id: &Identity, mtls: boo
 
 #[cfg(test)]
 mod tests {
+    use std::time::Instant;
+
     use super::*;
 
     fn identity() -> Identity {

@@ -6,7 +6,9 @@
 
 mod common;
 
-use common::{Backend, Envoy, Shuntd, chain, exchange, free_port, module_socket, tcp_sidecar};
+use common::{
+    Backend, Shuntd, chain, exchange, free_port, module_socket, start_envoy, tcp_sidecar,
+};
 
 const MIB: u64 = 1 << 20;
 
@@ -66,7 +68,7 @@ fn a_peer_without_the_module_is_served_when_permissive_and_refused_when_strict()
     let backend = Backend::start();
     for (policy, served) in [("permissive", true), ("strict", false)] {
         let port = free_port();
-        let _b = Envoy::start(
+        let _b = start_envoy(
             "b",
             &tcp_sidecar(
                 port,

@@ -14,8 +14,8 @@ use std::process::Command;
 use std::thread;
 
 use common::{
-    CLIENT_ID, Envoy, MeshCerts, SERVER_ID, Shuntd, fill, free_port, module_socket, module_tls,
-    sidecar,
+    CLIENT_ID, MeshCerts, SERVER_ID, Shuntd, fill, free_port, module_socket, module_tls, sidecar,
+    start_envoy,
 };
 use sha2::{Digest, Sha256};
 
@@ -192,7 +192,7 @@ fn run(h2_between_sidecars: bool, client_h2: bool) {
     let at = format!("shuntd_socket: {}\n", d.socket().display());
     let backend = http_backend();
     let (a_port, b_port) = (free_port(), free_port());
-    let _b = Envoy::start(
+    let _b = start_envoy(
         "b",
         &http_sidecar(
             b_port,
@@ -202,7 +202,7 @@ fn run(h2_between_sidecars: bool, client_h2: bool) {
             false,
         ),
     );
-    let _a = Envoy::start(
+    let _a = start_envoy(
         "a",
         &http_sidecar(
             a_port,

@@ -9,9 +9,9 @@ use std::sync::atomic::AtomicU64;
 use std::thread;
 
 use common::{
-    Backend, CLIENT_ID, Envoy, MeshCerts, SERVER_ID, Shuntd, chain, envoy_tls_socket, exchange,
+    Backend, CLIENT_ID, MeshCerts, SERVER_ID, Shuntd, chain, envoy_tls_socket, exchange,
     exchange_over, free_port, http_get, module_socket, module_tls, mtls_chain, shuntd_at,
-    tcp_sidecar, tcp_sidecar_with_filters,
+    start_envoy, tcp_sidecar, tcp_sidecar_with_filters,
 };
 
 const MIB: u64 = 1 << 20;
@@ -146,7 +146,7 @@ fn a_plaintext_peer_is_served_when_permissive_and_refused_when_strict() {
             shuntd_socket(&d),
             module_tls(&server, CLIENT_ID)
         );
-        let _b = Envoy::start(
+        let _b = start_envoy(
             "b",
             &tcp_sidecar(port, &module_socket(&config), backend.port, ""),
         );
@@ -206,7 +206,7 @@ fn closings(log: &str) -> String {
 
 fn cx_stats(e: &common::Envoy) -> String {
     http_get(
-        e.admin,
+        e.admin(),
         "/stats?filter=(cx|overflow|flow_control|none_healthy)",
     )
     .lines()
@@ -253,7 +253,7 @@ fn envoys_rbac_sees_the_peer_identity_through_the_companion_filter() {
                     string_match: {{exact: "{CLIENT_ID}"}}"#
     );
     let b_port = free_port();
-    let b = Envoy::start(
+    let b = start_envoy(
         "b",
         &tcp_sidecar_with_filters(
             b_port,
@@ -270,7 +270,7 @@ fn envoys_rbac_sees_the_peer_identity_through_the_companion_filter() {
     ] {
         let files = certs.workload(name, id);
         let a_port = free_port();
-        let _a = Envoy::start(
+        let _a = start_envoy(
             "a",
             &tcp_sidecar(
                 a_port,

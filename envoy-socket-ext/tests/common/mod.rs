@@ -17,14 +17,7 @@ use shunt_tls::dev_pki::{DevCa, WorkloadFiles};
 
 /// The pinned Envoy binary. Fails loudly if it cannot be fetched: these tests never skip.
 pub fn envoy_binary() -> PathBuf {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../ci/envoy.sh");
-    let out = Command::new("bash")
-        .arg(&script)
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("run ci/envoy.sh");
-    assert!(out.status.success(), "ci/envoy.sh failed: cannot get Envoy");
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+    shunt_envoy_harness::envoy_binary().unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// The directory holding `libshunt_envoy.so`, built beside this test's executable.
@@ -229,40 +222,7 @@ pub fn metric(addr: SocketAddr, series: &str) -> f64 {
 
 /// The body of `GET path`, or empty if the server is not (yet) answering: callers poll.
 pub fn http_get(addr: SocketAddr, path: &str) -> String {
-    let mut out = String::new();
-    let got = TcpStream::connect(addr).and_then(|mut s| {
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )?;
-        s.read_to_string(&mut out)
-    });
-    if got.is_err() {
-        return String::new();
-    }
-    let Some((head, body)) = out.split_once("\r\n\r\n") else {
-        return String::new();
-    };
-    if !head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        return body.to_string();
-    }
-    // Envoy's admin answers in chunks: size line, data, CRLF, until a zero size.
-    let mut rest = body;
-    let mut decoded = String::new();
-    while let Some((size, after)) = rest.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        if n == 0 || after.len() < n {
-            break;
-        }
-        decoded.push_str(&after[..n]);
-        rest = after[n..].trim_start_matches("\r\n");
-    }
-    decoded
+    shunt_envoy_harness::http_get(addr, path).unwrap_or_default()
 }
 
 /// The module's `transport_socket` block.
@@ -490,9 +450,9 @@ pub fn tail(log: &str) -> String {
 pub fn chain(a_socket: &str, b_socket: &str) -> Chain {
     let backend = Backend::start();
     let (a_port, b_port) = (free_port(), free_port());
-    let b = Envoy::start("b", &tcp_sidecar(b_port, b_socket, backend.port, ""));
+    let b = start_envoy("b", &tcp_sidecar(b_port, b_socket, backend.port, ""));
     let relay = Relay::start(b_port);
-    let a = Envoy::start("a", &tcp_sidecar(a_port, "", relay.port, a_socket));
+    let a = start_envoy("a", &tcp_sidecar(a_port, "", relay.port, a_socket));
     Chain {
         b,
         a,
@@ -501,102 +461,18 @@ pub fn chain(a_socket: &str, b_socket: &str) -> Chain {
     }
 }
 
-pub struct Envoy {
-    child: Child,
-    pub dir: tempfile::TempDir,
-    pub admin: SocketAddr,
-}
+pub use shunt_envoy_harness::Envoy;
 
-impl Envoy {
-    /// Starts Envoy on `bootstrap` (static resources; an admin block is added) and waits until
-    /// it is ready, or panics with its log.
-    pub fn start(name: &str, bootstrap: &str) -> Envoy {
-        let dir = tempfile::tempdir().unwrap();
-        let admin_path = dir.path().join("admin.addr");
-        let config = format!(
-            "admin:\n  address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}\n{bootstrap}"
-        );
-        let config_path = dir.path().join("envoy.yaml");
-        std::fs::write(&config_path, &config).unwrap();
-        let log = std::fs::File::create(dir.path().join("envoy.log")).unwrap();
-        let child = Command::new(envoy_binary())
-            .arg("-c")
-            .arg(&config_path)
-            .args([
-                "--concurrency",
-                "1",
-                "--disable-hot-restart",
-                "-l",
-                "warning",
-            ])
-            .args(["--component-log-level", "dynamic_modules:trace"])
-            .arg("--admin-address-path")
-            .arg(&admin_path)
-            .args([
-                "--base-id",
-                &(std::process::id() as u64 * 16 + next_base_id()).to_string(),
-            ])
-            .env("ENVOY_DYNAMIC_MODULES_SEARCH_PATH", module_dir())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("spawn envoy");
-        let mut e = Envoy {
-            child,
-            dir,
-            admin: "127.0.0.1:0".parse().unwrap(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = e.child.try_wait().unwrap() {
-                panic!("envoy {name} exited ({status}):\n{}", e.log());
-            }
-            let admin = std::fs::read_to_string(&admin_path)
-                .ok()
-                .and_then(|t| t.trim().parse::<SocketAddr>().ok());
-            if let Some(addr) = admin {
-                e.admin = addr;
-                if http_get(addr, "/ready").trim() == "LIVE" {
-                    return e;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "envoy {name} not ready in 30 s:\n{}",
-                e.log()
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("envoy.log")).unwrap_or_default()
-    }
-
-    pub fn stat(&self, name: &str) -> u64 {
-        http_get(self.admin, &format!("/stats?filter=^{name}$"))
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{name}: "))?.parse().ok())
-            .unwrap_or(0)
-    }
-
-    pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Envoy {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn next_base_id() -> u64 {
-    use std::sync::atomic::AtomicU64;
-    static NEXT: AtomicU64 = AtomicU64::new(1);
-    NEXT.fetch_add(1, Ordering::Relaxed)
+/// Starts the pinned Envoy on `bootstrap` with this build's module and its trace log, or
+/// panics with Envoy's log.
+pub fn start_envoy(name: &str, bootstrap: &str) -> Envoy {
+    Envoy::start(
+        name,
+        bootstrap,
+        &module_dir(),
+        &["--component-log-level", "dynamic_modules:trace"],
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Deterministic payload, so both ends can check bytes without storing them.
