@@ -54,24 +54,39 @@ impl StoreCertificate {
     /// Unusable material, no certificate or no shuntd keep what there is: connections go on
     /// with the last good certificate, and only fail while there has never been one.
     fn context(&self, config: &SocketConfig) -> Result<TlsContext, String> {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let due = state
-            .checked_at
-            .is_none_or(|t| t.elapsed() >= STORE_CHECK_INTERVAL);
-        let mut problem = None;
-        if due {
-            state.checked_at = Some(Instant::now());
-            match self.fetch(config, state.current.as_ref().map(|(v, _)| *v)) {
-                Ok(Some(fresh)) => state.current = Some(fresh),
-                Ok(None) => {}
-                Err(e) => problem = Some(e),
+        // The fetch is a shuntd round trip: it runs outside the lock, so Envoy's other workers
+        // keep starting connections with the current certificate meanwhile. Marking the check
+        // under the lock makes one thread per interval do it; while there is no certificate
+        // yet, every connection asks rather than fail behind another's fetch.
+        let have = {
+            let mut state = self.lock();
+            let due = state.current.is_none()
+                || state
+                    .checked_at
+                    .is_none_or(|t| t.elapsed() >= STORE_CHECK_INTERVAL);
+            if !due {
+                return current(&state, &self.name, None);
             }
+            state.checked_at = Some(Instant::now());
+            state.current.as_ref().map(|(v, _)| *v)
+        };
+        let fetched = self.fetch(config, have);
+        let mut state = self.lock();
+        match fetched {
+            Ok(Some(fresh)) => {
+                // Another thread may have installed a newer one in the meantime.
+                if state.current.as_ref().is_none_or(|(v, _)| *v < fresh.0) {
+                    state.current = Some(fresh);
+                }
+                current(&state, &self.name, None)
+            }
+            Ok(None) => current(&state, &self.name, None),
+            Err(problem) => current(&state, &self.name, Some(problem)),
         }
-        match &state.current {
-            Some((_, context)) => Ok(context.clone()),
-            None => Err(problem
-                .unwrap_or_else(|| format!("no certificate `{}` from shuntd yet", self.name))),
-        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, StoreState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The certificate from shuntd, if it is newer than `have`.
@@ -97,5 +112,13 @@ impl StoreCertificate {
         let context = TlsContext::new(settings)
             .map_err(|e| format!("certificate `{}` from shuntd: {e}", self.name))?;
         Ok(Some((material.version, context)))
+    }
+}
+
+/// The certificate in use, or why there is none yet.
+fn current(state: &StoreState, name: &str, problem: Option<String>) -> Result<TlsContext, String> {
+    match &state.current {
+        Some((_, context)) => Ok(context.clone()),
+        None => Err(problem.unwrap_or_else(|| format!("no certificate `{name}` from shuntd yet"))),
     }
 }
