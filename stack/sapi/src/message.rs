@@ -362,6 +362,7 @@ impl Request {
                 local: Some(endpoint::to_proto(offer.local)),
                 remote: Some(endpoint::to_proto(offer.remote)),
                 fifo_size: offer.fifo_size.unwrap_or(0),
+                peer_identity: String::new(),
             }),
         };
         pb::AppRequest {
