@@ -28,6 +28,7 @@ fn offer(token: u8, role: PairRole) -> PairOffer {
         local,
         remote,
         fifo_size: None,
+        peer_identity: None,
     }
 }
 
