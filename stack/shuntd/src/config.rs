@@ -144,14 +144,14 @@ pub fn build_rule(
             return Err(("redirect_to", "a redirect needs a target".into()));
         }
     };
-    let rule = Rule {
-        local: prefix("local", local)?,
-        local_ports: ports("local_ports", local_ports)?,
-        remote: prefix("remote", remote)?,
-        remote_ports: ports("remote_ports", remote_ports)?,
+    let rule = Rule::new(
+        prefix("local", local)?,
+        ports("local_ports", local_ports)?,
+        prefix("remote", remote)?,
+        ports("remote_ports", remote_ports)?,
         action,
-        tag: tag.to_owned(),
-    };
+        tag,
+    );
     rule.validate().map_err(|e| ("rule", e.to_string()))?;
     Ok(rule)
 }
