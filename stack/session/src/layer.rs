@@ -20,6 +20,7 @@ use crate::cut_through::{CutThrough, CutThroughConfig};
 use crate::namespace::{Namespace, NamespaceError, Namespaces};
 use crate::pairing::{DEFAULT_PAIR_TIMEOUT, Offer, OfferOutcome, PairingError, PairingTable};
 use crate::rules::{Rule, RuleAction, RuleError, RulesTable};
+use crate::services::{Service, ServiceCounts, ServiceError, ServicesTable};
 use crate::tables::{FiveTuple, ListenerTable, SessionTable};
 use crate::transport::{ConnectRequest, ConnectionId, Transport, TransportError, TransportProto};
 
@@ -326,6 +327,7 @@ impl LayerCounters {
 pub struct SessionLayer {
     namespaces: RwLock<Namespaces>,
     global_rules: RwLock<RulesTable>,
+    services: RwLock<ServicesTable>,
     registry: Mutex<Registry>,
     cut_through: CutThrough,
     pub counters: LayerCounters,
@@ -344,6 +346,7 @@ impl SessionLayer {
         Self {
             namespaces: RwLock::new(Namespaces::default()),
             global_rules: RwLock::new(RulesTable::default()),
+            services: RwLock::new(ServicesTable::default()),
             registry: Mutex::new(Registry {
                 pairings: PairingTable::new(config.pair_timeout),
                 ..Registry::default()
@@ -575,6 +578,36 @@ impl SessionLayer {
                 Ok(ns.local_rules.iter().cloned().collect())
             }
         }
+    }
+
+    // ---- services ----
+
+    /// Replaces `source`'s whole list of services; returns how many it now has. On error
+    /// nothing changes.
+    pub fn replace_services(
+        &self,
+        source: &str,
+        services: Vec<Service>,
+    ) -> Result<usize, ServiceError> {
+        self.services
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .replace(source, services)
+    }
+
+    /// Every service as (source, service), sorted by source, then cluster.
+    pub fn list_services(&self) -> Vec<(String, Service)> {
+        self.services
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .list()
+    }
+
+    pub fn service_counts(&self) -> ServiceCounts {
+        self.services
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .counts()
     }
 
     // ---- apps ----

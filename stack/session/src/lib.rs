@@ -5,7 +5,8 @@
 //! rules may name the peer's identity ([`identity_match`]); and every session is carried by a
 //! [`transport`]. Only one transport exists so far, [`cut_through`], which joins two co-located
 //! app workers FIFO-to-FIFO in a shared segment. [`layer::SessionLayer`] ties them together and
-//! never branches on which transport carries a session.
+//! never branches on which transport carries a session. Config sources also describe the mesh's
+//! [`services`], which shuntd keeps for its control API.
 
 pub mod app;
 pub mod certificates;
@@ -15,6 +16,7 @@ pub mod layer;
 pub mod namespace;
 pub mod pairing;
 pub mod rules;
+pub mod services;
 pub mod tables;
 pub mod transport;
 
