@@ -60,6 +60,7 @@ impl Pairing {
             local,
             remote,
             fifo_size: config.fifo_size,
+            peer_identity: None,
         };
         match worker.start_pair(offer) {
             Ok(pending) => Ok(Pairing {

@@ -205,6 +205,7 @@ pub(crate) async fn run(client: &mut Client, cmd: RulesCommand) -> anyhow::Resul
                         action: action as i32,
                         redirect_to: a.redirect_to.unwrap_or_default(),
                         tag: a.tag.clone(),
+                        ..Default::default()
                     }),
                 })
                 .await

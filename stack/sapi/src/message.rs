@@ -20,6 +20,8 @@ pub const MAX_NAME_LEN: usize = 128;
 pub const MAX_SECRET_LEN: usize = 256;
 /// Most listeners or sessions replayed on one re-attach.
 pub const MAX_RESUMED: usize = 4096;
+/// Longest peer identity a pairing offer may carry: the SPIFFE specification's limit on an id.
+pub const MAX_PEER_IDENTITY_LEN: usize = 2048;
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum DecodeError {
@@ -150,6 +152,11 @@ pub struct PairOffer {
     /// Bytes per FIFO this side asks for (a power of two, at least [`MIN_FIFO_SIZE`]); `None`
     /// for shuntd's default.
     pub fifo_size: Option<u32>,
+    /// The other end's identity (a SPIFFE id) as this side verified it in the handshake the
+    /// pairing replaces: at most [`MAX_PEER_IDENTITY_LEN`] bytes of printable ASCII. `None`
+    /// when nothing was verified (plain mode); shuntd's rules that name a principal then never
+    /// match.
+    pub peer_identity: Option<String>,
 }
 
 /// The smallest FIFO an app may ask for.
@@ -165,6 +172,21 @@ fn bounded_string(field: &'static str, s: String, max: usize) -> Result<String, 
     } else {
         Ok(s)
     }
+}
+
+/// An identity is compared with rule patterns and shown in logs: control characters or
+/// non-ASCII text could make two different ids print alike.
+fn peer_identity(s: String) -> Result<Option<String>, DecodeError> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    if s.len() > MAX_PEER_IDENTITY_LEN {
+        return Err(DecodeError::TooLong("peer_identity"));
+    }
+    if !s.bytes().all(|b| (0x20..=0x7e).contains(&b)) {
+        return Err(DecodeError::Invalid("peer_identity"));
+    }
+    Ok(Some(s))
 }
 
 fn resume(
@@ -281,6 +303,7 @@ impl TryFrom<pb::AppRequest> for Request {
                     n if n.is_power_of_two() && n >= MIN_FIFO_SIZE => Some(n),
                     _ => return Err(DecodeError::Invalid("fifo_size")),
                 },
+                peer_identity: peer_identity(p.peer_identity)?,
             }),
         })
     }
@@ -362,6 +385,7 @@ impl Request {
                 local: Some(endpoint::to_proto(offer.local)),
                 remote: Some(endpoint::to_proto(offer.remote)),
                 fifo_size: offer.fifo_size.unwrap_or(0),
+                peer_identity: offer.peer_identity.clone().unwrap_or_default(),
             }),
         };
         pb::AppRequest {
@@ -561,6 +585,15 @@ mod tests {
                 local: "10.0.0.2:15006".parse().unwrap(),
                 remote: "10.0.0.1:40000".parse().unwrap(),
                 fifo_size: Some(1 << 22),
+                peer_identity: Some("spiffe://cluster.local/ns/default/sa/client".into()),
+            }),
+            Request::Pair(PairOffer {
+                token: [8; PAIR_TOKEN_LEN],
+                role: PairRole::Initiator,
+                local: "10.0.0.1:40000".parse().unwrap(),
+                remote: "10.0.0.2:15006".parse().unwrap(),
+                fifo_size: None,
+                peer_identity: None,
             }),
         ];
         for req in reqs {
@@ -624,7 +657,7 @@ mod tests {
                 ..
             })
         ));
-        let pair = |token: Vec<u8>, fifo_size: u32| {
+        let pair_with = |token: Vec<u8>, fifo_size: u32, peer_identity: String| {
             pb::AppRequest {
                 request_id: 1,
                 body: Some(pb::app_request::Body::Pair(pb::Pair {
@@ -633,10 +666,12 @@ mod tests {
                     local: Some(endpoint::to_proto("127.0.0.1:1".parse().unwrap())),
                     remote: Some(endpoint::to_proto("127.0.0.1:2".parse().unwrap())),
                     fifo_size,
+                    peer_identity,
                 })),
             }
             .encode_to_vec()
         };
+        let pair = |token: Vec<u8>, fifo_size: u32| pair_with(token, fifo_size, String::new());
         for bad_size in [3000, 1 << 11, 5 << 20] {
             assert_eq!(
                 Request::decode(&pair(vec![1; 32], bad_size)),
@@ -648,6 +683,26 @@ mod tests {
             Request::decode(&pair(vec![1; 31], 0)),
             Err(DecodeError::Invalid("token"))
         );
+        assert_eq!(
+            Request::decode(&pair_with(
+                vec![1; 32],
+                0,
+                "x".repeat(MAX_PEER_IDENTITY_LEN + 1)
+            )),
+            Err(DecodeError::TooLong("peer_identity"))
+        );
+        for bad in ["spiffe://a/b\n", "spiffe://a/\u{7f}", "spiffe://a/\u{e9}"] {
+            assert_eq!(
+                Request::decode(&pair_with(vec![1; 32], 0, bad.into())),
+                Err(DecodeError::Invalid("peer_identity")),
+                "{bad:?}"
+            );
+        }
+        let longest = "x".repeat(MAX_PEER_IDENTITY_LEN);
+        assert!(matches!(
+            Request::decode(&pair_with(vec![1; 32], 0, longest.clone())),
+            Ok((_, Request::Pair(PairOffer { peer_identity: Some(id), .. }))) if id == longest
+        ));
         assert_eq!(
             Request::decode(&vec![0u8; MAX_MESSAGE_LEN + 1]),
             Err(DecodeError::TooLarge(MAX_MESSAGE_LEN + 1))

@@ -20,6 +20,7 @@ use crate::cut_through::{CutThrough, CutThroughConfig};
 use crate::namespace::{Namespace, NamespaceError, Namespaces};
 use crate::pairing::{DEFAULT_PAIR_TIMEOUT, Offer, OfferOutcome, PairingError, PairingTable};
 use crate::rules::{Rule, RuleAction, RuleError, RulesTable};
+use crate::services::{Service, ServiceCounts, ServiceError, ServicesTable};
 use crate::tables::{FiveTuple, ListenerTable, SessionTable};
 use crate::transport::{ConnectRequest, ConnectionId, Transport, TransportError, TransportProto};
 
@@ -63,6 +64,8 @@ pub enum SessionError {
     Link(WorkerId, LinkError),
     #[error(transparent)]
     Rule(#[from] RuleError),
+    #[error("{table} rules: {error}")]
+    RulesOf { table: String, error: RuleError },
     #[error("pairing: {0}")]
     Pairing(#[from] PairingError),
     #[error(transparent)]
@@ -75,7 +78,9 @@ impl SessionError {
         match self {
             SessionError::Namespace(NamespaceError::WrongSecret(_)) => ErrorCode::WrongSecret,
             SessionError::Namespace(NamespaceError::Unknown(_)) => ErrorCode::UnknownNamespace,
-            SessionError::Namespace(_) | SessionError::Rule(_) => ErrorCode::InvalidRequest,
+            SessionError::Namespace(_) | SessionError::Rule(_) | SessionError::RulesOf { .. } => {
+                ErrorCode::InvalidRequest
+            }
             SessionError::Denied { .. } => ErrorCode::Denied,
             SessionError::NoListener(_) => ErrorCode::NoListener,
             SessionError::AddressInUse(_) | SessionError::NoLocalPort(_) => ErrorCode::AddressInUse,
@@ -230,6 +235,13 @@ struct Establish {
     fifo_size: Option<u32>,
 }
 
+/// What [`SessionLayer::replace_rules`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RulesReplaced {
+    pub added: usize,
+    pub removed: usize,
+}
+
 /// A rule that matched while deciding a connect.
 #[derive(Debug, Clone, Copy)]
 pub struct RuleHit {
@@ -315,6 +327,7 @@ impl LayerCounters {
 pub struct SessionLayer {
     namespaces: RwLock<Namespaces>,
     global_rules: RwLock<RulesTable>,
+    services: RwLock<ServicesTable>,
     registry: Mutex<Registry>,
     cut_through: CutThrough,
     pub counters: LayerCounters,
@@ -333,6 +346,7 @@ impl SessionLayer {
         Self {
             namespaces: RwLock::new(Namespaces::default()),
             global_rules: RwLock::new(RulesTable::default()),
+            services: RwLock::new(ServicesTable::default()),
             registry: Mutex::new(Registry {
                 pairings: PairingTable::new(config.pair_timeout),
                 ..Registry::default()
@@ -495,6 +509,58 @@ impl SessionLayer {
         }
     }
 
+    /// Replaces every rule of `source`, in the global table and in every namespace's local
+    /// table, with `rules`: pairs of a namespace (`None` for the global table) and a rule that
+    /// carries `source`. An empty `rules` removes the source's rules.
+    ///
+    /// Everything is checked first (each rule, its source, unique tags per table, no tag of
+    /// another source, every namespace exists); on error nothing changes. Then every table
+    /// changes while the write locks of both the global table and the namespaces are held,
+    /// taken in the order lookups take them, so no lookup sees part of the old set and part
+    /// of the new one.
+    pub fn replace_rules(
+        &self,
+        source: &str,
+        rules: Vec<(Option<String>, Rule)>,
+    ) -> Result<RulesReplaced, SessionError> {
+        let added = rules.len();
+        let mut global_new = Vec::new();
+        let mut local_new: BTreeMap<String, Vec<Rule>> = BTreeMap::new();
+        for (namespace, rule) in rules {
+            match namespace {
+                None => global_new.push(rule),
+                Some(id) => local_new.entry(id).or_default().push(rule),
+            }
+        }
+        let mut global = self.global_rules.write().unwrap_or_else(|e| e.into_inner());
+        let mut nss = self.namespaces.write().unwrap_or_else(|e| e.into_inner());
+        // The global check also refuses an empty or malformed source, so namespaces that get
+        // no new rules (and only lose the source's old ones) need no check of their own.
+        global
+            .check_replace(source, &global_new)
+            .map_err(|error| SessionError::RulesOf {
+                table: "global".into(),
+                error,
+            })?;
+        for (id, rules) in &local_new {
+            let ns = nss
+                .get(id)
+                .ok_or_else(|| NamespaceError::Unknown(id.clone()))?;
+            ns.local_rules
+                .check_replace(source, rules)
+                .map_err(|error| SessionError::RulesOf {
+                    table: format!("local:{id}"),
+                    error,
+                })?;
+        }
+        let mut removed = global.apply_replace(source, global_new);
+        for ns in nss.iter_mut() {
+            let rules = local_new.remove(&ns.id).unwrap_or_default();
+            removed += ns.local_rules.apply_replace(source, rules);
+        }
+        Ok(RulesReplaced { added, removed })
+    }
+
     pub fn list_rules(&self, namespace: Option<&str>) -> Result<Vec<Rule>, SessionError> {
         match namespace {
             None => Ok(self
@@ -512,6 +578,36 @@ impl SessionLayer {
                 Ok(ns.local_rules.iter().cloned().collect())
             }
         }
+    }
+
+    // ---- services ----
+
+    /// Replaces `source`'s whole list of services; returns how many it now has. On error
+    /// nothing changes.
+    pub fn replace_services(
+        &self,
+        source: &str,
+        services: Vec<Service>,
+    ) -> Result<usize, ServiceError> {
+        self.services
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .replace(source, services)
+    }
+
+    /// Every service as (source, service), sorted by source, then cluster.
+    pub fn list_services(&self) -> Vec<(String, Service)> {
+        self.services
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .list()
+    }
+
+    pub fn service_counts(&self) -> ServiceCounts {
+        self.services
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .counts()
     }
 
     // ---- apps ----
@@ -868,16 +964,21 @@ impl SessionLayer {
             let a = &reg.apps[&client_app];
             (a.namespace.clone(), a.scope)
         };
-        let ns_address = self
-            .with_namespaces(|n| n.get(&namespace).map(|n| n.address))
+        // One view of both tables for the whole decision, locked in the order replace_rules
+        // takes them. A connect carries no peer identity: rules naming principals never match.
+        let global_rules = self.global_rules.read().unwrap_or_else(|e| e.into_inner());
+        let nss = self.namespaces.read().unwrap_or_else(|e| e.into_inner());
+        let ns = nss
+            .get(&namespace)
             .ok_or_else(|| NamespaceError::Unknown(namespace.clone()))?;
+        let ns_address = ns.address;
         let unspecified_local = SocketAddr::new(ns_address, 0);
 
         // Egress: the client's namespace decides whether, and where, it may connect.
-        let egress = self.with_namespaces(|n| {
-            n.get(&namespace)
-                .and_then(|ns| ns.local_rules.lookup(unspecified_local, remote).cloned())
-        });
+        let egress = ns
+            .local_rules
+            .lookup(unspecified_local, remote, None)
+            .cloned();
         if let Some(RuleAction::Redirect(to)) = self.decide(RuleTable::Local, egress)? {
             remote = to;
         }
@@ -899,12 +1000,15 @@ impl SessionLayer {
 
         // Ingress: the node's global table decides whether the listener may take it.
         let listener_ep = reg.listeners[&lid].endpoint;
-        let ingress = self
-            .global_rules
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .lookup(SocketAddr::new(remote.ip(), listener_ep.port()), local)
+        let ingress = global_rules
+            .lookup(
+                SocketAddr::new(remote.ip(), listener_ep.port()),
+                local,
+                None,
+            )
             .cloned();
+        drop(nss);
+        drop(global_rules);
         self.decide(RuleTable::Global, ingress)?;
 
         let l = reg.listeners.get_mut(&lid).expect("looked up");
@@ -1130,6 +1234,7 @@ impl SessionLayer {
             local: offer.local,
             remote: offer.remote,
             fifo_size: offer.fifo_size,
+            peer_identity: offer.peer_identity,
         };
         let (initiator, responder) =
             match reg.pairings.offer(offer.token, waiting, Instant::now())? {
@@ -1176,6 +1281,11 @@ impl SessionLayer {
     /// Both ends must be allowed to meet: the initiator's namespace rules (egress) and the
     /// node's global rules (ingress) see the connection the pairing replaces. A pairing replaces
     /// an existing connection, so a redirect has nothing to redirect and counts as allow.
+    ///
+    /// Each table sees the identity of the end it guards against, as the other end verified
+    /// it: egress the responder's (from the initiator's offer), ingress the initiator's (from
+    /// the responder's offer). An end that verified nothing (plain mode) offers none, and rules
+    /// naming principals then do not match.
     fn check_pair(
         &self,
         reg: &Registry,
@@ -1195,19 +1305,28 @@ impl SessionLayer {
                 tag: format!("scope of namespace `{}`", server_app.namespace),
             });
         }
-        let egress = self.with_namespaces(|n| {
-            n.get(&client_app.namespace).and_then(|ns| {
-                ns.local_rules
-                    .lookup(initiator.local, initiator.remote)
-                    .cloned()
-            })
+        // Both tables at once, locked in the order replace_rules takes them, so a replacement
+        // is seen whole or not at all.
+        let global_rules = self.global_rules.read().unwrap_or_else(|e| e.into_inner());
+        let nss = self.namespaces.read().unwrap_or_else(|e| e.into_inner());
+        let egress = nss.get(&client_app.namespace).and_then(|ns| {
+            ns.local_rules
+                .lookup(
+                    initiator.local,
+                    initiator.remote,
+                    initiator.peer_identity.as_deref(),
+                )
+                .cloned()
         });
-        let ingress = self
-            .global_rules
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .lookup(responder.local, responder.remote)
+        let ingress = global_rules
+            .lookup(
+                responder.local,
+                responder.remote,
+                responder.peer_identity.as_deref(),
+            )
             .cloned();
+        drop(nss);
+        drop(global_rules);
         self.decide(RuleTable::Local, egress)?;
         self.decide(RuleTable::Global, ingress)?;
         Ok(())
@@ -1321,3 +1440,6 @@ pub struct LayerCounts {
     pub sessions: usize,
     pub half_open: usize,
 }
+
+#[cfg(test)]
+mod tests;

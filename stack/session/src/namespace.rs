@@ -124,6 +124,11 @@ impl Namespaces {
         self.by_id.values()
     }
 
+    /// In id order.
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut Namespace> {
+        self.by_id.values_mut()
+    }
+
     /// Checks `secret` against namespace `id`, spending the same work whether or not it exists.
     pub fn authenticate(&self, id: &str, secret: &[u8]) -> Result<&Namespace, NamespaceError> {
         let presented = SecretDigest::of(secret);

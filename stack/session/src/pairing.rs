@@ -32,8 +32,13 @@ pub struct Offer {
     pub remote: SocketAddr,
     /// Bytes per FIFO this end asked for.
     pub fifo_size: Option<u32>,
+    /// The other end's identity as this end verified it, if it verified one.
+    pub peer_identity: Option<String>,
 }
 
+// Returned and taken apart at once, never stored: boxing the matched pair would only add two
+// allocations per pairing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, PartialEq, Eq)]
 pub enum OfferOutcome {
     /// Stored until the other end arrives or the offer expires.
@@ -156,6 +161,7 @@ mod tests {
             local: local.parse().unwrap(),
             remote: remote.parse().unwrap(),
             fifo_size: None,
+            peer_identity: None,
         }
     }
 

@@ -1,15 +1,25 @@
-//! Rules tables: allow, deny or redirect connects by prefix and port range.
+//! Rules tables: allow, deny or redirect connects by prefix, port range and peer identity.
 //!
 //! Each namespace has a *local* table (egress: connects made from it) and the node has one
-//! *global* table (ingress: connects arriving at a listener). A lookup returns the most specific
-//! matching rule:
+//! *global* table (ingress: connects arriving at a listener). A lookup returns the first
+//! matching rule in this order:
 //!
-//! 1. the longest prefixes (remote prefix length, then local prefix length);
-//! 2. then the narrowest port ranges (remote, then local);
-//! 3. then, between equally specific rules, deny before redirect before allow, so an ambiguous
+//! 1. the highest `priority` (hand-written rules default to 0);
+//! 2. within a priority, the longest prefixes (remote prefix length, then local prefix length);
+//! 3. then the narrowest principal: a rule naming an exact identity, then one naming a prefix or
+//!    suffix, then one naming a substring, then a rule naming none;
+//! 4. then the narrowest port ranges (remote, then local);
+//! 5. then, between equally specific rules, deny before redirect before allow, so an ambiguous
 //!    table fails closed.
 //!
-//! Rules are named by a tag, unique per table: adding a rule under an existing tag replaces it.
+//! A rule with a principal matches only a connection whose peer identity is known and matches
+//! it. Only pairings carry identities (the one the other sidecar verified in its handshake);
+//! ordinary connects never match such a rule, neither to allow nor to deny.
+//!
+//! Rules are named by a tag, unique per table: adding a rule under an existing tag replaces it,
+//! but only if it has the same source. Every rule has a source: empty for rules written by hand
+//! (configuration, CLI), otherwise the config source that owns it and replaces its whole set at
+//! once ([`RulesTable::replace_source`]). One source can never take over another's tag.
 
 use std::cmp::{Ordering, Reverse};
 use std::fmt;
@@ -18,7 +28,12 @@ use std::str::FromStr;
 
 use ipnet::IpNet;
 
-pub const MAX_TAG_LEN: usize = 64;
+use crate::identity_match::{IdentityMatch, IdentityMatchError};
+
+/// Long enough for generated tags that describe their origin (listener, policy, rule index).
+pub const MAX_TAG_LEN: usize = 256;
+/// Longest source name.
+pub const MAX_SOURCE_LEN: usize = 256;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RuleError {
@@ -34,6 +49,38 @@ pub enum RuleError {
     NoSuchTag(String),
     #[error("cannot parse `{0}` as a prefix")]
     BadPrefix(String),
+    #[error("principal: {0}")]
+    Principal(#[from] IdentityMatchError),
+    #[error("source must be at most {MAX_SOURCE_LEN} characters of printable ASCII")]
+    BadSource,
+    #[error("a source that replaces its rules must be named")]
+    NoSource,
+    #[error("tag `{tag}` belongs to {}; delete that rule first or pick another tag", describe_source(.owner))]
+    TagTaken { tag: String, owner: String },
+    #[error("tag `{0}` appears more than once in the same table")]
+    DuplicateTag(String),
+    #[error("rule `{tag}` has source `{found}`, expected `{expected}`")]
+    WrongSource {
+        tag: String,
+        expected: String,
+        found: String,
+    },
+}
+
+fn describe_source(source: &str) -> String {
+    if source.is_empty() {
+        "a rule written by hand".to_owned()
+    } else {
+        format!("source `{source}`")
+    }
+}
+
+/// Printable ASCII up to [`MAX_SOURCE_LEN`] bytes; empty is the hand-written source.
+pub fn validate_source(source: &str) -> Result<(), RuleError> {
+    if source.len() > MAX_SOURCE_LEN || !source.bytes().all(|b| (0x20..=0x7e).contains(&b)) {
+        return Err(RuleError::BadSource);
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -118,6 +165,13 @@ pub struct Rule {
     pub remote_ports: PortRange,
     pub action: RuleAction,
     pub tag: String,
+    /// The peer's verified identity must match this; `None` matches any peer, with or without
+    /// an identity.
+    pub principal: Option<IdentityMatch>,
+    /// Higher priorities are looked at first; see the module docs.
+    pub priority: u32,
+    /// Who owns the rule: empty when written by hand.
+    pub source: String,
 }
 
 /// Parses "10.0.0.0/8", "::/0" or a bare address (a host prefix).
@@ -128,9 +182,35 @@ pub fn parse_prefix(s: &str) -> Result<IpNet, RuleError> {
 }
 
 impl Rule {
+    /// A hand-written rule of priority 0 for any peer.
+    pub fn new(
+        local: IpNet,
+        local_ports: PortRange,
+        remote: IpNet,
+        remote_ports: PortRange,
+        action: RuleAction,
+        tag: &str,
+    ) -> Self {
+        Self {
+            local,
+            local_ports,
+            remote,
+            remote_ports,
+            action,
+            tag: tag.to_owned(),
+            principal: None,
+            priority: 0,
+            source: String::new(),
+        }
+    }
+
     pub fn validate(&self) -> Result<(), RuleError> {
         if self.tag.is_empty() || self.tag.len() > MAX_TAG_LEN {
             return Err(RuleError::BadTag);
+        }
+        validate_source(&self.source)?;
+        if let Some(p) = &self.principal {
+            p.validate()?;
         }
         let v4 = matches!(self.remote, IpNet::V4(_));
         if v4 != matches!(self.local, IpNet::V4(_)) {
@@ -144,18 +224,28 @@ impl Rule {
         Ok(())
     }
 
-    pub fn matches(&self, local: SocketAddr, remote: SocketAddr) -> bool {
+    /// Whether the rule applies to a connection between `local` and `remote` whose other end
+    /// proved `peer` (`None`: no identity is known).
+    pub fn matches(&self, local: SocketAddr, remote: SocketAddr, peer: Option<&str>) -> bool {
         self.remote.contains(&remote.ip())
             && self.local.contains(&local.ip())
             && self.remote_ports.contains(remote.port())
             && self.local_ports.contains(local.port())
+            && self
+                .principal
+                .as_ref()
+                .is_none_or(|p| peer.is_some_and(|id| p.matches(id)))
     }
 
-    /// Greater is more specific; see the module docs.
+    /// Greater is looked at first; see the module docs.
     fn specificity(&self) -> impl Ord {
         (
+            self.priority,
             self.remote.prefix_len(),
             self.local.prefix_len(),
+            self.principal
+                .as_ref()
+                .map_or(0, IdentityMatch::specificity),
             Reverse(self.remote_ports.span()),
             Reverse(self.local_ports.span()),
             Reverse(self.action.precedence()),
@@ -178,20 +268,39 @@ impl fmt::Display for Rule {
         if let RuleAction::Redirect(to) = self.action {
             write!(f, " {to}")?;
         }
+        if let Some(p) = &self.principal {
+            write!(f, " principal {p}")?;
+        }
+        if self.priority != 0 {
+            write!(f, " priority {}", self.priority)?;
+        }
+        if !self.source.is_empty() {
+            write!(f, " source {}", self.source)?;
+        }
         Ok(())
     }
 }
 
-/// Kept sorted, most specific first, so a lookup returns the first match.
+/// Kept sorted, first looked at first, so a lookup returns the first match.
 #[derive(Debug, Clone, Default)]
 pub struct RulesTable {
     rules: Vec<Rule>,
 }
 
 impl RulesTable {
-    /// Adds `rule`, replacing any rule with the same tag. Returns whether one was replaced.
+    /// Adds `rule`, replacing any rule with the same tag and source. Returns whether one was
+    /// replaced. A tag held by a rule of another source is refused rather than taken over: the
+    /// owner would otherwise lose its rule without knowing.
     pub fn add(&mut self, rule: Rule) -> Result<bool, RuleError> {
         rule.validate()?;
+        if let Some(existing) = self.get(&rule.tag)
+            && existing.source != rule.source
+        {
+            return Err(RuleError::TagTaken {
+                tag: rule.tag,
+                owner: existing.source.clone(),
+            });
+        }
         let replaced = self.remove(&rule.tag).is_ok();
         let at = self
             .rules
@@ -209,8 +318,79 @@ impl RulesTable {
         Ok(self.rules.remove(at))
     }
 
-    pub fn lookup(&self, local: SocketAddr, remote: SocketAddr) -> Option<&Rule> {
-        self.rules.iter().find(|r| r.matches(local, remote))
+    pub fn get(&self, tag: &str) -> Option<&Rule> {
+        self.rules.iter().find(|r| r.tag == tag)
+    }
+
+    /// The rule deciding a connection between `local` and `remote` whose other end proved
+    /// `peer`, if any rule matches.
+    pub fn lookup(
+        &self,
+        local: SocketAddr,
+        remote: SocketAddr,
+        peer: Option<&str>,
+    ) -> Option<&Rule> {
+        self.rules.iter().find(|r| r.matches(local, remote, peer))
+    }
+
+    /// Checks that `rules` may become `source`'s whole set in this table: each is valid and
+    /// carries `source`, their tags are unique, and none is held by another source.
+    pub fn check_replace(&self, source: &str, rules: &[Rule]) -> Result<(), RuleError> {
+        if source.is_empty() {
+            return Err(RuleError::NoSource);
+        }
+        validate_source(source)?;
+        let mut tags = std::collections::HashSet::with_capacity(rules.len());
+        for r in rules {
+            r.validate()?;
+            if r.source != source {
+                return Err(RuleError::WrongSource {
+                    tag: r.tag.clone(),
+                    expected: source.to_owned(),
+                    found: r.source.clone(),
+                });
+            }
+            if !tags.insert(r.tag.as_str()) {
+                return Err(RuleError::DuplicateTag(r.tag.clone()));
+            }
+        }
+        if let Some(taken) = self
+            .rules
+            .iter()
+            .find(|r| r.source != source && tags.contains(r.tag.as_str()))
+        {
+            return Err(RuleError::TagTaken {
+                tag: taken.tag.clone(),
+                owner: taken.source.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Replaces every rule of `source` with `rules`; returns how many were removed. On error
+    /// the table is unchanged.
+    pub fn replace_source(&mut self, source: &str, rules: Vec<Rule>) -> Result<usize, RuleError> {
+        self.check_replace(source, &rules)?;
+        Ok(self.apply_replace(source, rules))
+    }
+
+    /// [`RulesTable::replace_source`] after a successful [`RulesTable::check_replace`]: cannot
+    /// fail, so several tables can be changed together.
+    pub(crate) fn apply_replace(&mut self, source: &str, rules: Vec<Rule>) -> usize {
+        let before = self.rules.len();
+        self.rules.retain(|r| r.source != source);
+        let removed = before - self.rules.len();
+        self.rules.extend(rules);
+        // Stable, so equally specific rules keep the order they had (and the new ones follow):
+        // the same order `add` would have given them.
+        self.rules
+            .sort_by(|a, b| b.specificity().cmp(&a.specificity()));
+        removed
+    }
+
+    /// How many rules `source` has here.
+    pub fn count_source(&self, source: &str) -> usize {
+        self.rules.iter().filter(|r| r.source == source).count()
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Rule> {
@@ -231,24 +411,42 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    const CLIENT: &str = "spiffe://cluster.local/ns/default/sa/client";
+
     fn rule(remote: &str, ports: PortRange, action: RuleAction, tag: &str) -> Rule {
         let remote = parse_prefix(remote).unwrap();
         let local = match remote {
             IpNet::V4(_) => parse_prefix("0.0.0.0/0").unwrap(),
             IpNet::V6(_) => parse_prefix("::/0").unwrap(),
         };
-        Rule {
-            local,
-            local_ports: PortRange::ANY,
-            remote,
-            remote_ports: ports,
-            action,
-            tag: tag.into(),
-        }
+        Rule::new(local, PortRange::ANY, remote, ports, action, tag)
+    }
+
+    fn any_v4(action: RuleAction, tag: &str) -> Rule {
+        rule("0.0.0.0/0", PortRange::ANY, action, tag)
+    }
+
+    fn with_principal(mut r: Rule, principal: &str) -> Rule {
+        r.principal = Some(principal.parse().unwrap());
+        r
+    }
+
+    fn sourced(mut r: Rule, source: &str) -> Rule {
+        r.source = source.into();
+        r
     }
 
     fn sa(s: &str) -> SocketAddr {
         s.parse().unwrap()
+    }
+
+    fn tag_of(t: &RulesTable, remote: &str, peer: Option<&str>) -> Option<String> {
+        t.lookup(sa("0.0.0.0:0"), sa(remote), peer)
+            .map(|r| r.tag.clone())
+    }
+
+    fn tags(t: &RulesTable) -> Vec<String> {
+        t.iter().map(|r| r.tag.clone()).collect()
     }
 
     #[test]
@@ -269,12 +467,21 @@ mod tests {
         ))
         .unwrap();
         let local = sa("0.0.0.0:0");
-        assert_eq!(t.lookup(local, sa("10.1.2.3:80")).unwrap().tag, "allow-web");
-        assert_eq!(t.lookup(local, sa("10.1.2.3:81")).unwrap().tag, "deny-10");
-        assert_eq!(t.lookup(local, sa("10.2.0.1:80")).unwrap().tag, "deny-10");
-        assert!(t.lookup(local, sa("11.0.0.1:80")).is_none());
+        assert_eq!(
+            t.lookup(local, sa("10.1.2.3:80"), None).unwrap().tag,
+            "allow-web"
+        );
+        assert_eq!(
+            t.lookup(local, sa("10.1.2.3:81"), None).unwrap().tag,
+            "deny-10"
+        );
+        assert_eq!(
+            t.lookup(local, sa("10.2.0.1:80"), None).unwrap().tag,
+            "deny-10"
+        );
+        assert!(t.lookup(local, sa("11.0.0.1:80"), None).is_none());
         assert!(
-            t.lookup(sa("[::]:0"), sa("[::1]:80")).is_none(),
+            t.lookup(sa("[::]:0"), sa("[::1]:80"), None).is_none(),
             "v4 rules never match v6"
         );
     }
@@ -296,14 +503,8 @@ mod tests {
             "narrow",
         ))
         .unwrap();
-        assert_eq!(
-            t.lookup(sa("0.0.0.0:0"), sa("10.0.0.1:85")).unwrap().tag,
-            "narrow"
-        );
-        assert_eq!(
-            t.lookup(sa("0.0.0.0:0"), sa("10.0.0.1:95")).unwrap().tag,
-            "wide"
-        );
+        assert_eq!(tag_of(&t, "10.0.0.1:85", None).unwrap(), "narrow");
+        assert_eq!(tag_of(&t, "10.0.0.1:95", None).unwrap(), "wide");
     }
 
     #[test]
@@ -314,8 +515,121 @@ mod tests {
         t.add(rule("10.0.0.0/8", PortRange::ANY, RuleAction::Deny, "d"))
             .unwrap();
         assert_eq!(
-            t.lookup(sa("0.0.0.0:0"), sa("10.0.0.1:1")).unwrap().action,
+            t.lookup(sa("0.0.0.0:0"), sa("10.0.0.1:1"), None)
+                .unwrap()
+                .action,
             RuleAction::Deny
+        );
+    }
+
+    #[test]
+    fn a_higher_priority_wins_over_any_specificity() {
+        let mut t = RulesTable::default();
+        t.add(rule(
+            "10.1.2.3/32",
+            PortRange::single(80),
+            RuleAction::Allow,
+            "narrow",
+        ))
+        .unwrap();
+        let mut broad = any_v4(RuleAction::Deny, "broad");
+        broad.priority = 1;
+        t.add(broad).unwrap();
+        assert_eq!(tag_of(&t, "10.1.2.3:80", None).unwrap(), "broad");
+        // Within the higher priority the usual order holds again.
+        let mut narrower = rule("10.0.0.0/8", PortRange::ANY, RuleAction::Allow, "p1-10");
+        narrower.priority = 1;
+        t.add(narrower).unwrap();
+        assert_eq!(tag_of(&t, "10.1.2.3:80", None).unwrap(), "p1-10");
+        assert_eq!(tag_of(&t, "11.0.0.1:80", None).unwrap(), "broad");
+        assert_eq!(tags(&t), ["p1-10", "broad", "narrow"]);
+    }
+
+    #[test]
+    fn a_principal_is_narrower_than_none_but_not_than_a_longer_prefix() {
+        let mut t = RulesTable::default();
+        t.add(rule(
+            "10.0.0.0/8",
+            PortRange::single(80),
+            RuleAction::Allow,
+            "narrow-ports",
+        ))
+        .unwrap();
+        // Same prefixes, wider ports, but a principal: looked at first.
+        t.add(with_principal(
+            rule("10.0.0.0/8", PortRange::ANY, RuleAction::Deny, "client"),
+            CLIENT,
+        ))
+        .unwrap();
+        // A longer prefix still beats a principal.
+        t.add(rule(
+            "10.9.0.0/16",
+            PortRange::ANY,
+            RuleAction::Allow,
+            "longer",
+        ))
+        .unwrap();
+        assert_eq!(tag_of(&t, "10.0.0.1:80", Some(CLIENT)).unwrap(), "client");
+        assert_eq!(
+            tag_of(&t, "10.0.0.1:80", Some("spiffe://x/y")).unwrap(),
+            "narrow-ports"
+        );
+        assert_eq!(tag_of(&t, "10.9.0.1:80", Some(CLIENT)).unwrap(), "longer");
+    }
+
+    #[test]
+    fn exact_beats_prefix_and_suffix_beat_contains() {
+        let mut t = RulesTable::default();
+        for (tag, p) in [
+            ("contains", "contains:/ns/default/"),
+            ("suffix", "suffix:/sa/client"),
+            ("exact", "exact:spiffe://cluster.local/ns/default/sa/client"),
+            ("prefix", "prefix:spiffe://cluster.local/"),
+        ] {
+            t.add(with_principal(any_v4(RuleAction::Allow, tag), p))
+                .unwrap();
+        }
+        t.add(any_v4(RuleAction::Deny, "anyone")).unwrap();
+        let probe = |id: &str| tag_of(&t, "10.0.0.1:1", Some(id)).unwrap();
+        assert_eq!(probe(CLIENT), "exact");
+        // Prefix and suffix are equally narrow: the one added first wins.
+        assert_eq!(
+            probe("spiffe://cluster.local/ns/default/sa/client2"),
+            "prefix"
+        );
+        assert_eq!(probe("spiffe://other/ns/x/sa/client"), "suffix");
+        assert_eq!(probe("spiffe://other/ns/default/sa/x"), "contains");
+        assert_eq!(probe("spiffe://other/ns/x/sa/x"), "anyone");
+        assert_eq!(
+            tags(&t),
+            ["exact", "suffix", "prefix", "contains", "anyone"]
+        );
+    }
+
+    #[test]
+    fn a_principal_never_matches_without_an_identity() {
+        let mut t = RulesTable::default();
+        t.add(with_principal(
+            any_v4(RuleAction::Deny, "deny-client"),
+            &format!("prefix:{CLIENT}"),
+        ))
+        .unwrap();
+        assert_eq!(
+            tag_of(&t, "10.0.0.1:1", None),
+            None,
+            "no identity: no match"
+        );
+        assert_eq!(tag_of(&t, "10.0.0.1:1", Some("spiffe://other/sa/x")), None);
+        assert_eq!(
+            tag_of(&t, "10.0.0.1:1", Some(CLIENT)).as_deref(),
+            Some("deny-client")
+        );
+        // Rules without a principal match with and without an identity.
+        t.add(any_v4(RuleAction::Allow, "all")).unwrap();
+        assert_eq!(tag_of(&t, "10.0.0.1:1", None).as_deref(), Some("all"));
+        assert_eq!(
+            tag_of(&t, "10.0.0.1:1", Some("spiffe://other/sa/x")).as_deref(),
+            Some("all")
         );
     }
 
@@ -332,7 +646,7 @@ mod tests {
         );
         assert_eq!(t.len(), 1);
         assert_eq!(
-            t.lookup(sa("[::]:0"), sa("[::1]:1")).unwrap().action,
+            t.lookup(sa("[::]:0"), sa("[::1]:1"), None).unwrap().action,
             RuleAction::Allow
         );
         t.remove("x").unwrap();
@@ -341,50 +655,211 @@ mod tests {
     }
 
     #[test]
+    fn a_tag_of_another_source_is_refused_not_taken_over() {
+        let mut t = RulesTable::default();
+        t.add(sourced(any_v4(RuleAction::Deny, "x"), "xds/a"))
+            .unwrap();
+        let by_hand = t.add(any_v4(RuleAction::Allow, "x")).unwrap_err();
+        assert_eq!(
+            by_hand,
+            RuleError::TagTaken {
+                tag: "x".into(),
+                owner: "xds/a".into()
+            }
+        );
+        assert!(by_hand.to_string().contains("source `xds/a`"), "{by_hand}");
+        let other = t
+            .add(sourced(any_v4(RuleAction::Allow, "x"), "xds/b"))
+            .unwrap_err();
+        assert!(matches!(other, RuleError::TagTaken { .. }));
+        assert_eq!(t.get("x").unwrap().action, RuleAction::Deny, "untouched");
+        // The owner itself replaces it as ever.
+        assert!(
+            t.add(sourced(any_v4(RuleAction::Allow, "x"), "xds/a"))
+                .unwrap()
+        );
+        // And a source cannot take a hand-written tag either.
+        t.add(any_v4(RuleAction::Allow, "manual")).unwrap();
+        let err = t
+            .add(sourced(any_v4(RuleAction::Deny, "manual"), "xds/a"))
+            .unwrap_err();
+        assert!(err.to_string().contains("written by hand"), "{err}");
+    }
+
+    #[test]
+    fn replacing_a_source_swaps_only_its_rules() {
+        let mut t = RulesTable::default();
+        t.add(any_v4(RuleAction::Allow, "manual")).unwrap();
+        t.add(sourced(any_v4(RuleAction::Allow, "other"), "xds/b"))
+            .unwrap();
+        let old: Vec<Rule> = (0..3)
+            .map(|i| sourced(any_v4(RuleAction::Deny, &format!("old-{i}")), "xds/a"))
+            .collect();
+        assert_eq!(t.replace_source("xds/a", old).unwrap(), 0);
+        assert_eq!(t.count_source("xds/a"), 3);
+        let mut new = sourced(
+            rule("10.0.0.0/8", PortRange::ANY, RuleAction::Deny, "new"),
+            "xds/a",
+        );
+        new.priority = 2;
+        assert_eq!(t.replace_source("xds/a", vec![new]).unwrap(), 3);
+        assert_eq!(tags(&t), ["new", "manual", "other"]);
+        assert_eq!(tag_of(&t, "10.0.0.1:1", None).as_deref(), Some("new"));
+        // An empty set removes the source's rules.
+        assert_eq!(t.replace_source("xds/a", Vec::new()).unwrap(), 1);
+        assert_eq!(tags(&t), ["manual", "other"]);
+    }
+
+    #[test]
+    fn a_refused_replacement_changes_nothing() {
+        let mut t = RulesTable::default();
+        t.add(any_v4(RuleAction::Allow, "manual")).unwrap();
+        t.replace_source(
+            "xds/a",
+            vec![sourced(any_v4(RuleAction::Deny, "kept"), "xds/a")],
+        )
+        .unwrap();
+        let before = tags(&t);
+        let ok = |tag: &str| sourced(any_v4(RuleAction::Deny, tag), "xds/a");
+        let mut invalid = ok("bad");
+        invalid.local = parse_prefix("::/0").unwrap();
+        let cases: Vec<(Vec<Rule>, RuleError)> = vec![
+            (vec![ok("a"), ok("a")], RuleError::DuplicateTag("a".into())),
+            (
+                vec![ok("a"), ok("manual")],
+                RuleError::TagTaken {
+                    tag: "manual".into(),
+                    owner: String::new(),
+                },
+            ),
+            (
+                vec![ok("a"), sourced(any_v4(RuleAction::Deny, "b"), "xds/b")],
+                RuleError::WrongSource {
+                    tag: "b".into(),
+                    expected: "xds/a".into(),
+                    found: "xds/b".into(),
+                },
+            ),
+            (vec![ok("a"), invalid], RuleError::MixedFamilies),
+        ];
+        for (rules, expected) in cases {
+            assert_eq!(t.replace_source("xds/a", rules).unwrap_err(), expected);
+            assert_eq!(tags(&t), before);
+        }
+        assert_eq!(
+            t.replace_source("", Vec::new()).unwrap_err(),
+            RuleError::NoSource
+        );
+        assert_eq!(
+            t.replace_source(&"s".repeat(MAX_SOURCE_LEN + 1), Vec::new())
+                .unwrap_err(),
+            RuleError::BadSource
+        );
+        assert_eq!(tags(&t), before);
+    }
+
+    #[test]
     fn invalid_rules_are_refused() {
         let mut t = RulesTable::default();
         let mut r = rule("10.0.0.0/8", PortRange::ANY, RuleAction::Allow, "");
         assert_eq!(t.add(r.clone()).unwrap_err(), RuleError::BadTag);
+        r.tag = "t".repeat(MAX_TAG_LEN + 1);
+        assert_eq!(t.add(r.clone()).unwrap_err(), RuleError::BadTag);
+        r.tag = "t".repeat(MAX_TAG_LEN);
+        t.add(r.clone()).unwrap();
         r.tag = "t".into();
         r.local = parse_prefix("::/0").unwrap();
         assert_eq!(t.add(r.clone()).unwrap_err(), RuleError::MixedFamilies);
         r.local = parse_prefix("0.0.0.0/0").unwrap();
         r.action = RuleAction::Redirect(sa("[::1]:80"));
         assert!(matches!(
-            t.add(r).unwrap_err(),
+            t.add(r.clone()).unwrap_err(),
             RuleError::RedirectFamily(_)
         ));
+        r.action = RuleAction::Allow;
+        r.principal = Some(IdentityMatch::Prefix(String::new()));
+        assert_eq!(
+            t.add(r.clone()).unwrap_err(),
+            RuleError::Principal(IdentityMatchError::Empty)
+        );
+        r.principal = None;
+        r.source = "xds\n".into();
+        assert_eq!(t.add(r).unwrap_err(), RuleError::BadSource);
         assert!(PortRange::new(5, 4).is_err());
     }
 
+    #[test]
+    fn display_shows_what_differs_from_the_defaults() {
+        let plain = any_v4(RuleAction::Deny, "d");
+        assert_eq!(plain.to_string(), "d 0.0.0.0/0:* -> 0.0.0.0/0:* deny");
+        let mut full = sourced(with_principal(plain, &format!("exact:{CLIENT}")), "xds/a");
+        full.priority = 7;
+        assert_eq!(
+            full.to_string(),
+            format!(
+                "d 0.0.0.0/0:* -> 0.0.0.0/0:* deny principal exact:{CLIENT} priority 7 source xds/a"
+            )
+        );
+    }
+
     proptest! {
-        /// The table's answer equals a brute-force search for the most specific match.
+        /// The table's answer equals a brute-force search for the first rule in lookup order,
+        /// with priorities, principals and identities in the mix, whether the rules were added
+        /// one by one or replaced as a source's set.
         #[test]
         fn lookup_matches_brute_force(
-            specs in proptest::collection::vec((0u8..=32, any::<u32>(), any::<u16>(), 0u16..2000, 0u8..3), 1..20),
-            probes in proptest::collection::vec((any::<u32>(), any::<u16>()), 1..50),
+            specs in proptest::collection::vec(
+                (0u8..=32, any::<u32>(), any::<u16>(), 0u16..2000, 0u8..3, 0u32..3, 0u8..5),
+                1..20,
+            ),
+            probes in proptest::collection::vec((any::<u32>(), any::<u16>(), 0u8..4), 1..50),
+            replace in any::<bool>(),
         ) {
-            let mut t = RulesTable::default();
+            let ids = [
+                "spiffe://a/ns/x/sa/y",
+                "spiffe://a/ns/x/sa/z",
+                "spiffe://b/ns/q/sa/y",
+            ];
+            let principals = [
+                None,
+                Some("exact:spiffe://a/ns/x/sa/y"),
+                Some("prefix:spiffe://a/"),
+                Some("suffix:/sa/y"),
+                Some("contains:/ns/q/"),
+            ];
             let mut all = Vec::new();
-            for (i, (len, addr, first, span, act)) in specs.into_iter().enumerate() {
+            for (i, (len, addr, first, span, act, priority, principal)) in specs.into_iter().enumerate() {
                 let net = ipnet::Ipv4Net::new(std::net::Ipv4Addr::from(addr), len).unwrap().trunc();
                 let action = match act { 0 => RuleAction::Allow, 1 => RuleAction::Deny, _ => RuleAction::Redirect(sa("127.0.0.1:1")) };
-                let r = Rule {
-                    local: parse_prefix("0.0.0.0/0").unwrap(),
-                    local_ports: PortRange::ANY,
-                    remote: IpNet::V4(net),
-                    remote_ports: PortRange::new(first, first.saturating_add(span)).unwrap(),
+                let mut r = Rule::new(
+                    parse_prefix("0.0.0.0/0").unwrap(),
+                    PortRange::ANY,
+                    IpNet::V4(net),
+                    PortRange::new(first, first.saturating_add(span)).unwrap(),
                     action,
-                    tag: format!("r{i}"),
-                };
-                t.add(r.clone()).unwrap();
+                    &format!("r{i}"),
+                );
+                r.priority = priority;
+                r.principal = principals[usize::from(principal)].map(|p| p.parse().unwrap());
+                if replace {
+                    r.source = "xds/p".into();
+                }
                 all.push(r);
             }
-            for (addr, port) in probes {
+            let mut t = RulesTable::default();
+            if replace {
+                t.replace_source("xds/p", all.clone()).unwrap();
+            } else {
+                for r in &all {
+                    t.add(r.clone()).unwrap();
+                }
+            }
+            for (addr, port, id) in probes {
                 let remote = SocketAddr::new(std::net::Ipv4Addr::from(addr).into(), port);
                 let local = sa("0.0.0.0:0");
-                let best = all.iter().filter(|r| r.matches(local, remote)).max_by(|a, b| a.specificity().cmp(&b.specificity()));
-                let got = t.lookup(local, remote);
+                let peer = ids.get(usize::from(id)).copied();
+                let best = all.iter().filter(|r| r.matches(local, remote, peer)).max_by(|a, b| a.specificity().cmp(&b.specificity()));
+                let got = t.lookup(local, remote, peer);
                 prop_assert_eq!(got.map(|r| r.specificity().cmp(&best.unwrap().specificity())), best.map(|_| Ordering::Equal));
             }
         }

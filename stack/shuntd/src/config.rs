@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use shunt_session::cut_through::CutThroughConfig;
+use shunt_session::identity_match::IdentityMatch;
 use shunt_session::rules::{self, PortRange, Rule, RuleAction, RuleError};
 
 /// The configuration used when no file is given.
@@ -96,6 +97,12 @@ pub struct RuleSection {
     #[serde(default)]
     pub redirect_to: Option<SocketAddr>,
     pub tag: String,
+    /// The peer identity the rule applies to: `exact:ID`, `prefix:P`, `suffix:S`,
+    /// `contains:C`, or a bare identity for exact.
+    #[serde(default)]
+    pub principal: Option<String>,
+    #[serde(default)]
+    pub priority: u32,
 }
 
 /// Parses "*", "80" or "8000-8080".
@@ -144,21 +151,40 @@ pub fn build_rule(
             return Err(("redirect_to", "a redirect needs a target".into()));
         }
     };
-    let rule = Rule {
-        local: prefix("local", local)?,
-        local_ports: ports("local_ports", local_ports)?,
-        remote: prefix("remote", remote)?,
-        remote_ports: ports("remote_ports", remote_ports)?,
+    let rule = Rule::new(
+        prefix("local", local)?,
+        ports("local_ports", local_ports)?,
+        prefix("remote", remote)?,
+        ports("remote_ports", remote_ports)?,
         action,
-        tag: tag.to_owned(),
-    };
+        tag,
+    );
     rule.validate().map_err(|e| ("rule", e.to_string()))?;
     Ok(rule)
 }
 
+/// Gives a rule from [`build_rule`] what only some rules have, checking each part and naming
+/// the field at fault.
+pub fn finish_rule(
+    mut rule: Rule,
+    principal: Option<IdentityMatch>,
+    priority: u32,
+    source: &str,
+) -> Result<Rule, (&'static str, String)> {
+    if let Some(p) = &principal {
+        p.validate().map_err(|e| ("principal", e.to_string()))?;
+    }
+    rules::validate_source(source).map_err(|e| ("source", e.to_string()))?;
+    rule.principal = principal;
+    rule.priority = priority;
+    rule.source = source.to_owned();
+    Ok(rule)
+}
+
 impl RuleSection {
+    /// A rule of the configuration file: written by hand, so of the empty source.
     pub fn to_rule(&self) -> Result<Rule, (&'static str, String)> {
-        build_rule(
+        let rule = build_rule(
             self.local.as_deref(),
             self.local_ports.as_deref(),
             self.remote.as_deref(),
@@ -166,7 +192,14 @@ impl RuleSection {
             self.action,
             self.redirect_to,
             &self.tag,
-        )
+        )?;
+        let principal = self
+            .principal
+            .as_deref()
+            .map(str::parse::<IdentityMatch>)
+            .transpose()
+            .map_err(|e| ("principal", e.to_string()))?;
+        finish_rule(rule, principal, self.priority, "")
     }
 }
 
@@ -291,7 +324,7 @@ mod tests {
     fn shipped_example_is_valid() {
         let c = Config::parse(include_str!("../../../examples/shuntd/shuntd.yaml")).unwrap();
         assert_eq!(c.namespaces.len(), 2);
-        assert_eq!(c.rules.len(), 2);
+        assert_eq!(c.rules.len(), 3);
     }
 
     #[test]
@@ -321,6 +354,34 @@ mod tests {
         assert!(e.to_string().contains("rules[0].namespace"), "{e}");
         let e = Config::parse("bogus: 1").unwrap_err();
         assert!(e.to_string().contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn rules_may_name_a_principal_and_a_priority() {
+        let c = Config::parse(
+            "rules:\n\
+             - {scope: global, action: deny, tag: a, principal: 'prefix:spiffe://cluster.local/ns/x/', priority: 3}\n\
+             - {scope: global, action: deny, tag: b, principal: 'spiffe://cluster.local/ns/x/sa/y'}\n",
+        )
+        .unwrap();
+        let a = c.rules[0].to_rule().unwrap();
+        assert_eq!(
+            a.principal,
+            Some(IdentityMatch::Prefix("spiffe://cluster.local/ns/x/".into()))
+        );
+        assert_eq!((a.priority, a.source.as_str()), (3, ""));
+        let b = c.rules[1].to_rule().unwrap();
+        assert_eq!(
+            b.principal,
+            Some(IdentityMatch::Exact(
+                "spiffe://cluster.local/ns/x/sa/y".into()
+            ))
+        );
+        assert_eq!(b.priority, 0);
+        let e =
+            Config::parse("rules: [{scope: global, action: deny, tag: x, principal: 'suffix:'}]")
+                .unwrap_err();
+        assert!(e.to_string().contains("rules[0].principal"), "{e}");
     }
 
     #[test]

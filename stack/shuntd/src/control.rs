@@ -1,4 +1,7 @@
-//! The gRPC control API: namespaces, rules, sessions, apps, stats and certificates.
+//! The gRPC control API: namespaces, rules, services, sessions, apps, stats and certificates.
+//!
+//! Messages are turned into the session layer's checked types here; anything malformed is
+//! refused with `invalid_argument` naming the field (`rules[2].principal: ...`).
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -7,14 +10,16 @@ use shunt_proto::control as pb;
 use shunt_proto::control::control_server::Control;
 use shunt_session::SessionLayer;
 use shunt_session::certificates::{Certificate, CertificateError};
+use shunt_session::identity_match::IdentityMatch;
 use shunt_session::layer::SessionError;
 use shunt_session::namespace::Namespace;
 use shunt_session::namespace::NamespaceError;
 use shunt_session::rules::{PortRange, Rule, RuleAction};
+use shunt_session::services::{EndpointAddress, Service, ServiceEndpoint, ServiceError, TlsMode};
 use shunt_tls::CertSource;
 use tonic::{Request, Response, Status};
 
-use crate::config::{RuleActionSection, build_rule};
+use crate::config::{RuleActionSection, build_rule, finish_rule};
 
 pub struct ControlService {
     layer: Arc<SessionLayer>,
@@ -73,7 +78,39 @@ pub fn rule_to_proto(rule: &Rule, scope: pb::RuleScope, namespace: &str) -> pb::
         action: action as i32,
         redirect_to,
         tag: rule.tag.clone(),
+        principal: rule.principal.as_ref().map(identity_match_to_proto),
+        priority: rule.priority,
+        source: rule.source.clone(),
     }
+}
+
+pub fn identity_match_to_proto(m: &IdentityMatch) -> pb::IdentityMatch {
+    use pb::identity_match::Kind;
+    let kind = match m {
+        IdentityMatch::Exact(p) => Kind::Exact(p.clone()),
+        IdentityMatch::Prefix(p) => Kind::Prefix(p.clone()),
+        IdentityMatch::Suffix(p) => Kind::Suffix(p.clone()),
+        IdentityMatch::Contains(p) => Kind::Contains(p.clone()),
+    };
+    pb::IdentityMatch { kind: Some(kind) }
+}
+
+fn identity_match_from_proto(field: &str, m: &pb::IdentityMatch) -> Result<IdentityMatch, Status> {
+    use pb::identity_match::Kind;
+    let m = match &m.kind {
+        Some(Kind::Exact(p)) => IdentityMatch::Exact(p.clone()),
+        Some(Kind::Prefix(p)) => IdentityMatch::Prefix(p.clone()),
+        Some(Kind::Suffix(p)) => IdentityMatch::Suffix(p.clone()),
+        Some(Kind::Contains(p)) => IdentityMatch::Contains(p.clone()),
+        None => {
+            return Err(Status::invalid_argument(format!(
+                "{field}: set one of exact, prefix, suffix or contains"
+            )));
+        }
+    };
+    m.validate()
+        .map_err(|e| Status::invalid_argument(format!("{field}: {e}")))?;
+    Ok(m)
 }
 
 fn rule_from_proto(r: &pb::Rule) -> Result<Rule, Status> {
@@ -97,7 +134,7 @@ fn rule_from_proto(r: &pb::Rule) -> Result<Rule, Status> {
         )
     };
     let opt = |s: &str| (!s.is_empty()).then(|| s.to_owned());
-    build_rule(
+    let rule = build_rule(
         opt(&r.local_prefix).as_deref(),
         ports_from_proto("local_ports", r.local_ports.as_ref())?.as_deref(),
         opt(&r.remote_prefix).as_deref(),
@@ -106,7 +143,121 @@ fn rule_from_proto(r: &pb::Rule) -> Result<Rule, Status> {
         redirect_to,
         &r.tag,
     )
-    .map_err(|(field, e)| Status::invalid_argument(format!("{field}: {e}")))
+    .map_err(|(field, e)| Status::invalid_argument(format!("{field}: {e}")))?;
+    let principal = r
+        .principal
+        .as_ref()
+        .map(|m| identity_match_from_proto("principal", m))
+        .transpose()?;
+    finish_rule(rule, principal, r.priority, &r.source)
+        .map_err(|(field, e)| Status::invalid_argument(format!("{field}: {e}")))
+}
+
+/// Prefixes a conversion error with where the item sits in its request (`rules[2].`).
+fn at(prefix: impl std::fmt::Display) -> impl Fn(Status) -> Status {
+    move |s| Status::new(s.code(), format!("{prefix}.{}", s.message()))
+}
+
+fn tls_mode_to_proto(m: TlsMode) -> pb::TlsMode {
+    match m {
+        TlsMode::Unspecified => pb::TlsMode::Unspecified,
+        TlsMode::Disabled => pb::TlsMode::Disabled,
+        TlsMode::Istio => pb::TlsMode::Istio,
+    }
+}
+
+fn tls_mode_from_proto(field: &str, v: i32) -> Result<TlsMode, Status> {
+    match pb::TlsMode::try_from(v) {
+        Ok(pb::TlsMode::Unspecified) => Ok(TlsMode::Unspecified),
+        Ok(pb::TlsMode::Disabled) => Ok(TlsMode::Disabled),
+        Ok(pb::TlsMode::Istio) => Ok(TlsMode::Istio),
+        Err(_) => Err(Status::invalid_argument(format!(
+            "{field}: {v} is not a TLS mode"
+        ))),
+    }
+}
+
+pub fn service_to_proto(s: &Service) -> pb::Service {
+    pb::Service {
+        cluster: s.cluster.clone(),
+        direction: s.direction.clone(),
+        host: s.host.clone(),
+        port: u32::from(s.port),
+        subset: s.subset.clone(),
+        endpoints: s
+            .endpoints
+            .iter()
+            .map(|e| pb::ServiceEndpoint {
+                address: e.address.to_string(),
+                workload: e.workload.clone(),
+                tls_mode: tls_mode_to_proto(e.tls_mode) as i32,
+                locality: e.locality.clone(),
+            })
+            .collect(),
+        expected_identities: s
+            .expected_identities
+            .iter()
+            .map(identity_match_to_proto)
+            .collect(),
+        tls_mode: tls_mode_to_proto(s.tls_mode) as i32,
+    }
+}
+
+/// Converts entry `index` of a ReplaceServices request. Only what the domain types cannot hold
+/// is refused here (addresses, ports, enum values, empty matchers); the services table checks
+/// the rest.
+fn service_from_proto(index: usize, s: &pb::Service) -> Result<Service, Status> {
+    let field = |name: &str| format!("services[{index}].{name}");
+    let port = u16::try_from(s.port).map_err(|_| {
+        Status::invalid_argument(format!("{}: {} is not a port", field("port"), s.port))
+    })?;
+    let endpoints = s
+        .endpoints
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let address: EndpointAddress = e.address.parse().map_err(|err| {
+                Status::invalid_argument(format!("{}.{err}", field(&format!("endpoints[{i}]"))))
+            })?;
+            Ok(ServiceEndpoint {
+                address,
+                workload: e.workload.clone(),
+                tls_mode: tls_mode_from_proto(
+                    &field(&format!("endpoints[{i}].tls_mode")),
+                    e.tls_mode,
+                )?,
+                locality: e.locality.clone(),
+            })
+        })
+        .collect::<Result<_, Status>>()?;
+    let expected_identities = s
+        .expected_identities
+        .iter()
+        .enumerate()
+        .map(|(i, m)| identity_match_from_proto(&field(&format!("expected_identities[{i}]")), m))
+        .collect::<Result<_, Status>>()?;
+    Ok(Service {
+        cluster: s.cluster.clone(),
+        direction: s.direction.clone(),
+        host: s.host.clone(),
+        port,
+        subset: s.subset.clone(),
+        endpoints,
+        expected_identities,
+        tls_mode: tls_mode_from_proto(&field("tls_mode"), s.tls_mode)?,
+    })
+}
+
+fn service_status(e: ServiceError) -> Status {
+    let message = match e {
+        ServiceError::BadSource => format!("source: {e}"),
+        ServiceError::TooManyServices { .. }
+        | ServiceError::TooManyServicesInAll { .. }
+        | ServiceError::TooManyEndpoints { .. } => format!("services: {e}"),
+        // These name their entry already.
+        _ => e.to_string(),
+    };
+    Status::invalid_argument(message)
 }
 
 fn status(e: impl std::fmt::Display) -> Status {
@@ -212,6 +363,82 @@ impl Control for ControlService {
             .map_err(|e| Status::not_found(e.to_string()))?;
         tracing::info!(tag = %req.tag, namespace = ns.unwrap_or("(global)"), "rule deleted through the control API");
         Ok(Response::new(pb::DeleteRuleResponse {}))
+    }
+
+    async fn replace_rules(
+        &self,
+        req: Request<pb::ReplaceRulesRequest>,
+    ) -> Result<Response<pb::ReplaceRulesResponse>, Status> {
+        let req = req.into_inner();
+        if req.source.is_empty() {
+            return Err(Status::invalid_argument(
+                "source: must name who owns the rules",
+            ));
+        }
+        let mut rules = Vec::with_capacity(req.rules.len());
+        for (i, r) in req.rules.iter().enumerate() {
+            let at = at(format!("rules[{i}]"));
+            let ns = scope_namespace(r.scope, &r.namespace).map_err(&at)?;
+            if !r.source.is_empty() && r.source != req.source {
+                return Err(Status::invalid_argument(format!(
+                    "rules[{i}].source: `{}` is not the request's source `{}`",
+                    r.source, req.source
+                )));
+            }
+            // Every rule gets the request's source, so callers need not repeat it.
+            let rule = rule_from_proto(&pb::Rule {
+                source: req.source.clone(),
+                ..r.clone()
+            })
+            .map_err(&at)?;
+            rules.push((ns.map(str::to_owned), rule));
+        }
+        let done = self
+            .layer
+            .replace_rules(&req.source, rules)
+            .map_err(|e| Status::invalid_argument(format!("rules: {e}")))?;
+        tracing::info!(source = %req.source, added = done.added, removed = done.removed, "rules replaced through the control API");
+        Ok(Response::new(pb::ReplaceRulesResponse {
+            added: u32::try_from(done.added).unwrap_or(u32::MAX),
+            removed: u32::try_from(done.removed).unwrap_or(u32::MAX),
+        }))
+    }
+
+    async fn replace_services(
+        &self,
+        req: Request<pb::ReplaceServicesRequest>,
+    ) -> Result<Response<pb::ReplaceServicesResponse>, Status> {
+        let req = req.into_inner();
+        let services = req
+            .services
+            .iter()
+            .enumerate()
+            .map(|(i, s)| service_from_proto(i, s))
+            .collect::<Result<Vec<_>, Status>>()?;
+        let count = self
+            .layer
+            .replace_services(&req.source, services)
+            .map_err(service_status)?;
+        tracing::info!(source = %req.source, services = count, "services replaced through the control API");
+        Ok(Response::new(pb::ReplaceServicesResponse {
+            services: u32::try_from(count).unwrap_or(u32::MAX),
+        }))
+    }
+
+    async fn list_services(
+        &self,
+        _: Request<pb::ListServicesRequest>,
+    ) -> Result<Response<pb::ListServicesResponse>, Status> {
+        let services = self
+            .layer
+            .list_services()
+            .into_iter()
+            .map(|(source, s)| pb::SourcedService {
+                source,
+                service: Some(service_to_proto(&s)),
+            })
+            .collect();
+        Ok(Response::new(pb::ListServicesResponse { services }))
     }
 
     async fn list_sessions(
@@ -365,5 +592,219 @@ fn session_status(e: SessionError) -> Status {
             Status::not_found(e.to_string())
         }
         _ => Status::invalid_argument(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pb::identity_match::Kind;
+
+    const CLIENT: &str = "spiffe://cluster.local/ns/default/sa/client";
+
+    fn exact(id: &str) -> pb::IdentityMatch {
+        pb::IdentityMatch {
+            kind: Some(Kind::Exact(id.into())),
+        }
+    }
+
+    fn proto_rule() -> pb::Rule {
+        pb::Rule {
+            scope: pb::RuleScope::Global as i32,
+            remote_prefix: "10.0.0.0/8".into(),
+            remote_ports: Some(pb::PortRange {
+                first: 80,
+                last: 90,
+            }),
+            action: pb::RuleAction::Deny as i32,
+            tag: "t".into(),
+            principal: Some(exact(CLIENT)),
+            priority: 7,
+            source: "xds/test".into(),
+            ..Default::default()
+        }
+    }
+
+    fn refusal(r: Result<impl std::fmt::Debug, Status>) -> String {
+        let s = r.unwrap_err();
+        assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s:?}");
+        s.message().to_owned()
+    }
+
+    #[test]
+    fn rules_carry_principal_priority_and_source_both_ways() {
+        let rule = rule_from_proto(&proto_rule()).unwrap();
+        assert_eq!(rule.principal, Some(IdentityMatch::Exact(CLIENT.into())));
+        assert_eq!((rule.priority, rule.source.as_str()), (7, "xds/test"));
+        let back = rule_to_proto(&rule, pb::RuleScope::Global, "");
+        assert_eq!(rule_from_proto(&back).unwrap(), rule);
+        assert_eq!(back.principal, Some(exact(CLIENT)));
+        assert_eq!((back.priority, back.source.as_str()), (7, "xds/test"));
+        for kind in [
+            Kind::Prefix("spiffe://a/".into()),
+            Kind::Suffix("/sa/b".into()),
+            Kind::Contains("/ns/".into()),
+        ] {
+            let m = pb::IdentityMatch { kind: Some(kind) };
+            let r = rule_from_proto(&pb::Rule {
+                principal: Some(m.clone()),
+                ..proto_rule()
+            })
+            .unwrap();
+            assert_eq!(identity_match_to_proto(r.principal.as_ref().unwrap()), m);
+        }
+        // Unset fields are a hand-written rule for any peer.
+        let plain = rule_from_proto(&pb::Rule {
+            principal: None,
+            priority: 0,
+            source: String::new(),
+            ..proto_rule()
+        })
+        .unwrap();
+        assert_eq!((plain.principal, plain.priority), (None, 0));
+        assert!(plain.source.is_empty());
+    }
+
+    #[test]
+    fn bad_rules_name_the_field() {
+        let cases = [
+            (
+                pb::Rule {
+                    principal: Some(pb::IdentityMatch { kind: None }),
+                    ..proto_rule()
+                },
+                "principal: set one of",
+            ),
+            (
+                pb::Rule {
+                    principal: Some(pb::IdentityMatch {
+                        kind: Some(Kind::Prefix(String::new())),
+                    }),
+                    ..proto_rule()
+                },
+                "principal: identity pattern is empty",
+            ),
+            (
+                pb::Rule {
+                    principal: Some(exact("spiffe://a/\u{1}")),
+                    ..proto_rule()
+                },
+                "principal: identity pattern",
+            ),
+            (
+                pb::Rule {
+                    source: "x".repeat(300),
+                    ..proto_rule()
+                },
+                "source: ",
+            ),
+            (
+                pb::Rule {
+                    tag: "t".repeat(257),
+                    ..proto_rule()
+                },
+                "rule: tag must be 1 to 256",
+            ),
+        ];
+        for (rule, field) in cases {
+            let message = refusal(rule_from_proto(&rule));
+            assert!(message.starts_with(field), "{message}");
+        }
+        assert!(
+            rule_from_proto(&pb::Rule {
+                tag: "t".repeat(256),
+                ..proto_rule()
+            })
+            .is_ok()
+        );
+    }
+
+    fn proto_service() -> pb::Service {
+        pb::Service {
+            cluster: "outbound|9080||reviews.default.svc.cluster.local".into(),
+            direction: "outbound".into(),
+            host: "reviews.default.svc.cluster.local".into(),
+            port: 9080,
+            subset: "v1".into(),
+            endpoints: vec![
+                pb::ServiceEndpoint {
+                    address: "10.1.2.3:9080".into(),
+                    workload: "reviews-v1;default;reviews;v1;Kubernetes".into(),
+                    tls_mode: pb::TlsMode::Istio as i32,
+                    locality: "eu/west-1a/".into(),
+                },
+                pb::ServiceEndpoint {
+                    address: "unix:/run/reviews.sock".into(),
+                    tls_mode: pb::TlsMode::Disabled as i32,
+                    ..Default::default()
+                },
+            ],
+            expected_identities: vec![exact("spiffe://cluster.local/ns/default/sa/reviews")],
+            tls_mode: pb::TlsMode::Istio as i32,
+        }
+    }
+
+    #[test]
+    fn services_convert_both_ways() {
+        let s = service_from_proto(0, &proto_service()).unwrap();
+        assert_eq!(s.port, 9080);
+        assert_eq!(
+            s.endpoints[1].address,
+            EndpointAddress::Unix("/run/reviews.sock".into())
+        );
+        assert_eq!(s.endpoints[0].tls_mode, TlsMode::Istio);
+        assert_eq!(s.tls_mode, TlsMode::Istio);
+        assert_eq!(service_to_proto(&s), proto_service());
+    }
+
+    #[test]
+    fn bad_services_name_the_field() {
+        let mut bad_address = proto_service();
+        bad_address.endpoints[1].address = "reviews:9080".into();
+        let mut bad_endpoint_mode = proto_service();
+        bad_endpoint_mode.endpoints[0].tls_mode = 9;
+        let mut bad_identity = proto_service();
+        bad_identity
+            .expected_identities
+            .push(pb::IdentityMatch { kind: None });
+        let cases = [
+            (
+                pb::Service {
+                    port: 70000,
+                    ..proto_service()
+                },
+                "services[3].port: 70000 is not a port",
+            ),
+            (
+                bad_address,
+                "services[3].endpoints[1].address `reviews:9080`: must be ip:port or unix:PATH",
+            ),
+            (bad_endpoint_mode, "services[3].endpoints[0].tls_mode: 9"),
+            (
+                pb::Service {
+                    tls_mode: -1,
+                    ..proto_service()
+                },
+                "services[3].tls_mode",
+            ),
+            (
+                bad_identity,
+                "services[3].expected_identities[1]: set one of",
+            ),
+        ];
+        for (service, field) in cases {
+            let message = refusal(service_from_proto(3, &service));
+            assert!(message.starts_with(field), "{message}");
+        }
+        assert!(
+            service_status(ServiceError::BadSource)
+                .message()
+                .starts_with("source: ")
+        );
+        assert!(
+            service_status(ServiceError::TooManyEndpoints { count: 2, max: 1 })
+                .message()
+                .starts_with("services: ")
+        );
     }
 }

@@ -103,7 +103,9 @@ pub async fn build(config: &Config) -> anyhow::Result<Bound> {
     let control = control::ControlService::new(layer.clone(), workers);
     tasks.spawn(async move {
         let r = tonic::transport::Server::builder()
-            .add_service(ControlServer::new(control))
+            .add_service(
+                ControlServer::new(control).max_decoding_message_size(CONTROL_MESSAGE_LIMIT),
+            )
             .serve_with_incoming(UnixListenerStream::new(control_listener))
             .await;
         if let Err(e) = r {
@@ -149,6 +151,11 @@ pub async fn build(config: &Config) -> anyhow::Result<Bound> {
         tasks,
     })
 }
+
+/// Largest control request accepted. A mesh's services arrive in one ReplaceServices request
+/// per source, tens of MiB for the largest meshes the services table holds, well beyond
+/// gRPC's 4 MiB default; the socket is local and privileged.
+pub const CONTROL_MESSAGE_LIMIT: usize = 64 << 20;
 
 /// How often waiting pairing offers are checked for expiry.
 const PAIR_EXPIRY_TICK: std::time::Duration = std::time::Duration::from_millis(250);

@@ -30,6 +30,8 @@ pub struct Metrics {
     connect_failures: IntCounterVec,
     pairings: IntCounterVec,
     decode_errors: IntCounter,
+    services: IntGauge,
+    service_endpoints: IntGauge,
 }
 
 /// Moves a counter up to `value`; counters only ever rise, and the sources are monotonic.
@@ -118,6 +120,15 @@ impl Metrics {
                 "sapi_decode_errors_total",
                 "Malformed session-API messages received.",
             )?,
+            // Totals only: a label per source or cluster would grow with the mesh.
+            services: gauge(
+                "services",
+                "Services config sources describe, in all sources.",
+            )?,
+            service_endpoints: gauge(
+                "service_endpoints",
+                "Endpoints of the services config sources describe, in all sources.",
+            )?,
             registry,
             layer,
             server,
@@ -130,6 +141,9 @@ impl Metrics {
         self.app_workers.set(counts.workers as i64);
         self.listeners.set(counts.listeners as i64);
         self.half_open.set(counts.half_open as i64);
+        let services = self.layer.service_counts();
+        self.services.set(services.services as i64);
+        self.service_endpoints.set(services.endpoints as i64);
         self.sessions.reset();
         for s in self.layer.sessions() {
             self.sessions

@@ -1,5 +1,8 @@
 //! Prometheus metrics of a real shuntd (in-process, so the test learns the bound port) after
-//! real traffic, refused attaches and denied connects.
+//! real traffic, refused attaches and denied connects, and after config sources described
+//! services.
+
+mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -42,6 +45,44 @@ fn sample(text: &str, series: &str) -> f64 {
         .filter(|l| !l.starts_with('#'))
         .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
         .unwrap_or_else(|| panic!("no sample {series} in\n{text}"))
+}
+
+#[test]
+fn services_and_their_endpoints_are_counted_in_all_sources() {
+    use shunt_proto::control as pb;
+    let dir = tempfile::tempdir().unwrap();
+    let addr = start(dir.path());
+    let service = |cluster: &str, endpoints: usize| pb::Service {
+        cluster: cluster.into(),
+        endpoints: (0..endpoints)
+            .map(|i| pb::ServiceEndpoint {
+                address: format!("10.0.0.{i}:80"),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut c = common::control_client(&dir.path().join("control.sock")).await;
+        for (source, services) in [
+            ("xds/a", vec![service("a", 2), service("b", 0)]),
+            ("xds/b", vec![service("a", 3)]),
+        ] {
+            c.replace_services(pb::ReplaceServicesRequest {
+                source: source.into(),
+                services,
+            })
+            .await
+            .unwrap();
+        }
+    });
+    let text = scrape(addr);
+    assert_eq!(sample(&text, "shunt_services "), 3.0);
+    assert_eq!(sample(&text, "shunt_service_endpoints "), 5.0);
 }
 
 #[test]

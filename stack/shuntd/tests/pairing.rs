@@ -28,6 +28,7 @@ fn offer(token: u8, role: PairRole) -> PairOffer {
         local,
         remote,
         fifo_size: None,
+        peer_identity: None,
     }
 }
 
@@ -194,4 +195,45 @@ fn the_larger_fifo_size_either_side_asks_for_applies() {
             "{asked_by_initiator:?} / {asked_by_responder:?}"
         );
     }
+}
+
+#[test]
+fn a_principal_rule_sees_the_identity_the_other_end_verified() {
+    const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/client";
+    const SERVER_ID: &str = "spiffe://cluster.local/ns/default/sa/server";
+    let d = Daemon::start(&format!(
+        r#"
+rules:
+  - scope: global
+    principal: {CLIENT_ID}
+    priority: 1
+    action: deny
+    tag: no-client
+"#
+    ));
+    let (a, b) = (d.attach("a"), d.attach("b"));
+    let pair = |token: u8, initiator_saw: Option<&str>, responder_saw: Option<&str>| {
+        let mut i = offer(token, PairRole::Initiator);
+        let mut r = offer(token, PairRole::Responder);
+        // Each pairing replaces a connection of its own.
+        i.local.set_port(40000 + u16::from(token));
+        r.remote = i.local;
+        i.peer_identity = initiator_saw.map(str::to_owned);
+        r.peer_identity = responder_saw.map(str::to_owned);
+        let pi = a.start_pair(i).unwrap();
+        let pr = b.start_pair(r).unwrap();
+        (finish(&b, &pr), finish(&a, &pi))
+    };
+    // The global table sees the initiator as the responder verified it.
+    let (r, i) = pair(5, Some(SERVER_ID), Some(CLIENT_ID));
+    assert_eq!(refused_with(r), ErrorCode::Denied);
+    assert_eq!(refused_with(i), ErrorCode::Denied);
+    // What the initiator verified is not the ingress table's concern.
+    let (r, i) = pair(6, Some(CLIENT_ID), Some(SERVER_ID));
+    r.unwrap();
+    i.unwrap();
+    // Without identities (plain mode) a rule naming one never matches.
+    let (r, i) = pair(7, None, None);
+    r.unwrap();
+    i.unwrap();
 }
