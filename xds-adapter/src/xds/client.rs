@@ -1,0 +1,490 @@
+//! One xDS stream (ADS, or SDS on its own socket), SotW or Delta, kept up across failures.
+//!
+//! Every response is checked whole before anything of it is accepted: one invalid resource
+//! NACKs the response, with every `name: reason` in the error detail, and the last good state
+//! stays. Reconnects claim what was accepted (`initial_resource_versions` for Delta, the last
+//! version for SotW), so a server can resume instead of resending.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
+use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
+use envoy_types::pb::google::rpc::Status as RpcStatus;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+
+use super::backoff::Backoff;
+use super::state::{Change, Rejection, State, error_detail};
+use super::transport::{Target, TlsFiles, TransportError, connect};
+use crate::resource::{Resource, ResourceType};
+
+/// Istio pushes whole meshes in one response; ztunnel allows 200 MiB.
+const MAX_MESSAGE_BYTES: usize = 200 << 20;
+/// gRPC INVALID_ARGUMENT, what Envoy puts in a NACK's error detail.
+const INVALID_ARGUMENT: i32 = 3;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Protocol {
+    /// State of the world: every response carries a type's whole set.
+    Sotw,
+    /// Incremental: responses carry changes and removals.
+    Delta,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Api {
+    /// `AggregatedDiscoveryService`: all types on one stream.
+    Aggregated,
+    /// `SecretDiscoveryService`: secrets only (pilot-agent's SDS socket).
+    Secrets,
+}
+
+#[derive(Debug, Clone)]
+pub struct StreamConfig {
+    pub target: Target,
+    pub tls: Option<TlsFiles>,
+    pub protocol: Protocol,
+    pub api: Api,
+    pub node: Node,
+    /// Secret names to ask for (Istio: `default` and `ROOTCA`).
+    pub secrets: Vec<String>,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+}
+
+impl StreamConfig {
+    fn types(&self) -> Vec<ResourceType> {
+        match self.api {
+            Api::Aggregated => ResourceType::ALL.to_vec(),
+            Api::Secrets => vec![ResourceType::Secret],
+        }
+    }
+
+    fn label(&self) -> &'static str {
+        match self.api {
+            Api::Aggregated => "ads",
+            Api::Secrets => "sds",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error(transparent)]
+    Connect(#[from] TransportError),
+    #[error("server: {0}")]
+    Status(#[from] tonic::Status),
+    #[error("server closed the stream")]
+    Closed,
+}
+
+impl StreamError {
+    fn reason(&self) -> &'static str {
+        match self {
+            StreamError::Connect(_) => "connect",
+            StreamError::Status(s) => match s.code() {
+                tonic::Code::Unavailable => "unavailable",
+                tonic::Code::Cancelled => "cancelled",
+                tonic::Code::DeadlineExceeded => "deadline",
+                tonic::Code::Unknown => "unknown",
+                _ => "status",
+            },
+            StreamError::Closed => "closed",
+        }
+    }
+}
+
+/// Runs the stream until the process ends, reconnecting with backoff.
+pub async fn run(config: StreamConfig, state: Arc<State>) {
+    let mut backoff = Backoff::new(config.backoff_initial, config.backoff_max);
+    loop {
+        let mut progressed = false;
+        let result = session(&config, &state, &mut progressed).await;
+        state.metrics().connected(config.label(), false);
+        let error = match result {
+            Ok(()) => StreamError::Closed,
+            Err(e) => e,
+        };
+        state.metrics().terminated(error.reason());
+        if progressed {
+            backoff.reset();
+        }
+        let delay = backoff.next_delay();
+        tracing::warn!(stream = config.label(), target = %config.target, %error, ?delay, "xDS stream ended; reconnecting");
+        tokio::time::sleep(delay).await;
+    }
+}
+
+async fn session(
+    config: &StreamConfig,
+    state: &State,
+    progressed: &mut bool,
+) -> Result<(), StreamError> {
+    let channel = connect(&config.target, config.tls.as_ref()).await?;
+    match config.protocol {
+        Protocol::Sotw => sotw(channel, config, state, progressed).await,
+        Protocol::Delta => delta(channel, config, state, progressed).await,
+    }
+}
+
+/// What the adapter wants of a type: every resource, or these names.
+fn wanted(kind: ResourceType, config: &StreamConfig, state: &State) -> Option<BTreeSet<String>> {
+    match kind {
+        ResourceType::Cluster | ResourceType::Listener => None,
+        ResourceType::Endpoints => Some(state.eds_names()),
+        ResourceType::Secret => Some(config.secrets.iter().cloned().collect()),
+    }
+}
+
+fn decode_all(
+    kind: ResourceType,
+    items: impl Iterator<
+        Item = (
+            String,
+            Option<envoy_types::pb::google::protobuf::Any>,
+            String,
+        ),
+    >,
+) -> Result<Vec<(Resource, String)>, Vec<Rejection>> {
+    let mut ok = Vec::new();
+    let mut rejections = Vec::new();
+    for (name, any, version) in items {
+        let decoded = any
+            .ok_or_else(|| "no resource body".to_owned())
+            .and_then(|any| Resource::from_any(kind, &any).map_err(|e| e.to_string()));
+        match decoded {
+            Ok(r) if name.is_empty() || r.name() == name => ok.push((r, version)),
+            Ok(r) => rejections.push(Rejection {
+                name,
+                reason: format!("carries a resource named `{}`", r.name()),
+            }),
+            Err(reason) => rejections.push(Rejection { name, reason }),
+        }
+    }
+    if rejections.is_empty() {
+        Ok(ok)
+    } else {
+        Err(rejections)
+    }
+}
+
+fn nack_status(rejections: &[Rejection]) -> RpcStatus {
+    RpcStatus {
+        code: INVALID_ARGUMENT,
+        message: error_detail(rejections),
+        details: Vec::new(),
+    }
+}
+
+async fn sotw(
+    channel: Channel,
+    config: &StreamConfig,
+    state: &State,
+    progressed: &mut bool,
+) -> Result<(), StreamError> {
+    let (tx, rx) = mpsc::channel::<DiscoveryRequest>(64);
+    let requests = ReceiverStream::new(rx);
+    let mut responses = match config.api {
+        Api::Aggregated => AggregatedDiscoveryServiceClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .stream_aggregated_resources(requests)
+            .await?
+            .into_inner(),
+        Api::Secrets => SecretDiscoveryServiceClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .stream_secrets(requests)
+            .await?
+            .into_inner(),
+    };
+    state.metrics().connected(config.label(), true);
+
+    // Per type: the last accepted version and nonce, and the names asked for.
+    let mut versions: HashMap<ResourceType, String> = HashMap::new();
+    let mut nonces: HashMap<ResourceType, String> = HashMap::new();
+    let mut asked: HashMap<ResourceType, BTreeSet<String>> = HashMap::new();
+    let mut node = Some(config.node.clone());
+    let send = |req: DiscoveryRequest| {
+        let tx = tx.clone();
+        async move { tx.send(req).await.map_err(|_| StreamError::Closed) }
+    };
+    for kind in config.types() {
+        let names = wanted(kind, config, state);
+        // An empty name list would mean "everything" to a SotW server: wait until names exist.
+        if names.as_ref().is_some_and(BTreeSet::is_empty) {
+            continue;
+        }
+        let names = names.unwrap_or_default();
+        asked.insert(kind, names.clone());
+        send(DiscoveryRequest {
+            node: node.take(),
+            type_url: kind.type_url().into(),
+            resource_names: names.into_iter().collect(),
+            ..Default::default()
+        })
+        .await?;
+    }
+
+    while let Some(response) = responses.message().await? {
+        *progressed = true;
+        let DiscoveryResponse {
+            version_info,
+            resources,
+            type_url,
+            nonce,
+            ..
+        } = response;
+        let Some(kind) =
+            ResourceType::from_type_url(&type_url).filter(|k| config.types().contains(k))
+        else {
+            state.metrics().translation_error("unknown_type");
+            tracing::warn!(%type_url, "NACK: a type this adapter did not ask for");
+            send(DiscoveryRequest {
+                type_url,
+                response_nonce: nonce,
+                error_detail: Some(RpcStatus {
+                    code: INVALID_ARGUMENT,
+                    message: "type not subscribed".into(),
+                    details: Vec::new(),
+                }),
+                ..Default::default()
+            })
+            .await?;
+            continue;
+        };
+        let names = asked.get(&kind).cloned().unwrap_or_default();
+        let decoded = decode_all(
+            kind,
+            resources
+                .into_iter()
+                .map(|any| (String::new(), Some(any), String::new())),
+        );
+        let outcome = decoded.and_then(|upserts| {
+            let removals = if kind.is_wildcard() {
+                Vec::new()
+            } else {
+                // Named types: only what is still asked for stays.
+                let present: BTreeSet<&str> = upserts.iter().map(|(r, _)| r.name()).collect();
+                state
+                    .versions(kind)
+                    .into_keys()
+                    .filter(|n| !names.contains(n) && !present.contains(n.as_str()))
+                    .collect()
+            };
+            state.apply(
+                kind,
+                Change {
+                    upserts,
+                    removals,
+                    replace_all: kind.is_wildcard(),
+                },
+            )
+        });
+        let error_detail = match outcome {
+            Ok(()) => {
+                versions.insert(kind, version_info.clone());
+                tracing::info!(%kind, version = %version_info, "ACK");
+                None
+            }
+            Err(rejections) => {
+                state.metrics().update(kind, false);
+                tracing::warn!(%kind, version = %version_info, detail = %error_detail(&rejections), "NACK");
+                Some(nack_status(&rejections))
+            }
+        };
+        nonces.insert(kind, nonce.clone());
+        send(DiscoveryRequest {
+            version_info: versions.get(&kind).cloned().unwrap_or_default(),
+            type_url: kind.type_url().into(),
+            resource_names: names.iter().cloned().collect(),
+            response_nonce: nonce,
+            error_detail,
+            ..Default::default()
+        })
+        .await?;
+
+        // New clusters may need other endpoint assignments.
+        if kind == ResourceType::Cluster && config.types().contains(&ResourceType::Endpoints) {
+            let now = state.eds_names();
+            let before = asked.get(&ResourceType::Endpoints);
+            if before != Some(&now) && !(before.is_none() && now.is_empty()) {
+                asked.insert(ResourceType::Endpoints, now.clone());
+                send(DiscoveryRequest {
+                    node: node.take(),
+                    version_info: versions
+                        .get(&ResourceType::Endpoints)
+                        .cloned()
+                        .unwrap_or_default(),
+                    type_url: ResourceType::Endpoints.type_url().into(),
+                    resource_names: now.into_iter().collect(),
+                    response_nonce: nonces
+                        .get(&ResourceType::Endpoints)
+                        .cloned()
+                        .unwrap_or_default(),
+                    ..Default::default()
+                })
+                .await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn delta(
+    channel: Channel,
+    config: &StreamConfig,
+    state: &State,
+    progressed: &mut bool,
+) -> Result<(), StreamError> {
+    let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(64);
+    let requests = ReceiverStream::new(rx);
+    let mut responses = match config.api {
+        Api::Aggregated => AggregatedDiscoveryServiceClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .delta_aggregated_resources(requests)
+            .await?
+            .into_inner(),
+        Api::Secrets => SecretDiscoveryServiceClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .delta_secrets(requests)
+            .await?
+            .into_inner(),
+    };
+    state.metrics().connected(config.label(), true);
+
+    let mut asked: HashMap<ResourceType, BTreeSet<String>> = HashMap::new();
+    let mut node = Some(config.node.clone());
+    let send = |req: DeltaDiscoveryRequest| {
+        let tx = tx.clone();
+        async move { tx.send(req).await.map_err(|_| StreamError::Closed) }
+    };
+    for kind in config.types() {
+        let names = wanted(kind, config, state);
+        if names.as_ref().is_some_and(BTreeSet::is_empty) {
+            continue;
+        }
+        let names = names.unwrap_or_default();
+        asked.insert(kind, names.clone());
+        // What was accepted before a reconnect: the server sends only what changed since.
+        let initial_resource_versions: HashMap<String, String> =
+            state.versions(kind).into_iter().collect();
+        send(DeltaDiscoveryRequest {
+            node: node.take(),
+            type_url: kind.type_url().into(),
+            resource_names_subscribe: names.into_iter().collect(),
+            initial_resource_versions,
+            ..Default::default()
+        })
+        .await?;
+    }
+
+    while let Some(response) = responses.message().await? {
+        *progressed = true;
+        let DeltaDiscoveryResponse {
+            system_version_info,
+            resources,
+            type_url,
+            removed_resources,
+            nonce,
+            ..
+        } = response;
+        let Some(kind) =
+            ResourceType::from_type_url(&type_url).filter(|k| config.types().contains(k))
+        else {
+            state.metrics().translation_error("unknown_type");
+            tracing::warn!(%type_url, "NACK: a type this adapter did not ask for");
+            send(DeltaDiscoveryRequest {
+                type_url,
+                response_nonce: nonce,
+                error_detail: Some(RpcStatus {
+                    code: INVALID_ARGUMENT,
+                    message: "type not subscribed".into(),
+                    details: Vec::new(),
+                }),
+                ..Default::default()
+            })
+            .await?;
+            continue;
+        };
+        let decoded = decode_all(
+            kind,
+            resources
+                .into_iter()
+                .map(|r| (r.name, r.resource, r.version)),
+        );
+        let outcome = decoded.and_then(|upserts| {
+            state.apply(
+                kind,
+                Change {
+                    upserts,
+                    removals: removed_resources,
+                    replace_all: false,
+                },
+            )
+        });
+        let error_detail = match outcome {
+            Ok(()) => {
+                tracing::info!(%kind, version = %system_version_info, "ACK");
+                None
+            }
+            Err(rejections) => {
+                state.metrics().update(kind, false);
+                tracing::warn!(%kind, detail = %error_detail(&rejections), "NACK");
+                Some(nack_status(&rejections))
+            }
+        };
+        send(DeltaDiscoveryRequest {
+            type_url: kind.type_url().into(),
+            response_nonce: nonce,
+            error_detail,
+            ..Default::default()
+        })
+        .await?;
+
+        if kind == ResourceType::Cluster && config.types().contains(&ResourceType::Endpoints) {
+            let now = state.eds_names();
+            let before = asked
+                .get(&ResourceType::Endpoints)
+                .cloned()
+                .unwrap_or_default();
+            let subscribe: Vec<String> = now.difference(&before).cloned().collect();
+            let unsubscribe: Vec<String> = before.difference(&now).cloned().collect();
+            if !subscribe.is_empty() || !unsubscribe.is_empty() {
+                asked.insert(ResourceType::Endpoints, now);
+                send(DeltaDiscoveryRequest {
+                    node: node.take(),
+                    type_url: ResourceType::Endpoints.type_url().into(),
+                    resource_names_subscribe: subscribe,
+                    resource_names_unsubscribe: unsubscribe.clone(),
+                    ..Default::default()
+                })
+                .await?;
+                // Unsubscribed assignments are gone for us even if the server says nothing more.
+                if !unsubscribe.is_empty() {
+                    let _ = state.apply(
+                        ResourceType::Endpoints,
+                        Change {
+                            removals: unsubscribe,
+                            ..Default::default()
+                        },
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// For tests and tools: the names accepted per type.
+pub fn accepted_names(state: &State) -> BTreeMap<ResourceType, Vec<String>> {
+    ResourceType::ALL
+        .into_iter()
+        .map(|k| (k, state.versions(k).into_keys().collect()))
+        .collect()
+}
