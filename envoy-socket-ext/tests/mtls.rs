@@ -318,3 +318,60 @@ fn certificates_from_shuntds_store_are_used_and_rotated() {
     let series = "shunt_sidecar_handshake_failures_total{reason=\"identity_mismatch\"}";
     assert!(d.metric_reaching(series, 1.0) >= 1.0);
 }
+
+/// Each sidecar's pairing offer carries the SPIFFE id it verified, and shuntd's rules may name
+/// it: a global rule denying the client's identity refuses the pairing, which closes the
+/// connection rather than fall back to TLS; a rule naming another identity lets it pair.
+#[test]
+fn a_rule_naming_the_clients_identity_refuses_the_pairing() {
+    let d = Shuntd::start();
+    let certs = MeshCerts::new();
+    let rule = |tag: &str, principal: &str| {
+        d.shunt(&[
+            "rules",
+            "add",
+            "--scope",
+            "global",
+            "--tag",
+            tag,
+            "--action",
+            "deny",
+            "--principal",
+            principal,
+            "--priority",
+            "1",
+        ]);
+    };
+    rule("no-client", CLIENT_ID);
+    let c = mtls_chain(&certs, &shuntd_socket(&d), &shuntd_socket(&d));
+    let result = exchange(c.entry, MIB, MIB);
+    assert!(result.is_err(), "the denied pair carried payload");
+    assert!(d.metric("shunt_pairings_total{result=\"denied\"}") >= 1.0);
+    assert_eq!(d.metric("shunt_pairings_total{result=\"paired\"}"), 0.0);
+    let series = "shunt_sidecar_fallbacks_total{reason=\"pairing_denied\"}";
+    assert!(d.metric_reaching(series, 2.0) >= 1.0, "denial not counted");
+    // The responder's sidecar says why it closed.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !c.b.log().contains("pairing refused") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the denial was not logged:\n{}",
+            common::tail(&c.b.log())
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+
+    // A rule naming another identity does not concern this pair.
+    d.shunt(&["rules", "del", "--scope", "global", "no-client"]);
+    rule(
+        "no-intruder",
+        "prefix:spiffe://cluster.local/ns/default/sa/intruder",
+    );
+    c.exchange(4 * MIB, 4 * MIB);
+    assert_eq!(d.metric("shunt_pairings_total{result=\"paired\"}"), 1.0);
+    assert!(
+        c.relay.bytes() < MIB,
+        "{} bytes crossed the sidecars' TCP connection: no cut-through",
+        c.relay.bytes()
+    );
+}

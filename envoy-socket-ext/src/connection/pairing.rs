@@ -8,7 +8,7 @@ use shunt_sapi::message::{PAIR_TOKEN_LEN, PairOffer, PairRole};
 
 use crate::attach;
 use crate::config::SocketConfig;
-use crate::host::Host;
+use crate::host::{Host, LogLevel};
 use crate::wire::RefuseReason;
 
 /// An offer waiting at shuntd.
@@ -43,12 +43,15 @@ impl NoPair {
 }
 
 impl Pairing {
-    /// Offers `token` to this thread's shuntd for `config`'s namespace.
+    /// Offers `token` to this thread's shuntd for `config`'s namespace. `peer_identity` is
+    /// the SPIFFE id the TLS handshake verified (`None` in plain mode): shuntd matches it
+    /// against rules that name principals, so a rule can refuse the pair by identity.
     pub(super) fn offer(
         host: &dyn Host,
         config: &SocketConfig,
         token: [u8; PAIR_TOKEN_LEN],
         role: PairRole,
+        peer_identity: Option<&str>,
     ) -> Result<Pairing, NoPair> {
         let (Some(local), Some(remote)) = (host.local_address(), host.remote_address()) else {
             return Err(NoPair::NO_ADDRESS);
@@ -60,7 +63,7 @@ impl Pairing {
             local,
             remote,
             fifo_size: config.fifo_size,
-            peer_identity: None,
+            peer_identity: peer_identity.map(str::to_owned),
         };
         match worker.start_pair(offer) {
             Ok(pending) => Ok(Pairing {
@@ -77,10 +80,21 @@ impl Pairing {
 
     /// Waits until shuntd answers, at most the pairing timeout. The wait blocks this Envoy
     /// worker, but only for one shuntd round trip: the peer offered first.
-    pub(super) fn finish(self, config: &SocketConfig) -> Result<(Session, Duration), NoPair> {
+    pub(super) fn finish(
+        self,
+        host: &dyn Host,
+        config: &SocketConfig,
+    ) -> Result<(Session, Duration), NoPair> {
         let deadline = Instant::now() + config.pairing_timeout();
         let failed = |e: ClientError| {
             let no_pair = refusal(&e);
+            if no_pair == NoPair::DENIED {
+                // A policy decision, worth a line at the default level. Only the code arrives
+                // here (a fixed-size event); shuntd's own log names the rule that denied.
+                super::log(host, LogLevel::Info, || {
+                    format!("shunt: pairing refused: {e}")
+                });
+            }
             if no_pair == NoPair::SHUNTD_DOWN {
                 attach::forget(config);
             }

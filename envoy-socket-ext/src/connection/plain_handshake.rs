@@ -36,7 +36,8 @@ impl Connection {
             })
             .and_then(|()| {
                 let token = plain_token(self.config().namespace.secret.as_bytes(), &nonce);
-                Pairing::offer(host, self.config(), token, PairRole::Initiator)
+                // Nothing proves the peer's identity in plain mode.
+                Pairing::offer(host, self.config(), token, PairRole::Initiator, None)
             });
         match offered {
             Ok(pairing) => {
@@ -115,8 +116,8 @@ impl Connection {
     /// Responder: offers the same token and waits, briefly, for shuntd to pair the two ends.
     fn answer(&mut self, host: &dyn Host, hello: &Hello) -> Answer {
         let token = plain_token(self.config().namespace.secret.as_bytes(), &hello.nonce);
-        let paired = Pairing::offer(host, self.config(), token, PairRole::Responder)
-            .and_then(|pairing| pairing.finish(self.config()));
+        let paired = Pairing::offer(host, self.config(), token, PairRole::Responder, None)
+            .and_then(|pairing| pairing.finish(host, self.config()));
         match paired {
             Ok((session, took)) => {
                 stats::pairing(took);
@@ -151,7 +152,7 @@ impl Connection {
         match answer {
             Ok(Answer::Accept) => {
                 // The responder was told after us, so our session is already queued.
-                match pairing.finish(self.config()) {
+                match pairing.finish(host, self.config()) {
                     Ok((session, took)) => {
                         stats::pairing(took);
                         self.start_cut_through(session);

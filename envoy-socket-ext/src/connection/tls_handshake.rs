@@ -3,9 +3,10 @@
 //! The TLS handshake runs over the TCP connection and proves both identities. A Shunt client
 //! offers Shunt's ALPN id only when it can reach its shuntd; a Shunt server picks it whenever
 //! offered. If they agree, both derive the pairing token from the TLS exporter, which only
-//! the two ends of this TLS session know, so no third process on the node can present it. The
-//! initiator offers first and then says so in a frame inside TLS; the responder offers, waits
-//! for shuntd, and answers inside TLS. After an accept, payload moves through the FIFOs and the
+//! the two ends of this TLS session know, so no third process on the node can present it. Each
+//! offer carries the SPIFFE id this end verified, so shuntd's rules can refuse a pair by the
+//! identity of either end. The initiator offers first and then says so in a frame inside TLS;
+//! the responder offers, waits for shuntd, and answers inside TLS. After an accept, payload moves through the FIFOs and the
 //! TCP connection carries only doorbells; otherwise it carries TLS records.
 //!
 //! Records are fed to TLS one at a time until the mode is decided, so that nothing after the
@@ -219,7 +220,14 @@ impl Connection {
                 Side::Responder => hs.step = Step::AwaitInitiator,
                 Side::Initiator => {
                     // Offer first, then tell the responder: its offer finds ours waiting.
-                    match Pairing::offer(host, &self.settings.config, token, PairRole::Initiator) {
+                    let offered = Pairing::offer(
+                        host,
+                        &self.settings.config,
+                        token,
+                        PairRole::Initiator,
+                        self.peer_identity.as_deref(),
+                    );
+                    match offered {
                         Ok(pairing) => {
                             hs.step = Step::AwaitAnswer(pairing);
                             hs.tls.write_plaintext(&Answer::Accept.emit());
@@ -251,8 +259,9 @@ impl Connection {
                         Err(e) => return Next::Fail(format!("TLS exporter: {e}")),
                     };
                     let config = &self.settings.config;
-                    let paired = Pairing::offer(host, config, token, PairRole::Responder)
-                        .and_then(|pairing| pairing.finish(config));
+                    let peer = self.peer_identity.as_deref();
+                    let paired = Pairing::offer(host, config, token, PairRole::Responder, peer)
+                        .and_then(|pairing| pairing.finish(host, config));
                     match paired {
                         Ok((session, took)) => {
                             stats::pairing(took);
@@ -273,7 +282,7 @@ impl Connection {
                 }
             },
             Step::AwaitAnswer(pairing) => match frame {
-                Answer::Accept => match pairing.finish(&self.settings.config) {
+                Answer::Accept => match pairing.finish(host, &self.settings.config) {
                     Ok((session, took)) => {
                         stats::pairing(took);
                         Next::CutThrough(session)

@@ -67,29 +67,36 @@ impl Shuntd {
     /// Stores `files` in shuntd's certificate store as `name` (namespace `default`), with the
     /// `shunt` CLI.
     pub fn put_certificate(&self, name: &str, files: &WorkloadFiles) {
+        let path = |p: &Path| p.to_str().expect("UTF-8 path").to_owned();
+        self.shunt(&[
+            "certs",
+            "put",
+            name,
+            "--namespace",
+            "default",
+            "--cert-chain",
+            &path(&files.cert_chain),
+            "--private-key",
+            &path(&files.private_key),
+            "--trust-bundle",
+            &path(&files.trust_bundle),
+        ]);
+    }
+
+    /// Runs the `shunt` CLI against this shuntd, asserts it succeeded and returns its output.
+    pub fn shunt(&self, args: &[&str]) -> String {
         let out = Command::new(shunt_cli())
             .arg("--control-socket")
             .arg(self.dir.path().join("control.sock"))
-            .args([
-                "certs",
-                "put",
-                name,
-                "--namespace",
-                "default",
-                "--cert-chain",
-            ])
-            .arg(&files.cert_chain)
-            .arg("--private-key")
-            .arg(&files.private_key)
-            .arg("--trust-bundle")
-            .arg(&files.trust_bundle)
+            .args(args)
             .output()
             .expect("run shunt");
         assert!(
             out.status.success(),
-            "shunt certs put: {}",
+            "shunt {args:?}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// The value of `series` once it reaches `want`, or after 10 s, whichever comes first:

@@ -9,6 +9,10 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 pub(crate) type Client = ControlClient<Channel>;
 
+/// Largest reply accepted: a big mesh's service listing outgrows gRPC's 4 MiB default. The
+/// same limit shuntd puts on requests.
+const MESSAGE_LIMIT: usize = 64 << 20;
+
 pub(crate) async fn control_client(socket: &Path) -> anyhow::Result<Client> {
     let path: PathBuf = socket.to_owned();
     let channel = Endpoint::from_static("http://shuntd.control")
@@ -26,5 +30,5 @@ pub(crate) async fn control_client(socket: &Path) -> anyhow::Result<Client> {
                 socket.display()
             )
         })?;
-    Ok(ControlClient::new(channel))
+    Ok(ControlClient::new(channel).max_decoding_message_size(MESSAGE_LIMIT))
 }

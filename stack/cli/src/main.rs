@@ -5,6 +5,7 @@ mod connect;
 mod dev_certs;
 mod namespaces;
 mod rules;
+mod services;
 mod status;
 mod table;
 
@@ -12,7 +13,8 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-/// Inspect and change a running shuntd: attached apps, sessions, namespaces, rules and stats.
+/// Inspect and change a running shuntd: attached apps, sessions, namespaces, rules, services,
+/// certificates and stats.
 #[derive(Parser, Debug)]
 #[command(version, about, propagate_version = true)]
 struct Cli {
@@ -46,6 +48,16 @@ enum Command {
     /// List, add or delete session rules (local: a namespace's egress; global: ingress).
     #[command(subcommand)]
     Rules(rules::RulesCommand),
+    /// List the mesh's services as config sources (the xDS adapter) describe them.
+    ///
+    /// One row per cluster, sorted by source and cluster: its source, how many endpoints it
+    /// has, how its TLS applies (`istio`: mutual TLS, the peer proves an identity; `disabled`:
+    /// plain TCP; `-`: not said) and the peer identities its TLS accepts (`-`: none checked).
+    Services {
+        /// Only the services of this source, e.g. `xds/istiod`.
+        #[arg(long)]
+        source: Option<String>,
+    },
     /// List, put or delete workload certificates that apps of a namespace fetch by name.
     #[command(subcommand)]
     Certs(certs::CertsCommand),
@@ -101,6 +113,7 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
         Command::Stats => status::stats(&mut client).await,
         Command::Namespaces(cmd) => namespaces::run(&mut client, cmd).await,
         Command::Rules(cmd) => rules::run(&mut client, cmd).await,
+        Command::Services { source } => services::list(&mut client, source).await,
         Command::Certs(cmd) => certs::run(&mut client, cmd).await,
         // Answered above, without shuntd.
         Command::DevCerts { .. } => Ok(String::new()),

@@ -10,6 +10,7 @@ use crate::table::Table;
 #[derive(Subcommand, Debug)]
 pub(crate) enum RulesCommand {
     /// List rules: the global table and every namespace's local table, or only the one named.
+    /// Each table is listed in lookup order: highest priority first, then most specific.
     List {
         /// Only this table (with --namespace for a local one).
         #[arg(long, value_enum)]
@@ -17,7 +18,8 @@ pub(crate) enum RulesCommand {
         #[arg(long, required_if_eq("scope", "local"))]
         namespace: Option<String>,
     },
-    /// Add a rule; a rule with the same tag in the same table is replaced.
+    /// Add a rule; a rule with the same tag in the same table is replaced, unless another
+    /// source (the xDS adapter) owns that tag.
     Add(AddArgs),
     /// Delete the rule with this tag.
     #[command(alias = "del")]
@@ -78,6 +80,45 @@ pub(crate) struct AddArgs {
     /// Remote ports: `*`, `443` or `1-1023`.
     #[arg(long, default_value = "*", value_parser = parse_ports)]
     remote_ports: pb::PortRange,
+    /// Only pairings whose other end proved a matching identity (a SPIFFE id): `exact:ID`,
+    /// `prefix:P`, `suffix:S` or `contains:C`; a bare ID means exact. The global table matches
+    /// the initiator's identity, a local table the responder's. Ordinary connects carry no
+    /// identity and never match such a rule.
+    #[arg(long, value_parser = parse_principal, value_name = "MATCH")]
+    principal: Option<pb::IdentityMatch>,
+    /// Rules of a higher priority are looked at first, however specific the others are.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    priority: u32,
+}
+
+/// Parses `exact:ID`, `prefix:P`, `suffix:S`, `contains:C` or a bare ID (exact). Only the four
+/// kinds count as a prefix, so a bare `spiffe://...` id is itself.
+fn parse_principal(s: &str) -> Result<pb::IdentityMatch, String> {
+    use pb::identity_match::Kind;
+    let kind = match s.split_once(':') {
+        Some(("exact", p)) => Kind::Exact(p.into()),
+        Some(("prefix", p)) => Kind::Prefix(p.into()),
+        Some(("suffix", p)) => Kind::Suffix(p.into()),
+        Some(("contains", p)) => Kind::Contains(p.into()),
+        _ => Kind::Exact(s.into()),
+    };
+    let (Kind::Exact(p) | Kind::Prefix(p) | Kind::Suffix(p) | Kind::Contains(p)) = &kind;
+    if p.is_empty() {
+        return Err("the identity to match is empty".into());
+    }
+    Ok(pb::IdentityMatch { kind: Some(kind) })
+}
+
+/// `*` for any peer, else what [`parse_principal`] reads.
+pub(crate) fn format_principal(m: Option<&pb::IdentityMatch>) -> String {
+    use pb::identity_match::Kind;
+    match m.and_then(|m| m.kind.as_ref()) {
+        None => "*".into(),
+        Some(Kind::Exact(p)) => format!("exact:{p}"),
+        Some(Kind::Prefix(p)) => format!("prefix:{p}"),
+        Some(Kind::Suffix(p)) => format!("suffix:{p}"),
+        Some(Kind::Contains(p)) => format!("contains:{p}"),
+    }
 }
 
 /// Parses `*`, `PORT` or `FIRST-LAST`.
@@ -160,7 +201,16 @@ pub(crate) async fn run(client: &mut Client, cmd: RulesCommand) -> anyhow::Resul
                 }
             }
             let mut t = Table::new(&[
-                "TABLE", "TAG", "ACTION", "LOCAL", "LPORTS", "REMOTE", "RPORTS",
+                "TABLE",
+                "TAG",
+                "ACTION",
+                "LOCAL",
+                "LPORTS",
+                "REMOTE",
+                "RPORTS",
+                "PRIO",
+                "PRINCIPAL",
+                "SOURCE",
             ]);
             for r in rules {
                 let table = if r.namespace.is_empty() {
@@ -182,6 +232,14 @@ pub(crate) async fn run(client: &mut Client, cmd: RulesCommand) -> anyhow::Resul
                     format_ports(r.local_ports.as_ref()),
                     r.remote_prefix,
                     format_ports(r.remote_ports.as_ref()),
+                    r.priority.to_string(),
+                    format_principal(r.principal.as_ref()),
+                    // Rules written by hand have no source.
+                    if r.source.is_empty() {
+                        "-".into()
+                    } else {
+                        r.source
+                    },
                 ]);
             }
             Ok(t.render())
@@ -205,7 +263,9 @@ pub(crate) async fn run(client: &mut Client, cmd: RulesCommand) -> anyhow::Resul
                         action: action as i32,
                         redirect_to: a.redirect_to.unwrap_or_default(),
                         tag: a.tag.clone(),
-                        ..Default::default()
+                        principal: a.principal,
+                        priority: a.priority,
+                        source: String::new(),
                     }),
                 })
                 .await
@@ -240,6 +300,42 @@ mod tests {
             assert_eq!((p.first, p.last), (first, last), "{text}");
             assert_eq!(format_ports(Some(&p)), text);
         }
+    }
+
+    #[test]
+    fn principals_parse_and_print_back() {
+        use pb::identity_match::Kind;
+        let id = "spiffe://cluster.local/ns/default/sa/client";
+        for (text, kind, shown) in [
+            (id.to_owned(), Kind::Exact(id.into()), format!("exact:{id}")),
+            (
+                format!("exact:{id}"),
+                Kind::Exact(id.into()),
+                format!("exact:{id}"),
+            ),
+            (
+                "prefix:spiffe://cluster.local/".into(),
+                Kind::Prefix("spiffe://cluster.local/".into()),
+                "prefix:spiffe://cluster.local/".into(),
+            ),
+            (
+                "suffix:/sa/client".into(),
+                Kind::Suffix("/sa/client".into()),
+                "suffix:/sa/client".into(),
+            ),
+            (
+                "contains:/ns/default/".into(),
+                Kind::Contains("/ns/default/".into()),
+                "contains:/ns/default/".into(),
+            ),
+        ] {
+            let m = parse_principal(&text).unwrap();
+            assert_eq!(m.kind, Some(kind), "{text}");
+            assert_eq!(format_principal(Some(&m)), shown);
+        }
+        assert_eq!(format_principal(None), "*");
+        assert!(parse_principal("prefix:").unwrap_err().contains("empty"));
+        assert!(parse_principal("").unwrap_err().contains("empty"));
     }
 
     #[test]

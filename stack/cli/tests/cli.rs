@@ -142,7 +142,10 @@ fn rules_round_trip_through_the_control_api() {
         row("to-proxy").starts_with("local:default to-proxy redirect:127.0.0.1:15001"),
         "{list}"
     );
-    assert!(row("to-proxy").ends_with("10.0.0.0/8 80-90"), "{list}");
+    assert!(
+        row("to-proxy").ends_with("10.0.0.0/8 80-90 0 * -"),
+        "priority 0, any peer, written by hand: {list}"
+    );
 
     // The deny rule is enforced: a connect to 127.0.0.1:5432 is refused.
     let server = Worker::attach(AttachOptions::new(d.app_socket())).unwrap();
@@ -154,6 +157,197 @@ fn rules_round_trip_through_the_control_api() {
 
     let list = d.ok(&["rules", "list", "--scope", "global"]);
     assert!(!list.contains("no-db"), "{list}");
+}
+
+#[test]
+fn rules_name_principals_and_priorities() {
+    let d = Daemon::start();
+    let id = "spiffe://cluster.local/ns/default/sa/client";
+    d.ok(&[
+        "rules",
+        "add",
+        "--scope",
+        "global",
+        "--tag",
+        "no-client",
+        "--action",
+        "deny",
+        "--principal",
+        id,
+        "--priority",
+        "5",
+    ]);
+    d.ok(&[
+        "rules",
+        "add",
+        "--scope",
+        "local",
+        "--namespace",
+        "default",
+        "--tag",
+        "ns-only",
+        "--action",
+        "allow",
+        "--principal",
+        "prefix:spiffe://cluster.local/ns/default/",
+    ]);
+    let list = d.ok(&["rules", "list"]);
+    let row = |tag: &str| {
+        list.lines()
+            .find(|l| l.contains(tag))
+            .unwrap_or_else(|| panic!("{tag} missing from\n{list}"))
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    assert!(list.starts_with("TABLE"), "{list}");
+    for column in ["PRIO", "PRINCIPAL", "SOURCE"] {
+        assert!(list.lines().next().unwrap().contains(column), "{list}");
+    }
+    assert!(
+        row("no-client").ends_with(&format!("5 exact:{id} -")),
+        "{list}"
+    );
+    assert!(
+        row("ns-only").ends_with("0 prefix:spiffe://cluster.local/ns/default/ -"),
+        "{list}"
+    );
+    // A principal rule never matches an ordinary connect, which carries no identity.
+    let server = Worker::attach(AttachOptions::new(d.app_socket())).unwrap();
+    let _listener = server.listen("127.0.0.1:7600".parse().unwrap()).unwrap();
+    let client = Worker::attach(AttachOptions::new(d.app_socket())).unwrap();
+    assert!(client.connect("127.0.0.1:7600".parse().unwrap()).is_ok());
+
+    let err = d.fails(&[
+        "rules",
+        "add",
+        "--scope",
+        "global",
+        "--tag",
+        "x",
+        "--action",
+        "deny",
+        "--principal",
+        "suffix:",
+    ]);
+    assert!(err.contains("--principal"), "{err}");
+    let err = d.fails(&[
+        "rules",
+        "add",
+        "--scope",
+        "global",
+        "--tag",
+        "x",
+        "--action",
+        "deny",
+        "--principal",
+        "exact:spiffe://a/\u{7f}",
+    ]);
+    assert!(err.contains("principal"), "{err}");
+    let err = d.fails(&[
+        "rules",
+        "add",
+        "--scope",
+        "global",
+        "--tag",
+        "x",
+        "--action",
+        "deny",
+        "--priority",
+        "high",
+    ]);
+    assert!(err.contains("--priority"), "{err}");
+}
+
+#[test]
+fn services_list_what_config_sources_replaced() {
+    use shunt_proto::control as pb;
+    let d = Daemon::start();
+    assert_eq!(
+        d.ok(&["services"]),
+        "SOURCE  CLUSTER  ENDPOINTS  TLS  IDENTITIES\n"
+    );
+    let exact = |id: &str| pb::IdentityMatch {
+        kind: Some(pb::identity_match::Kind::Exact(id.into())),
+    };
+    let endpoint = |address: &str| pb::ServiceEndpoint {
+        address: address.into(),
+        ..Default::default()
+    };
+    let reviews = pb::Service {
+        cluster: "outbound|9080||reviews.default.svc.cluster.local".into(),
+        endpoints: vec![endpoint("10.1.0.1:9080"), endpoint("10.1.0.2:9080")],
+        expected_identities: vec![
+            exact("spiffe://cluster.local/ns/default/sa/reviews"),
+            pb::IdentityMatch {
+                kind: Some(pb::identity_match::Kind::Prefix(
+                    "spiffe://cluster.local/ns/prod/".into(),
+                )),
+            },
+        ],
+        tls_mode: pb::TlsMode::Istio as i32,
+        ..Default::default()
+    };
+    let legacy = pb::Service {
+        cluster: "legacy".into(),
+        endpoints: vec![endpoint("unix:/run/legacy.sock")],
+        tls_mode: pb::TlsMode::Disabled as i32,
+        ..Default::default()
+    };
+    let control = d.dir.path().join("control.sock");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let channel = tonic::transport::Endpoint::from_static("http://shuntd.control")
+            .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+                let path = control.clone();
+                async move {
+                    let stream = tokio::net::UnixStream::connect(path).await?;
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+                }
+            }))
+            .await
+            .unwrap();
+        let mut c = pb::control_client::ControlClient::new(channel);
+        for (source, services) in [("xds/b", vec![reviews]), ("xds/a", vec![legacy])] {
+            c.replace_services(pb::ReplaceServicesRequest {
+                source: source.into(),
+                services,
+            })
+            .await
+            .unwrap();
+        }
+    });
+    let list = d.ok(&["services"]);
+    let rows: Vec<String> = list
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            "SOURCE CLUSTER ENDPOINTS TLS IDENTITIES",
+            "xds/a legacy 1 disabled -",
+            "xds/b outbound|9080||reviews.default.svc.cluster.local 2 istio \
+             exact:spiffe://cluster.local/ns/default/sa/reviews,prefix:spiffe://cluster.local/ns/prod/",
+        ],
+        "{list}"
+    );
+    let only_b = d.ok(&["services", "--source", "xds/b"]);
+    assert!(
+        !only_b.contains("legacy") && only_b.contains("reviews"),
+        "{only_b}"
+    );
+    let help = String::from_utf8(
+        shunt_at(&d.dir.path().join("control.sock"), &["services", "--help"]).stdout,
+    )
+    .unwrap();
+    assert!(
+        help.contains("--source") && help.contains("identities"),
+        "{help}"
+    );
 }
 
 #[test]
@@ -256,7 +450,15 @@ fn help_lists_every_command() {
         .output()
         .unwrap();
     let help = String::from_utf8(out.stdout).unwrap();
-    for cmd in ["sessions", "apps", "stats", "namespaces", "rules"] {
+    for cmd in [
+        "sessions",
+        "apps",
+        "stats",
+        "namespaces",
+        "rules",
+        "services",
+        "certs",
+    ] {
         assert!(help.contains(cmd), "{cmd} missing from --help:\n{help}");
     }
 }
