@@ -29,3 +29,6 @@ fi
 
 # The pinned Envoy for the module's tests (cached after the first run).
 bash "$(dirname "$0")/envoy.sh" >/dev/null
+
+# The third-party xDS control plane (nebucloud-xds) that shunt-xds's interop tests run against.
+bash "$(dirname "$0")/xds-server.sh" >/dev/null

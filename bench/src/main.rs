@@ -17,6 +17,7 @@ mod pingpong;
 mod pki;
 mod report;
 mod sidecar;
+mod xds;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -57,6 +58,8 @@ enum Command {
     Connect(ConnectArgs),
     /// Two Envoy sidecars: no sidecars, plain TCP, Envoy's mTLS and Shunt between them.
     Envoy(EnvoyArgs),
+    /// shunt-xds accepting and translating a large mesh: time and peak memory.
+    Xds(XdsArgs),
     /// The child side of a two-process measurement.
     #[command(hide = true)]
     Peer(peer::PeerArgs),
@@ -123,6 +126,24 @@ struct EnvoyArgs {
     /// Runs the module in its plain mode, without TLS (mode `shunt-plain`).
     #[arg(long)]
     shunt_plain: bool,
+}
+
+#[derive(Args, Debug)]
+struct XdsArgs {
+    #[command(flatten)]
+    common: Common,
+    #[arg(long, default_value_t = 1000)]
+    clusters: usize,
+    #[arg(long, default_value_t = 10)]
+    endpoints_per_cluster: usize,
+    /// Inbound ports, each with an RBAC policy of ten principals.
+    #[arg(long, default_value_t = 50)]
+    inbound_ports: usize,
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Measure once, in this process, and print the one result line.
+    #[arg(long, hide = true)]
+    single: bool,
 }
 
 /// How bytes travel between the two ends of a measurement.
@@ -234,6 +255,20 @@ fn main() -> anyhow::Result<()> {
                 shunt_plain: a.shunt_plain,
             };
             envoy::run(&opts, &mut r)
+        }
+        Command::Xds(a) => {
+            let mut r = Reporter::new(a.common.json);
+            let quick = a.common.quick;
+            let opts = xds::Options {
+                clusters: if quick { 50 } else { a.clusters },
+                endpoints_per_cluster: a.endpoints_per_cluster,
+                inbound_ports: if quick { 5 } else { a.inbound_ports },
+                runs: if quick { 1 } else { a.runs },
+            };
+            if a.single {
+                return xds::single(&opts);
+            }
+            xds::run(&opts, &mut r)
         }
     }
 }

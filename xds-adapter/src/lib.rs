@@ -8,5 +8,7 @@ pub mod node;
 pub mod offline;
 pub mod resource;
 pub mod tables;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod translate;
 pub mod xds;

@@ -51,6 +51,10 @@ struct RunArgs {
     sds_address: Option<Target>,
     #[arg(long, value_enum, default_value = "delta", env = "SHUNT_XDS_PROTOCOL")]
     protocol: Protocol,
+    /// The protocol of the separate SDS stream: pilot-agent's SDS server implements state of
+    /// the world only in many Istio releases.
+    #[arg(long, value_enum, default_value = "sotw")]
+    sds_protocol: Protocol,
     /// The node id to present, Istio's TYPE~IP~POD.NAMESPACE~DOMAIN.
     #[arg(long, env = "SHUNT_XDS_NODE_ID")]
     node_id: NodeId,
@@ -77,6 +81,14 @@ struct RunArgs {
     xds_key: Option<PathBuf>,
     #[arg(long)]
     xds_server_name: Option<String>,
+    /// A token file sent as `authorization: Bearer` (istiod on 15012 takes the pod's projected
+    /// service-account token, `/var/run/secrets/tokens/istio-token`); read on every connect.
+    #[arg(long, env = "SHUNT_XDS_TOKEN_FILE")]
+    xds_token_file: Option<PathBuf>,
+    /// Extra request headers as KEY=VALUE (istiod wants `clusterid=Kubernetes` or your
+    /// cluster's id).
+    #[arg(long = "xds-header", value_parser = parse_key_value)]
+    xds_headers: Vec<(String, String)>,
     /// shuntd's control socket.
     #[arg(
         long,
@@ -193,12 +205,18 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         },
         backoff_initial: args.backoff_initial,
         backoff_max: args.backoff_max,
+        token_file: args.xds_token_file,
+        headers: args.xds_headers,
     };
+    // pilot-agent's SDS socket is local and takes no credentials.
     let sds = args.sds_address.map(|target| StreamConfig {
         target,
         tls: None,
+        protocol: args.sds_protocol,
         api: Api::Secrets,
         secrets,
+        token_file: None,
+        headers: Vec::new(),
         ..ads.clone()
     });
 

@@ -16,7 +16,7 @@ use shunt_proto::control::control_client::ControlClient;
 use shunt_tls::dev_pki::DevCa;
 use shunt_xds::offline::translate_dump;
 use shunt_xds::resource::Resource;
-use support::mesh;
+use shunt_xds::testing::mesh;
 use support::nebucloud::NebucloudServer;
 
 const NODE_ID: &str = "sidecar~127.0.0.1~echo-1.default~default.svc.cluster.local";

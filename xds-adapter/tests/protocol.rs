@@ -15,14 +15,22 @@ use shunt_xds::metrics::Metrics;
 use shunt_xds::node::{NodeId, envoy_node};
 use shunt_xds::resource::ResourceType;
 use shunt_xds::tables::{Tables, TlsMode};
+use shunt_xds::testing::mesh::{self, any};
 use shunt_xds::translate::Context;
 use shunt_xds::xds::{self, Api, Protocol, State, StreamConfig, Target};
-use support::mesh::{self, any};
 use support::scripted_ads::ScriptedAds;
 
 const ECHO: &str = "outbound|8080||echo.default.svc.cluster.local";
 const OTHER: &str = "outbound|9090||other.default.svc.cluster.local";
 const ECHO_SAN: &str = "spiffe://cluster.local/ns/default/sa/echo";
+
+/// A service-account token, as a projected token file holds it.
+fn token_file() -> std::path::PathBuf {
+    let dir = tempfile::tempdir().unwrap().keep();
+    let path = dir.join("istio-token");
+    std::fs::write(&path, "t0k3n\n").unwrap();
+    path
+}
 
 fn start(server: &ScriptedAds, protocol: Protocol) -> Arc<State> {
     let id = NodeId::sidecar("10.0.0.7".parse().unwrap(), "client-1", "default");
@@ -39,6 +47,8 @@ fn start(server: &ScriptedAds, protocol: Protocol) -> Arc<State> {
         secrets: vec!["default".into(), "ROOTCA".into()],
         backoff_initial: Duration::from_millis(50),
         backoff_max: Duration::from_millis(400),
+        token_file: Some(token_file()),
+        headers: vec![("clusterid".into(), "Kubernetes".into())],
     };
     tokio::spawn(xds::run(config, state.clone()));
     state
@@ -84,6 +94,14 @@ async fn delta_push_update_remove_nack_and_resume() {
     let mut server = ScriptedAds::start().await;
     let state = start(&server, Protocol::Delta);
     let mut conn = server.next_delta().await;
+    let header = |name: &str| {
+        conn.metadata
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    assert_eq!(header("authorization").as_deref(), Some("Bearer t0k3n"));
+    assert_eq!(header("clusterid").as_deref(), Some("Kubernetes"));
 
     // Initial requests: wildcard CDS and LDS, named secrets; the node goes once.
     let mut initial = Vec::new();

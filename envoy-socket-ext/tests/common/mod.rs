@@ -432,6 +432,8 @@ pub struct Chain {
     pub a: Envoy,
     pub relay: Relay,
     pub entry: u16,
+    /// The server sidecar's listener: the local end of what its pairings replace.
+    pub b_port: u16,
 }
 
 impl Chain {
@@ -465,6 +467,7 @@ pub fn chain(a_socket: &str, b_socket: &str) -> Chain {
         a,
         relay,
         entry: a_port,
+        b_port,
     }
 }
 

@@ -99,7 +99,7 @@ pub(crate) fn rules(
         .any(|f| f.name == ORIGINAL_DST)
         || listener.use_original_dst.is_some_and(|v| v.value);
 
-    let mut chains = Vec::new();
+    let mut read = Vec::new();
     for (index, chain) in listener.filter_chains.iter().enumerate() {
         let name = if chain.name.is_empty() {
             index.to_string()
@@ -107,7 +107,21 @@ pub(crate) fn rules(
             chain.name.clone()
         };
         let filters = chain_filters(chain, &name, &subject, findings)?;
-        if filters.is_empty() {
+        read.push((chain, name, filters));
+    }
+    // A chain without RBAC matters only when a catch-all chain's rules could reach its port.
+    let catch_all_rbac = virtual_listener
+        && read.iter().any(|(chain, _, filters)| {
+            !filters.is_empty()
+                && chain
+                    .filter_chain_match
+                    .as_ref()
+                    .is_none_or(|m| m.destination_port.is_none())
+        });
+
+    let mut chains = Vec::new();
+    for (chain, name, filters) in read {
+        if filters.is_empty() && !catch_all_rbac {
             continue;
         }
         let m = chain.filter_chain_match.clone().unwrap_or_default();
@@ -181,7 +195,9 @@ pub(crate) fn rules(
             }
         }
     }
-    let has_catch_all = by_destination.values().any(|c| c.band == CATCH_ALL_BAND);
+    let has_catch_all = by_destination
+        .values()
+        .any(|c| c.band == CATCH_ALL_BAND && !c.filters.is_empty());
 
     let mut out = Vec::new();
     for chain in by_destination.values() {

@@ -102,9 +102,9 @@ pub fn translate(resources: &ResourceSet, context: &Context) -> Tables {
     let findings = &mut tables.findings;
     let of = |kind| resources.get(&kind).into_iter().flat_map(|m| m.values());
 
-    let endpoints: BTreeMap<String, _> = of(ResourceType::Endpoints)
+    let endpoints: BTreeMap<&str, _> = of(ResourceType::Endpoints)
         .filter_map(|r| match r {
-            Resource::Endpoints(e) => Some((e.cluster_name.clone(), (**e).clone())),
+            Resource::Endpoints(e) => Some((e.cluster_name.as_str(), &**e)),
             _ => None,
         })
         .collect();
@@ -119,7 +119,7 @@ pub fn translate(resources: &ResourceSet, context: &Context) -> Tables {
         }
     }
     for (name, assignment) in &endpoints {
-        if !used.contains(name) {
+        if !used.contains(*name) {
             tables
                 .services
                 .extend(services::orphan_service(assignment, findings));

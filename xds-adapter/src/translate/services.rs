@@ -45,7 +45,7 @@ pub enum ClusterError {
 /// that are not services (listed in `findings`).
 pub(crate) fn service(
     cluster: &Cluster,
-    endpoints: &BTreeMap<String, ClusterLoadAssignment>,
+    endpoints: &BTreeMap<&str, &ClusterLoadAssignment>,
     findings: &mut Vec<Finding>,
 ) -> Result<Option<Service>, ClusterError> {
     let subject = format!("cluster/{}", cluster.name);
@@ -75,7 +75,7 @@ pub(crate) fn service(
 
     let (tls_mode, expected_identities) = tls(cluster)?;
     let assignment = match eds_service_name(cluster) {
-        Some(name) => endpoints.get(name),
+        Some(name) => endpoints.get(name).copied(),
         None => cluster.load_assignment.as_ref(),
     };
     let service = Service {

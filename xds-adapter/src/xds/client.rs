@@ -6,6 +6,7 @@
 //! version for SotW), so a server can resume instead of resending.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -57,9 +58,36 @@ pub struct StreamConfig {
     pub secrets: Vec<String>,
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
+    /// Sent as `authorization: Bearer TOKEN`, read again on every connect because projected
+    /// service-account tokens rotate (istiod authenticates sidecars this way on port 15012).
+    pub token_file: Option<PathBuf>,
+    /// Extra request headers, such as Istio's `clusterid`.
+    pub headers: Vec<(String, String)>,
 }
 
 impl StreamConfig {
+    /// `body` as a request carrying the configured credentials and headers.
+    fn request<T>(&self, body: T) -> Result<tonic::Request<T>, StreamError> {
+        let mut request = tonic::Request::new(body);
+        let metadata = request.metadata_mut();
+        let bad = |name: &str| StreamError::Header(name.to_owned());
+        for (name, value) in &self.headers {
+            let key =
+                tonic::metadata::MetadataKey::from_bytes(name.to_ascii_lowercase().as_bytes())
+                    .map_err(|_| bad(name))?;
+            metadata.insert(key, value.parse().map_err(|_| bad(name))?);
+        }
+        if let Some(path) = &self.token_file {
+            let token =
+                std::fs::read_to_string(path).map_err(|e| StreamError::Token(path.clone(), e))?;
+            let value = format!("Bearer {}", token.trim())
+                .parse()
+                .map_err(|_| bad("authorization"))?;
+            metadata.insert("authorization", value);
+        }
+        Ok(request)
+    }
+
     fn types(&self) -> Vec<ResourceType> {
         match self.api {
             Api::Aggregated => ResourceType::ALL.to_vec(),
@@ -83,6 +111,10 @@ pub enum StreamError {
     Status(#[from] tonic::Status),
     #[error("server closed the stream")]
     Closed,
+    #[error("reading the token {0}: {1}")]
+    Token(PathBuf, std::io::Error),
+    #[error("header `{0}` is not a valid gRPC metadata entry")]
+    Header(String),
 }
 
 impl StreamError {
@@ -97,6 +129,7 @@ impl StreamError {
                 _ => "status",
             },
             StreamError::Closed => "closed",
+            StreamError::Token(..) | StreamError::Header(_) => "credentials",
         }
     }
 }
@@ -194,12 +227,12 @@ async fn sotw(
     let mut responses = match config.api {
         Api::Aggregated => AggregatedDiscoveryServiceClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .stream_aggregated_resources(requests)
+            .stream_aggregated_resources(config.request(requests)?)
             .await?
             .into_inner(),
         Api::Secrets => SecretDiscoveryServiceClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .stream_secrets(requests)
+            .stream_secrets(config.request(requests)?)
             .await?
             .into_inner(),
     };
@@ -347,12 +380,12 @@ async fn delta(
     let mut responses = match config.api {
         Api::Aggregated => AggregatedDiscoveryServiceClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .delta_aggregated_resources(requests)
+            .delta_aggregated_resources(config.request(requests)?)
             .await?
             .into_inner(),
         Api::Secrets => SecretDiscoveryServiceClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .delta_secrets(requests)
+            .delta_secrets(config.request(requests)?)
             .await?
             .into_inner(),
     };

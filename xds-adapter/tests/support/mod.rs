@@ -1,4 +1,3 @@
 #![allow(dead_code, unreachable_pub)]
-pub mod mesh;
 pub mod nebucloud;
 pub mod scripted_ads;

@@ -17,6 +17,8 @@ use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Request, Response, Status, Streaming};
 
 pub struct Connection<Req, Resp> {
+    /// The headers the client sent with the stream.
+    pub metadata: tonic::metadata::MetadataMap,
     pub requests: Streaming<Req>,
     pub responses: mpsc::Sender<Result<Resp, Status>>,
 }
@@ -61,6 +63,7 @@ impl AggregatedDiscoveryService for Service {
         let (tx, rx) = mpsc::channel(64);
         self.sotw
             .send(Connection {
+                metadata: request.metadata().clone(),
                 requests: request.into_inner(),
                 responses: tx,
             })
@@ -76,6 +79,7 @@ impl AggregatedDiscoveryService for Service {
         let (tx, rx) = mpsc::channel(64);
         self.delta
             .send(Connection {
+                metadata: request.metadata().clone(),
                 requests: request.into_inner(),
                 responses: tx,
             })

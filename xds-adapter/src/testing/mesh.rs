@@ -1,4 +1,4 @@
-//! Istio-shaped xDS resources for tests, built with envoy-types.
+//! Builders of the resources istiod sends a sidecar, as envoy-types values.
 
 use std::collections::HashMap;
 
@@ -327,5 +327,4 @@ pub fn root_secret(name: &str, ca: &str) -> Secret {
     }
 }
 
-#[allow(unused_imports)]
 pub use envoy_types::pb::envoy::config::rbac::v3::rbac::Action as RbacAction;

@@ -1,0 +1,3 @@
+//! Istio-shaped xDS resources for tests and benchmarks (feature `testing`).
+
+pub mod mesh;
