@@ -10,10 +10,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use envoy_types::pb::envoy::config::core::v3::TrafficDirection;
-use envoy_types::pb::envoy::config::listener::v3::{
-    FilterChain, FilterChainMatch, Listener, ListenerFilter,
-};
+use envoy_types::pb::envoy::config::listener::v3::{FilterChain, FilterChainMatch};
 use envoy_types::pb::google::protobuf::{Any, UInt32Value};
 use serde::{Deserialize, Serialize};
 use shunt_xds::metrics::Metrics;
@@ -124,17 +121,7 @@ fn mesh_input(o: &Options) -> Vec<(ResourceType, Vec<(String, Any)>)> {
             }
         })
         .collect();
-    let listener = Listener {
-        name: "virtualInbound".into(),
-        address: Some(mesh::socket("0.0.0.0", 15006)),
-        traffic_direction: TrafficDirection::Inbound as i32,
-        listener_filters: vec![ListenerFilter {
-            name: "envoy.filters.listener.original_dst".into(),
-            ..Default::default()
-        }],
-        filter_chains: chains,
-        ..Default::default()
-    };
+    let listener = mesh::virtual_inbound(chains);
     vec![
         (ResourceType::Cluster, clusters),
         (ResourceType::Endpoints, assignments),

@@ -15,3 +15,8 @@ pub mod control {
     #![allow(missing_docs, unreachable_pub, clippy::all)]
     include!(concat!(env!("OUT_DIR"), "/shunt.control.v1.rs"));
 }
+
+#[cfg(feature = "grpc")]
+mod unix;
+#[cfg(feature = "grpc")]
+pub use unix::{CONTROL_MESSAGE_LIMIT, control_client, unix_channel};

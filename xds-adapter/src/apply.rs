@@ -1,15 +1,12 @@
 //! Installs translated tables in shuntd through its control API: each swap replaces the whole
 //! of this adapter's rules and services in one call, so shuntd never holds half an update.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper_util::rt::TokioIo;
 use shunt_proto::control as pb;
-use shunt_proto::control::control_client::ControlClient;
 use tokio::sync::watch;
-use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::metrics::Metrics;
 use crate::tables::Tables;
@@ -35,24 +32,9 @@ pub enum ApplyError {
     },
 }
 
-async fn client(socket: &Path) -> Result<ControlClient<Channel>, ApplyError> {
-    let path = socket.to_owned();
-    let channel = Endpoint::from_static("http://shuntd.control")
-        .connect_timeout(Duration::from_secs(5))
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move {
-                let stream = tokio::net::UnixStream::connect(path).await?;
-                Ok::<_, std::io::Error>(TokioIo::new(stream))
-            }
-        }))
-        .await?;
-    Ok(ControlClient::new(channel))
-}
-
 /// Installs `tables` for `target`.
 pub async fn install(target: &ShuntdTarget, tables: &Tables) -> Result<(), ApplyError> {
-    let mut c = client(&target.control_socket).await?;
+    let mut c = shunt_proto::control_client(&target.control_socket).await?;
     let refused = |what| move |status| ApplyError::Refused { what, status };
     c.replace_services(pb::ReplaceServicesRequest {
         source: target.source.clone(),

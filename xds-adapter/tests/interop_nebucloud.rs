@@ -6,18 +6,15 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use shunt_envoy_harness::Envoy;
 use shunt_proto::control as pb;
-use shunt_proto::control::control_client::ControlClient;
 use shunt_tls::dev_pki::DevCa;
 use shunt_xds::offline::translate_dump;
 use shunt_xds::resource::Resource;
 use shunt_xds::testing::mesh;
 use support::nebucloud::NebucloudServer;
+use support::shuntd::{Adapter, TestShuntd, eventually};
 
 const NODE_ID: &str = "sidecar~127.0.0.1~echo-1.default~default.svc.cluster.local";
 const SOURCE: &str = "xds/echo-1.default";
@@ -116,110 +113,6 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// Polls `probe` until it returns `Some`, for up to 20 s: Envoy and the adapter converge on
-/// their own schedule.
-fn eventually<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(v) = probe() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-struct Adapter(Child);
-
-impl Drop for Adapter {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_adapter(
-    protocol: &str,
-    xds: SocketAddr,
-    control: &std::path::Path,
-    log: PathBuf,
-) -> Adapter {
-    let log = std::fs::File::create(log).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_shunt-xds"))
-        .args([
-            "run",
-            "--xds-address",
-            &format!("http://{xds}"),
-            "--protocol",
-            protocol,
-        ])
-        .args(["--node-id", NODE_ID, "--metadata", "INSTANCE_IPS=127.0.0.1"])
-        .arg("--control-socket")
-        .arg(control)
-        .args(["--metrics-address", "127.0.0.1:0"])
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .expect("spawn shunt-xds");
-    Adapter(child)
-}
-
-async fn control(socket: PathBuf) -> ControlClient<tonic::transport::Channel> {
-    let channel = tonic::transport::Endpoint::from_static("http://shuntd.control")
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            let socket = socket.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(socket).await?,
-                ))
-            }
-        }))
-        .await
-        .unwrap();
-    ControlClient::new(channel)
-}
-
-fn shuntd_tables(
-    rt: &tokio::runtime::Runtime,
-    socket: PathBuf,
-) -> (Vec<pb::Service>, Vec<pb::Rule>, Vec<pb::CertificateInfo>) {
-    rt.block_on(async {
-        let mut c = control(socket).await;
-        let mut services: Vec<pb::Service> = c
-            .list_services(pb::ListServicesRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .services
-            .into_iter()
-            .filter(|s| s.source == SOURCE)
-            .filter_map(|s| s.service)
-            .collect();
-        services.sort_by(|a, b| a.cluster.cmp(&b.cluster));
-        let mut rules: Vec<pb::Rule> = c
-            .list_rules(pb::ListRulesRequest {
-                scope: pb::RuleScope::Global as i32,
-                namespace: String::new(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .rules
-            .into_iter()
-            .filter(|r| r.source == SOURCE)
-            .collect();
-        rules.sort_by(|a, b| a.tag.cmp(&b.tag));
-        let certs = c
-            .list_certificates(pb::ListCertificatesRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .certificates;
-        (services, rules, certs)
-    })
-}
-
 fn envoy_and_adapter_agree(api_type: &str, protocol: &str) {
     let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let inbound_port = free_port();
@@ -272,24 +165,21 @@ fn envoy_and_adapter_agree(api_type: &str, protocol: &str) {
     );
 
     // shunt-xds against the same server, installing in a real shuntd.
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = shuntd::config::Config::load(None).unwrap();
-    config.app_socket = dir.path().join("shuntd.sock");
-    config.control_socket = dir.path().join("control.sock");
-    config.metrics_address = "127.0.0.1:0".into();
-    let _shuntd = shuntd::background::spawn(config).expect("shuntd starts");
-    let control_socket = dir.path().join("control.sock");
-    let _adapter = start_adapter(
-        protocol,
-        server.address,
-        &control_socket,
-        dir.path().join("adapter.log"),
+    let shuntd = TestShuntd::start();
+    let xds = format!("http://{}", server.address);
+    let adapter = Adapter::start(
+        &shuntd,
+        &[
+            "--xds-address",
+            &xds,
+            "--protocol",
+            protocol,
+            "--node-id",
+            NODE_ID,
+            "--metadata",
+            "INSTANCE_IPS=127.0.0.1",
+        ],
     );
-
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
     let want_services: Vec<pb::Service> = expected.tables.services.iter().map(Into::into).collect();
     let want_rules: Vec<pb::Rule> = expected
         .tables
@@ -298,13 +188,12 @@ fn envoy_and_adapter_agree(api_type: &str, protocol: &str) {
         .map(|r| r.to_proto(SOURCE))
         .collect();
     let (services, rules, certs) = eventually("shuntd to hold the adapter's tables", || {
-        let got = shuntd_tables(&rt, control_socket.clone());
+        let got = shuntd.tables(SOURCE);
         (got.0.len() == want_services.len() && got.1.len() == want_rules.len() && !got.2.is_empty())
             .then_some(got)
     });
-    let log = || std::fs::read_to_string(dir.path().join("adapter.log")).unwrap_or_default();
-    assert_eq!(services, want_services, "{}", log());
-    assert_eq!(rules, want_rules, "{}", log());
+    assert_eq!(services, want_services, "{}", adapter.log());
+    assert_eq!(rules, want_rules, "{}", adapter.log());
     assert_eq!(certs.len(), 1);
     assert_eq!(
         (
@@ -343,6 +232,34 @@ fn envoy_and_adapter_agree(api_type: &str, protocol: &str) {
     );
     assert!(rules.iter().all(|r| r.local_prefix == "127.0.0.1/32"
         && r.local_ports.as_ref().map(|p| p.first) == Some(inbound_port.into())));
+
+    // The adapter's own metrics tell the same story.
+    let metric = |series: &str| adapter.metric(series);
+    eventually("the adapter's metrics", || {
+        metric("shunt_xds_connected{stream=\"ads\"}").filter(|v| *v == 1.0)
+    });
+    for (series, want) in [
+        ("shunt_xds_resources{type=\"cds\"}", 3.0),
+        ("shunt_xds_resources{type=\"eds\"}", 1.0),
+        ("shunt_xds_resources{type=\"lds\"}", 1.0),
+        ("shunt_xds_resources{type=\"sds\"}", 2.0),
+    ] {
+        assert_eq!(metric(series), Some(want), "{series}");
+    }
+    let accepted = metric("shunt_xds_updates_total{result=\"accepted\",type=\"cds\"}");
+    assert!(accepted.is_some_and(|v| v >= 1.0), "{accepted:?}");
+    assert_eq!(
+        metric("shunt_xds_updates_total{result=\"rejected\",type=\"cds\"}"),
+        None
+    );
+    assert!(metric("shunt_xds_shuntd_applies_total{result=\"ok\"}").is_some_and(|v| v >= 1.0));
+    assert!(metric("shunt_xds_last_update_age_seconds").is_some_and(|v| v >= 0.0));
+
+    // Regenerates the committed Envoy 1.40 dumps that translate_fixtures.rs reads.
+    if let Ok(dir) = std::env::var("SHUNT_XDS_CAPTURE_DIR") {
+        let path = format!("{dir}/{protocol}-configdump.json");
+        std::fs::write(path, &dump).unwrap();
+    }
 }
 
 #[test]

@@ -233,9 +233,16 @@ async fn delta_push_update_remove_nack_and_resume() {
     })
     .await;
 
-    // The server goes away; the client comes back claiming what it holds.
+    // The server goes away; the client keeps what it accepted and comes back claiming it.
     drop(conn);
     let mut conn = server.next_delta().await;
+    let kept = state.tables();
+    assert!(
+        kept.services
+            .iter()
+            .any(|s| s.cluster == ECHO && s.endpoints.len() == 2),
+        "the last good state survives the stream: {kept:#?}"
+    );
     let first = conn.next().await;
     assert_eq!(first.type_url, ResourceType::Cluster.type_url());
     assert_eq!(

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use shunt_xds::offline::{Report, translate_dump};
-use shunt_xds::tables::{Direction, Severity, TlsMode};
+use shunt_xds::tables::{Action, Direction, IdentityMatch, Severity, TlsMode};
 
 fn fixture(name: &str) -> String {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -87,5 +87,125 @@ fn what_is_not_a_service_is_listed_not_dropped() {
             .services
             .iter()
             .all(|s| s.expected_identities.is_empty())
+    );
+}
+
+/// Dumps captured from Envoy 1.40 fed by nebucloud-xds (see interop_nebucloud.rs), over Delta
+/// and over state of the world.
+#[test]
+fn envoy_1_40_dumps() {
+    for dump in [
+        "envoy-1.40/delta-configdump.json",
+        "envoy-1.40/sotw-configdump.json",
+    ] {
+        let report = translate(dump);
+        assert_eq!(
+            report.node_id.as_deref(),
+            Some("sidecar~127.0.0.1~echo-1.default~default.svc.cluster.local")
+        );
+        assert_eq!(report.source, "xds/echo-1.default");
+        assert_eq!(
+            report.workload_ips,
+            ["127.0.0.1".parse::<std::net::IpAddr>().unwrap()]
+        );
+        let t = &report.tables;
+        assert!(
+            t.findings.iter().all(|f| f.severity != Severity::Rejected),
+            "{dump}: {:#?}",
+            t.findings
+        );
+
+        let eds = t
+            .services
+            .iter()
+            .find(|s| s.cluster == "outbound|9090||eds.default.svc.cluster.local")
+            .expect("the EDS service");
+        assert_eq!(eds.tls_mode, TlsMode::Istio);
+        assert_eq!(
+            eds.expected_identities,
+            [IdentityMatch::Exact(
+                "spiffe://cluster.local/ns/default/sa/echo".into()
+            )]
+        );
+        let endpoints: Vec<(&str, TlsMode, &str)> = eds
+            .endpoints
+            .iter()
+            .map(|e| (e.address.as_str(), e.tls_mode, e.locality.as_str()))
+            .collect();
+        assert_eq!(
+            endpoints,
+            [
+                ("127.0.0.2:9090", TlsMode::Istio, "r1/z1/"),
+                ("127.0.0.3:9090", TlsMode::Disabled, "r1/z1/")
+            ]
+        );
+        let names: Vec<&str> = t.services.iter().map(|s| s.cluster.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "inbound|15123||",
+                "outbound|8080||echo.default.svc.cluster.local",
+                "outbound|9090||eds.default.svc.cluster.local"
+            ],
+            "xds-grpc is infrastructure"
+        );
+        let inbound = &t.services[0];
+        assert_eq!(
+            (inbound.direction, inbound.port, inbound.tls_mode),
+            (Some(Direction::Inbound), 15123, TlsMode::Disabled)
+        );
+
+        // DENY evil (103), ALLOW the client (102), refuse the rest (101), on the listener.
+        let mut rules: Vec<(u32, Action, Option<IdentityMatch>)> = t
+            .rules
+            .iter()
+            .map(|r| (r.priority, r.action, r.principal.clone()))
+            .collect();
+        rules.sort_by_key(|r| r.0);
+        assert_eq!(
+            rules,
+            [
+                (101, Action::Deny, None),
+                (
+                    102,
+                    Action::Allow,
+                    Some(IdentityMatch::Exact(
+                        "spiffe://cluster.local/ns/default/sa/client".into()
+                    ))
+                ),
+                (
+                    103,
+                    Action::Deny,
+                    Some(IdentityMatch::Exact(
+                        "spiffe://cluster.local/ns/evil/sa/x".into()
+                    ))
+                ),
+            ]
+        );
+        assert!(t.rules.iter().all(|r| {
+            r.local_prefix.to_string() == "127.0.0.1/32"
+                && r.local_ports.first == r.local_ports.last
+                && r.origin
+                    .starts_with("listener/127.0.0.1_15123/chain/inbound")
+        }));
+
+        let [cert] = t.certificates.as_slice() else {
+            panic!("{dump}: {:?}", t.certificates)
+        };
+        assert_eq!(cert.identity, "spiffe://cluster.local/ns/default/sa/echo");
+        assert!(cert.redacted, "Envoy redacts private keys in its dumps");
+    }
+}
+
+#[test]
+fn istio_golden_bootstrap_names_a_sidecar_node() {
+    let text = fixture("istio/bootstrap-default-golden.json");
+    let bootstrap: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let id: shunt_xds::node::NodeId = bootstrap["node"]["id"].as_str().unwrap().parse().unwrap();
+    assert_eq!((id.kind.as_str(), id.id.as_str()), ("sidecar", "foo"));
+    // Istio's default, and so the adapter's.
+    assert_eq!(
+        bootstrap["dynamic_resources"]["ads_config"]["api_type"],
+        "DELTA_GRPC"
     );
 }

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 
 use envoy_types::pb::envoy::config::core::v3::TrafficDirection;
 use envoy_types::pb::envoy::config::listener::v3::{
-    Filter, FilterChain, FilterChainMatch, Listener, ListenerFilter, filter,
+    Filter, FilterChain, FilterChainMatch, Listener, filter,
 };
 use envoy_types::pb::envoy::config::rbac::v3::{
     Permission, Policy, Principal, Rbac, permission, principal,
@@ -61,21 +61,6 @@ fn chain(port: Option<u32>, transport: &str, filters: Vec<Filter>) -> FilterChai
     }
 }
 
-/// Istio's inbound listener: 0.0.0.0:15006 with original_dst, chains per port, a catch-all.
-fn virtual_inbound(chains: Vec<FilterChain>) -> Listener {
-    Listener {
-        name: "virtualInbound".into(),
-        address: Some(mesh::socket("0.0.0.0", 15006)),
-        traffic_direction: TrafficDirection::Inbound as i32,
-        listener_filters: vec![ListenerFilter {
-            name: "envoy.filters.listener.original_dst".into(),
-            ..Default::default()
-        }],
-        filter_chains: chains,
-        ..Default::default()
-    }
-}
-
 fn summary(t: &Tables) -> Vec<(u32, Action, String, String, Option<IdentityMatch>)> {
     let mut v: Vec<_> = t
         .rules
@@ -109,7 +94,7 @@ fn istio_virtual_inbound_keeps_each_port_to_its_own_policy() {
             &[("allow", mesh::policy(8080, &[CLIENT]))],
         )
     };
-    let listener = virtual_inbound(vec![
+    let listener = mesh::virtual_inbound(vec![
         chain(
             Some(8080),
             "tls",
@@ -219,7 +204,7 @@ fn path_policy(principal_id: &str) -> Policy {
 #[test]
 fn http_conditions_are_left_to_envoy_without_widening_a_deny() {
     let allow = run(
-        virtual_inbound(vec![http_chain(RbacAction::Allow, path_policy(CLIENT))]),
+        mesh::virtual_inbound(vec![http_chain(RbacAction::Allow, path_policy(CLIENT))]),
         &context(&[WORKLOAD]),
     );
     let rules = summary(&allow);
@@ -238,7 +223,7 @@ fn http_conditions_are_left_to_envoy_without_widening_a_deny() {
 
     // A DENY on a path cannot be checked at pairing: it must not become a deny of everything.
     let deny = run(
-        virtual_inbound(vec![http_chain(RbacAction::Deny, path_policy(EVIL))]),
+        mesh::virtual_inbound(vec![http_chain(RbacAction::Deny, path_policy(EVIL))]),
         &context(&[WORKLOAD]),
     );
     assert!(deny.rules.is_empty(), "{:?}", summary(&deny));
@@ -320,7 +305,7 @@ fn an_unrepresentable_allow_narrows() {
 #[test]
 fn addresses_come_from_the_workload_and_outbound_is_skipped() {
     let allow = mesh::rbac_filter(RbacAction::Allow, &[("a", mesh::policy(8080, &[CLIENT]))]);
-    let inbound = virtual_inbound(vec![chain(Some(8080), "tls", vec![allow.clone()])]);
+    let inbound = mesh::virtual_inbound(vec![chain(Some(8080), "tls", vec![allow.clone()])]);
     let t = run(inbound.clone(), &context(&[]));
     assert_eq!(
         t.findings[0].severity,
@@ -335,7 +320,7 @@ fn addresses_come_from_the_workload_and_outbound_is_skipped() {
                 && r.remote_prefix.to_string() == "::/0")
     );
 
-    let mut outbound = virtual_inbound(vec![chain(Some(8080), "tls", vec![allow])]);
+    let mut outbound = mesh::virtual_inbound(vec![chain(Some(8080), "tls", vec![allow])]);
     outbound.traffic_direction = TrafficDirection::Outbound as i32;
     assert!(run(outbound, &context(&[WORKLOAD])).rules.is_empty());
 }

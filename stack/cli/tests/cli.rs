@@ -300,17 +300,7 @@ fn services_list_what_config_sources_replaced() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let channel = tonic::transport::Endpoint::from_static("http://shuntd.control")
-            .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-                let path = control.clone();
-                async move {
-                    let stream = tokio::net::UnixStream::connect(path).await?;
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
-                }
-            }))
-            .await
-            .unwrap();
-        let mut c = pb::control_client::ControlClient::new(channel);
+        let mut c = shunt_proto::control_client(&control).await.unwrap();
         for (source, services) in [("xds/b", vec![reviews]), ("xds/a", vec![legacy])] {
             c.replace_services(pb::ReplaceServicesRequest {
                 source: source.into(),

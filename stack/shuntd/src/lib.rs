@@ -152,10 +152,7 @@ pub async fn build(config: &Config) -> anyhow::Result<Bound> {
     })
 }
 
-/// Largest control request accepted. A mesh's services arrive in one ReplaceServices request
-/// per source, tens of MiB for the largest meshes the services table holds, well beyond
-/// gRPC's 4 MiB default; the socket is local and privileged.
-pub const CONTROL_MESSAGE_LIMIT: usize = 64 << 20;
+pub use shunt_proto::CONTROL_MESSAGE_LIMIT;
 
 /// How often waiting pairing offers are checked for expiry.
 const PAIR_EXPIRY_TICK: std::time::Duration = std::time::Duration::from_millis(250);

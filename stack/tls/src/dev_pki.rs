@@ -9,10 +9,9 @@ use std::path::{Path, PathBuf};
 
 use rcgen::{
     BasicConstraints, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
-    SanType,
 };
 
-pub use rcgen::{CertificateParams, Error};
+pub use rcgen::{CertificateParams, Error, SanType};
 
 /// A certificate authority that issues workload certificates.
 pub struct DevCa {

@@ -15,7 +15,7 @@ use envoy_types::pb::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
 };
 use envoy_types::pb::envoy::config::listener::v3::{
-    Filter, FilterChain, FilterChainMatch, Listener, filter,
+    Filter, FilterChain, FilterChainMatch, Listener, ListenerFilter, filter,
 };
 use envoy_types::pb::envoy::config::rbac::v3::{
     Permission, Policy, Principal, Rbac, permission, principal, rbac::Action,
@@ -291,6 +291,22 @@ pub fn inbound_listener(
             name: "inbound".into(),
             ..Default::default()
         }],
+        ..Default::default()
+    }
+}
+
+/// Istio's inbound listener: every address on 15006, the original destination restored, one
+/// filter chain per port and perhaps a catch-all.
+pub fn virtual_inbound(chains: Vec<FilterChain>) -> Listener {
+    Listener {
+        name: "virtualInbound".into(),
+        address: Some(socket("0.0.0.0", 15006)),
+        traffic_direction: TrafficDirection::Inbound as i32,
+        listener_filters: vec![ListenerFilter {
+            name: "envoy.filters.listener.original_dst".into(),
+            ..Default::default()
+        }],
+        filter_chains: chains,
         ..Default::default()
     }
 }

@@ -208,6 +208,45 @@ fn decode_all(
     }
 }
 
+/// The response's type, or the NACK for a type nobody asked for.
+fn subscribed(
+    config: &StreamConfig,
+    state: &State,
+    type_url: &str,
+) -> Result<ResourceType, RpcStatus> {
+    ResourceType::from_type_url(type_url)
+        .filter(|k| config.types().contains(k))
+        .ok_or_else(|| {
+            state.metrics().translation_error("unknown_type");
+            tracing::warn!(%type_url, "NACK: a type this adapter did not ask for");
+            RpcStatus {
+                code: INVALID_ARGUMENT,
+                message: "type not subscribed".into(),
+                details: Vec::new(),
+            }
+        })
+}
+
+/// Logs and counts the outcome of a response; the error detail its reply carries.
+fn verdict(
+    state: &State,
+    kind: ResourceType,
+    version: &str,
+    outcome: Result<(), Vec<Rejection>>,
+) -> Option<RpcStatus> {
+    match outcome {
+        Ok(()) => {
+            tracing::info!(%kind, %version, "ACK");
+            None
+        }
+        Err(rejections) => {
+            state.metrics().update(kind, false);
+            tracing::warn!(%kind, %version, detail = %error_detail(&rejections), "NACK");
+            Some(nack_status(&rejections))
+        }
+    }
+}
+
 fn nack_status(rejections: &[Rejection]) -> RpcStatus {
     RpcStatus {
         code: INVALID_ARGUMENT,
@@ -273,23 +312,18 @@ async fn sotw(
             nonce,
             ..
         } = response;
-        let Some(kind) =
-            ResourceType::from_type_url(&type_url).filter(|k| config.types().contains(k))
-        else {
-            state.metrics().translation_error("unknown_type");
-            tracing::warn!(%type_url, "NACK: a type this adapter did not ask for");
-            send(DiscoveryRequest {
-                type_url,
-                response_nonce: nonce,
-                error_detail: Some(RpcStatus {
-                    code: INVALID_ARGUMENT,
-                    message: "type not subscribed".into(),
-                    details: Vec::new(),
-                }),
-                ..Default::default()
-            })
-            .await?;
-            continue;
+        let kind = match subscribed(config, state, &type_url) {
+            Ok(kind) => kind,
+            Err(nack) => {
+                send(DiscoveryRequest {
+                    type_url,
+                    response_nonce: nonce,
+                    error_detail: Some(nack),
+                    ..Default::default()
+                })
+                .await?;
+                continue;
+            }
         };
         let names = asked.get(&kind).cloned().unwrap_or_default();
         let decoded = decode_all(
@@ -319,18 +353,10 @@ async fn sotw(
                 },
             )
         });
-        let error_detail = match outcome {
-            Ok(()) => {
-                versions.insert(kind, version_info.clone());
-                tracing::info!(%kind, version = %version_info, "ACK");
-                None
-            }
-            Err(rejections) => {
-                state.metrics().update(kind, false);
-                tracing::warn!(%kind, version = %version_info, detail = %error_detail(&rejections), "NACK");
-                Some(nack_status(&rejections))
-            }
-        };
+        if outcome.is_ok() {
+            versions.insert(kind, version_info.clone());
+        }
+        let error_detail = verdict(state, kind, &version_info, outcome);
         nonces.insert(kind, nonce.clone());
         send(DiscoveryRequest {
             version_info: versions.get(&kind).cloned().unwrap_or_default(),
@@ -427,23 +453,18 @@ async fn delta(
             nonce,
             ..
         } = response;
-        let Some(kind) =
-            ResourceType::from_type_url(&type_url).filter(|k| config.types().contains(k))
-        else {
-            state.metrics().translation_error("unknown_type");
-            tracing::warn!(%type_url, "NACK: a type this adapter did not ask for");
-            send(DeltaDiscoveryRequest {
-                type_url,
-                response_nonce: nonce,
-                error_detail: Some(RpcStatus {
-                    code: INVALID_ARGUMENT,
-                    message: "type not subscribed".into(),
-                    details: Vec::new(),
-                }),
-                ..Default::default()
-            })
-            .await?;
-            continue;
+        let kind = match subscribed(config, state, &type_url) {
+            Ok(kind) => kind,
+            Err(nack) => {
+                send(DeltaDiscoveryRequest {
+                    type_url,
+                    response_nonce: nonce,
+                    error_detail: Some(nack),
+                    ..Default::default()
+                })
+                .await?;
+                continue;
+            }
         };
         let decoded = decode_all(
             kind,
@@ -461,17 +482,7 @@ async fn delta(
                 },
             )
         });
-        let error_detail = match outcome {
-            Ok(()) => {
-                tracing::info!(%kind, version = %system_version_info, "ACK");
-                None
-            }
-            Err(rejections) => {
-                state.metrics().update(kind, false);
-                tracing::warn!(%kind, detail = %error_detail(&rejections), "NACK");
-                Some(nack_status(&rejections))
-            }
-        };
+        let error_detail = verdict(state, kind, &system_version_info, outcome);
         send(DeltaDiscoveryRequest {
             type_url: kind.type_url().into(),
             response_nonce: nonce,

@@ -4,8 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use hyper_util::rt::TokioIo;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, Uri};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
@@ -68,20 +67,7 @@ pub async fn connect(target: &Target, tls: Option<&TlsFiles>) -> Result<Channel,
         source,
     };
     match target {
-        Target::Unix(path) => {
-            let path = path.clone();
-            Endpoint::from_static("http://xds.local")
-                .connect_timeout(CONNECT_TIMEOUT)
-                .connect_with_connector(tower::service_fn(move |_: Uri| {
-                    let path = path.clone();
-                    async move {
-                        let stream = tokio::net::UnixStream::connect(path).await?;
-                        Ok::<_, std::io::Error>(TokioIo::new(stream))
-                    }
-                }))
-                .await
-                .map_err(fail)
-        }
+        Target::Unix(path) => shunt_proto::unix_channel(path).await.map_err(fail),
         Target::Tcp(uri) => {
             let mut endpoint = Endpoint::from_shared(uri.clone())
                 .map_err(fail)?

@@ -1,3 +1,4 @@
 #![allow(dead_code, unreachable_pub)]
 pub mod nebucloud;
 pub mod scripted_ads;
+pub mod shuntd;

@@ -164,21 +164,9 @@ pub async fn control_client(
 ) -> shunt_proto::control::control_client::ControlClient<tonic::transport::Channel> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let path = socket.to_owned();
-        let connected = tonic::transport::Endpoint::from_static("http://shuntd.control")
-            .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-                let path = path.clone();
-                async move {
-                    let stream = tokio::net::UnixStream::connect(path).await?;
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
-                }
-            }))
-            .await;
+        let connected = shunt_proto::control_client(socket).await;
         match connected {
-            Ok(channel) => {
-                return shunt_proto::control::control_client::ControlClient::new(channel)
-                    .max_decoding_message_size(shuntd::CONTROL_MESSAGE_LIMIT);
-            }
+            Ok(client) => return client,
             Err(e) if Instant::now() >= deadline => panic!("control socket: {e}"),
             Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
         }
