@@ -103,6 +103,10 @@ struct RunArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long, default_value = "127.0.0.1:15091")]
     metrics_address: std::net::SocketAddr,
+    /// How often the tables are installed in shuntd again even without a change, so that a
+    /// shuntd that restarted gets them back.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    resync_interval: Duration,
     #[arg(long, default_value = "100ms", value_parser = parse_duration)]
     backoff_initial: Duration,
     #[arg(long, default_value = "15s", value_parser = parse_duration)]
@@ -225,7 +229,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(sds) = sds {
         tasks.spawn(xds::run(sds, state.clone()));
     }
-    tasks.spawn(keep_in_step(target, state.subscribe(), metrics.clone()));
+    tasks.spawn(keep_in_step(
+        target,
+        state.subscribe(),
+        metrics.clone(),
+        args.resync_interval,
+    ));
     let serve = shunt_xds::metrics::serve(listener, metrics);
     tokio::select! {
         r = serve => r.context("metrics server")?,

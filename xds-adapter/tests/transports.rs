@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
+use shunt_proto::control as pb;
 use shunt_tls::dev_pki::{CertificateParams, DevCa};
 use shunt_xds::metrics::Metrics;
 use shunt_xds::node::{NodeId, envoy_node};
@@ -185,4 +186,127 @@ fn secrets_from_a_separate_sds_socket_reach_shuntd_and_rotate() {
         "{}",
         adapter.log()
     );
+}
+
+#[test]
+fn a_shuntd_that_lost_its_tables_gets_them_back_and_unchanged_certificates_are_not_stored_again() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let shuntd = TestShuntd::start();
+    let mut server = rt.block_on(ScriptedAds::start());
+    let address = format!("http://{}", server.address);
+    let adapter = Adapter::start(
+        &shuntd,
+        &[
+            "--xds-address",
+            &address,
+            "--node-id",
+            NODE_ID,
+            "--resync-interval",
+            "100ms",
+        ],
+    );
+    let mut ads = rt.block_on(server.next_delta());
+    rt.block_on(async {
+        for _ in 0..3 {
+            ads.next().await;
+        }
+    });
+    let ca = DevCa::new("mesh").unwrap();
+    let leaf = ca
+        .issue("spiffe://cluster.local/ns/default/sa/client")
+        .unwrap();
+    let listener = mesh::inbound_listener(
+        "127.0.0.1_9080",
+        "127.0.0.1",
+        9080,
+        vec![mesh::rbac_filter(
+            mesh::RbacAction::Deny,
+            &[(
+                "deny",
+                mesh::policy(9080, &["spiffe://cluster.local/ns/evil/sa/x"]),
+            )],
+        )],
+        "inbound|9080||",
+    );
+    let resource = |r: envoy_types::pb::google::protobuf::Any, name: &str| {
+        envoy_types::pb::envoy::service::discovery::v3::Resource {
+            name: name.into(),
+            version: "1".into(),
+            resource: Some(r),
+            ..Default::default()
+        }
+    };
+    rt.block_on(async {
+        for (kind, resources) in [
+            (
+                ResourceType::Listener,
+                vec![resource(any(&listener), "127.0.0.1_9080")],
+            ),
+            (
+                ResourceType::Secret,
+                vec![
+                    resource(
+                        any(&mesh::cert_secret("default", &leaf.cert_pem, &leaf.key_pem)),
+                        "default",
+                    ),
+                    resource(any(&mesh::root_secret("ROOTCA", &ca.pem)), "ROOTCA"),
+                ],
+            ),
+        ] {
+            ads.send(
+                envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryResponse {
+                    type_url: kind.type_url().into(),
+                    nonce: kind.short_name().into(),
+                    resources,
+                    ..Default::default()
+                },
+            )
+            .await;
+            assert!(ads.next().await.error_detail.is_none());
+        }
+    });
+    let source = "xds/client-1.default";
+    let (rule, version) = eventually("the rule and the certificate in shuntd", || {
+        let (_, rules, certs) = shuntd.tables(source);
+        Some((rules.first()?.tag.clone(), certs.first()?.version))
+    });
+
+    // Resyncs keep coming; the unchanged certificate is not stored again.
+    let applied = |floor: f64| {
+        eventually("two more resyncs", || {
+            adapter
+                .metric("shunt_xds_shuntd_applies_total{result=\"ok\"}")
+                .filter(|v| *v >= floor)
+        })
+    };
+    let before = applied(1.0);
+    applied(before + 2.0);
+    assert_eq!(shuntd.tables(source).2[0].version, version);
+
+    // shuntd loses them (as a restart would): the next resync puts them back.
+    shuntd.control(async |c| {
+        c.delete_rule(pb::DeleteRuleRequest {
+            scope: pb::RuleScope::Global as i32,
+            namespace: String::new(),
+            tag: rule.clone(),
+        })
+        .await
+        .unwrap();
+        c.delete_certificate(pb::DeleteCertificateRequest {
+            namespace: "default".into(),
+            name: "default".into(),
+        })
+        .await
+        .unwrap();
+    });
+    let (_, rules, certs) = shuntd.tables(source);
+    assert!(rules.iter().all(|r| r.tag != rule) && certs.is_empty());
+    eventually("shuntd to have the rule and the certificate back", || {
+        let (_, rules, certs) = shuntd.tables(source);
+        (rules.iter().any(|r| r.tag == rule) && !certs.is_empty()).then_some(())
+    });
 }

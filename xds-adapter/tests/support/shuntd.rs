@@ -30,6 +30,24 @@ impl TestShuntd {
         self.dir.path().join("control.sock")
     }
 
+    /// Runs one control-API call, as an operator's `shunt` would.
+    pub fn control<T>(
+        &self,
+        call: impl AsyncFnOnce(
+            &mut shunt_proto::control::control_client::ControlClient<tonic::transport::Channel>,
+        ) -> T,
+    ) -> T {
+        let socket = self.control_socket();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mut c = shunt_proto::control_client(&socket).await.unwrap();
+            call(&mut c).await
+        })
+    }
+
     /// What a config source installed: its services, its global rules, and every certificate.
     pub fn tables(
         &self,
