@@ -15,7 +15,7 @@ use serde::Serialize;
 use crate::Transport;
 use crate::conn::{Acceptor, Conn};
 use crate::daemon::Daemon;
-use crate::report::{self, Reporter};
+use crate::report::{self, RatiosHeader, Reporter};
 
 const TARGET_RATIO: f64 = 2.0;
 
@@ -38,10 +38,8 @@ struct Rate {
 
 #[derive(Serialize)]
 struct Ratios {
-    bench: &'static str,
-    transport: Transport,
-    msg_size: usize,
-    baseline: Transport,
+    #[serde(flatten)]
+    header: RatiosHeader,
     /// cut-through connections/s over tcp-loopback connections/s.
     ratio: f64,
     /// cut-through connections/s over unix connections/s.
@@ -52,13 +50,12 @@ struct Ratios {
 
 pub(crate) fn run(opts: &Options, r: &mut Reporter) -> anyhow::Result<()> {
     let daemon = Daemon::start()?;
-    let mut results = Vec::new();
-    for t in Transport::SOCKETS {
-        report::progress(&format!("connect {}", t.name()));
-        let m = measure(t, opts, &daemon).with_context(|| format!("connect {}", t.name()))?;
-        r.emit(&m)?;
-        results.push(m);
-    }
+    let results = report::measure_each(
+        r,
+        Transport::SOCKETS,
+        |t| format!("connect {}", t.name()),
+        |&t| measure(t, opts, &daemon),
+    )?;
     let rows: Vec<Vec<String>> = results
         .iter()
         .map(|m| {
@@ -91,10 +88,7 @@ pub(crate) fn run(opts: &Options, r: &mut Reporter) -> anyhow::Result<()> {
         target_met,
     );
     r.emit(&Ratios {
-        bench: "connect-ratios",
-        transport: Transport::CutThrough,
-        msg_size: 1,
-        baseline: Transport::TcpLoopback,
+        header: RatiosHeader::cut_through_vs_tcp("connect-ratios", 1),
         ratio,
         vs_unix: cps(Transport::CutThrough) / cps(Transport::Unix),
         target_ratio: TARGET_RATIO,

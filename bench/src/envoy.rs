@@ -175,13 +175,12 @@ pub(crate) fn run(opts: &Options, r: &mut Reporter) -> anyhow::Result<()> {
     };
     // A module config Envoy rejects fails now rather than after the other modes ran.
     drop(Chain::start(shunt, &parts).with_context(|| format!("envoy {}", shunt.name()))?);
-    let mut results = Vec::new();
-    for mode in [Mode::Direct, Mode::Plain, Mode::EnvoyTls, shunt] {
-        report::progress(&format!("envoy {}", mode.name()));
-        let m = measure(mode, &parts, opts).with_context(|| format!("envoy {}", mode.name()))?;
-        r.emit(&m)?;
-        results.push(m);
-    }
+    let results = report::measure_each(
+        r,
+        [Mode::Direct, Mode::Plain, Mode::EnvoyTls, shunt],
+        |mode| format!("envoy {}", mode.name()),
+        |&mode| measure(mode, &parts, opts),
+    )?;
     table(r, &results);
 
     let of = |mode| {

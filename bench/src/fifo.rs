@@ -16,7 +16,7 @@ use crate::daemon::Daemon;
 use crate::memcpy;
 use crate::pattern::Checker;
 use crate::peer::{PeerProcess, Role, Spec};
-use crate::report::{self, Reporter, size_label};
+use crate::report::{self, RatiosHeader, Reporter, size_label};
 
 pub(crate) const DEFAULT_SIZES: [usize; 5] = [64, 1 << 10, 16 << 10, 64 << 10, 1 << 20];
 
@@ -58,10 +58,8 @@ struct SizeRatio {
 
 #[derive(Serialize)]
 struct Ratios {
-    bench: &'static str,
-    transport: Transport,
-    msg_size: usize,
-    baseline: Transport,
+    #[serde(flatten)]
+    header: RatiosHeader,
     /// cut-through Gbit/s over tcp-loopback Gbit/s, by write size.
     vs_tcp: Vec<SizeRatio>,
     /// cut-through Gbit/s over unix Gbit/s, by write size.
@@ -79,13 +77,12 @@ pub(crate) fn run(opts: &Options, r: &mut Reporter) -> anyhow::Result<Vec<Throug
     let worker = daemon.attach("shunt-bench-reader")?;
     let mut results = Vec::new();
     for &size in &opts.sizes {
-        for t in Transport::SOCKETS {
-            report::progress(&format!("fifo {} {}", t.name(), size_label(size)));
-            let m = stream(t, size, opts, &daemon, &worker)
-                .with_context(|| format!("fifo {} at {}", t.name(), size_label(size)))?;
-            r.emit(&m)?;
-            results.push(m);
-        }
+        results.extend(report::measure_each(
+            r,
+            Transport::SOCKETS,
+            |t| format!("fifo {} {}", t.name(), size_label(size)),
+            |&t| stream(t, size, opts, &daemon, &worker),
+        )?);
         report::progress(&format!("fifo memcpy {}", size_label(size)));
         let c = memcpy::run(size, opts.duration, opts.max_bytes);
         let m = Throughput {
@@ -244,10 +241,7 @@ fn summarize(results: &[Throughput], opts: &Options, r: &mut Reporter) -> anyhow
     }
 
     r.emit(&Ratios {
-        bench: "fifo-ratios",
-        transport: Transport::CutThrough,
-        msg_size: TARGET_SIZE,
-        baseline: Transport::TcpLoopback,
+        header: RatiosHeader::cut_through_vs_tcp("fifo-ratios", TARGET_SIZE),
         vs_tcp,
         vs_unix: ratio_to(Transport::Unix),
         vs_memcpy: ratio_to(Transport::Memcpy),

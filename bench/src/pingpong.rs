@@ -6,14 +6,13 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use serde::Serialize;
 
 use crate::Transport;
 use crate::conn::{Acceptor, Conn};
 use crate::daemon::Daemon;
 use crate::peer::{PeerProcess, Role, Spec};
-use crate::report::{self, Reporter};
+use crate::report::{self, RatiosHeader, Reporter};
 
 const BUSY_POLL_TARGET: f64 = 0.1;
 const EVENT_TARGET: f64 = 0.5;
@@ -63,10 +62,8 @@ struct Latency {
 
 #[derive(Serialize)]
 struct Ratios {
-    bench: &'static str,
-    transport: Transport,
-    msg_size: usize,
-    baseline: Transport,
+    #[serde(flatten)]
+    header: RatiosHeader,
     tcp_p50_us: f64,
     /// cut-through busy-poll p50 over tcp-loopback p50; the target is at most 0.1.
     busy_poll_ratio: f64,
@@ -90,14 +87,12 @@ pub(crate) fn run(opts: &Options, r: &mut Reporter) -> anyhow::Result<()> {
         (Transport::Unix, Mode::Blocking),
     ];
     let worker = daemon.attach("shunt-bench-pinger")?;
-    let mut results = Vec::new();
-    for (t, mode) in cases {
-        report::progress(&format!("pingpong {} {}", t.name(), mode.name()));
-        let m = measure(t, mode, opts, &daemon, &worker)
-            .with_context(|| format!("pingpong {} {}", t.name(), mode.name()))?;
-        r.emit(&m)?;
-        results.push(m);
-    }
+    let results = report::measure_each(
+        r,
+        cases,
+        |(t, mode)| format!("pingpong {} {}", t.name(), mode.name()),
+        |&(t, mode)| measure(t, mode, opts, &daemon, &worker),
+    )?;
 
     let rows: Vec<Vec<String>> = results
         .iter()
@@ -131,10 +126,7 @@ pub(crate) fn run(opts: &Options, r: &mut Reporter) -> anyhow::Result<()> {
     let busy = p50(Transport::CutThrough, Mode::BusyPoll) / tcp;
     let event = p50(Transport::CutThrough, Mode::Event) / tcp;
     let ratios = Ratios {
-        bench: "pingpong-ratios",
-        transport: Transport::CutThrough,
-        msg_size: opts.msg_size,
-        baseline: Transport::TcpLoopback,
+        header: RatiosHeader::cut_through_vs_tcp("pingpong-ratios", opts.msg_size),
         tcp_p50_us: tcp,
         busy_poll_ratio: busy,
         busy_poll_target: BUSY_POLL_TARGET,

@@ -165,3 +165,44 @@ pub(crate) fn plot_throughput(path: &Path, results: &[Throughput]) -> anyhow::Re
 fn plot_err(e: impl std::fmt::Display) -> anyhow::Error {
     anyhow::anyhow!("plot: {e}")
 }
+
+/// What every `*-ratios` line starts with: which bench, what was compared with what, at which
+/// message size.
+#[derive(Serialize)]
+pub(crate) struct RatiosHeader {
+    pub(crate) bench: &'static str,
+    pub(crate) transport: Transport,
+    pub(crate) msg_size: usize,
+    pub(crate) baseline: Transport,
+}
+
+impl RatiosHeader {
+    /// Cut-through against kernel TCP loopback, as every socket benchmark compares them.
+    pub(crate) fn cut_through_vs_tcp(bench: &'static str, msg_size: usize) -> Self {
+        Self {
+            bench,
+            transport: Transport::CutThrough,
+            msg_size,
+            baseline: Transport::TcpLoopback,
+        }
+    }
+}
+
+/// Measures each case in turn, saying which one runs, and emits each result as soon as it
+/// is known; an error names the case it happened in.
+pub(crate) fn measure_each<C, M: Serialize>(
+    r: &mut Reporter,
+    cases: impl IntoIterator<Item = C>,
+    name: impl Fn(&C) -> String,
+    mut measure: impl FnMut(&C) -> anyhow::Result<M>,
+) -> anyhow::Result<Vec<M>> {
+    let mut results = Vec::new();
+    for case in cases {
+        let label = name(&case);
+        progress(&label);
+        let m = measure(&case).map_err(|e| e.context(label))?;
+        r.emit(&m)?;
+        results.push(m);
+    }
+    Ok(results)
+}
