@@ -427,3 +427,44 @@ fn nack_detail_is_bounded() {
     assert!(detail.len() <= 4096 + 5 && detail.ends_with("..."));
     let _ = Message::encode_to_vec(&Any::default());
 }
+
+#[tokio::test]
+async fn sotw_forgets_the_endpoints_of_a_removed_cluster() {
+    let mut server = ScriptedAds::start().await;
+    let state = start(&server, Protocol::Sotw);
+    let mut conn = server.next_sotw().await;
+    for _ in 0..3 {
+        conn.next().await;
+    }
+    conn.send(sotw_response(
+        ResourceType::Cluster,
+        "c1",
+        "a",
+        vec![any(&mesh::mesh_cluster(ECHO, ECHO_SAN))],
+    ))
+    .await;
+    assert!(conn.next().await.error_detail.is_none());
+    let eds = conn.next().await;
+    assert_eq!(eds.resource_names, [ECHO]);
+    conn.send(sotw_response(
+        ResourceType::Endpoints,
+        "e1",
+        "b",
+        vec![any(&mesh::assignment(ECHO, &[("10.0.0.5", 8080, true)]))],
+    ))
+    .await;
+    assert!(conn.next().await.error_detail.is_none());
+    wait_for(&state, "echo's endpoint", |t| {
+        t.services.iter().any(|s| s.endpoints.len() == 1)
+    })
+    .await;
+
+    // The cluster goes; its endpoints must not linger as a service of their own.
+    conn.send(sotw_response(ResourceType::Cluster, "c2", "c", vec![]))
+        .await;
+    assert!(conn.next().await.error_detail.is_none());
+    let eds = conn.next().await;
+    assert_eq!(eds.type_url, ResourceType::Endpoints.type_url());
+    assert!(eds.resource_names.is_empty());
+    wait_for(&state, "no services", |t| t.services.is_empty()).await;
+}

@@ -208,6 +208,20 @@ fn decode_all(
     }
 }
 
+/// Endpoint assignments no longer asked for are gone for us, even if the server says nothing
+/// more about them.
+fn forget_unsubscribed(state: &State, names: Vec<String>) {
+    if names.is_empty() {
+        return;
+    }
+    let removal = Change {
+        removals: names,
+        ..Default::default()
+    };
+    // Removals alone are never refused: there is nothing to check.
+    let _ = state.apply(ResourceType::Endpoints, removal);
+}
+
 /// The response's type, or the NACK for a type nobody asked for.
 fn subscribed(
     config: &StreamConfig,
@@ -373,7 +387,11 @@ async fn sotw(
             let now = state.eds_names();
             let before = asked.get(&ResourceType::Endpoints);
             if before != Some(&now) && !(before.is_none() && now.is_empty()) {
+                let dropped: Vec<String> = before
+                    .map(|b| b.difference(&now).cloned().collect())
+                    .unwrap_or_default();
                 asked.insert(ResourceType::Endpoints, now.clone());
+                forget_unsubscribed(state, dropped);
                 send(DiscoveryRequest {
                     node: node.take(),
                     version_info: versions
@@ -509,16 +527,7 @@ async fn delta(
                     ..Default::default()
                 })
                 .await?;
-                // Unsubscribed assignments are gone for us even if the server says nothing more.
-                if !unsubscribe.is_empty() {
-                    let _ = state.apply(
-                        ResourceType::Endpoints,
-                        Change {
-                            removals: unsubscribe,
-                            ..Default::default()
-                        },
-                    );
-                }
+                forget_unsubscribed(state, unsubscribe);
             }
         }
     }
