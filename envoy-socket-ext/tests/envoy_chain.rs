@@ -7,13 +7,13 @@
 mod common;
 
 use common::{
-    Backend, Shuntd, chain, exchange, free_port, module_socket, start_envoy, tcp_sidecar,
+    Backend, Shuntd, chain, exchange, free_port, module_socket, shuntd_at, start_envoy, tcp_sidecar,
 };
 
 const MIB: u64 = 1 << 20;
 
 fn shunt_config(d: &Shuntd) -> String {
-    format!("shuntd_socket: {}\n", d.socket().display())
+    shuntd_at(&d.socket())
 }
 
 #[test]

@@ -189,7 +189,7 @@ fn run(h2_between_sidecars: bool, client_h2: bool) {
     let certs = MeshCerts::new();
     let client = certs.workload("client", CLIENT_ID);
     let server = certs.workload("server", SERVER_ID);
-    let at = format!("shuntd_socket: {}\n", d.socket().display());
+    let at = common::shuntd_at(&d.socket());
     let backend = http_backend();
     let (a_port, b_port) = (free_port(), free_port());
     let _b = start_envoy(

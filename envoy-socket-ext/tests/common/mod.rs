@@ -303,7 +303,12 @@ impl MeshCerts {
 
 /// The start of a module config that attaches to the shuntd at `socket`.
 pub fn shuntd_at(socket: &Path) -> String {
-    format!("shuntd_socket: {}\n", socket.display())
+    // The default 200 ms budget for pairing is for production; a test suite running many
+    // Envoys on two cores can exceed it, and the tests count pairings exactly.
+    format!(
+        "shuntd_socket: {}\npairing_timeout_ms: 5000\n",
+        socket.display()
+    )
 }
 
 /// Two sidecars with the module in mutual-TLS mode, with the `client` and `server` workloads
