@@ -3,7 +3,7 @@
 //! Run (from the workspace root):
 //!
 //! ```text
-//! RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=/work/target-shm \
+//! RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom \
 //!     cargo test -p shunt-shm --release --test loom
 //! ```
 //!
