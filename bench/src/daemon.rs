@@ -23,11 +23,8 @@ pub(crate) struct Daemon {
 impl Daemon {
     pub(crate) fn start() -> anyhow::Result<Daemon> {
         let dir = tempfile::Builder::new().prefix("shunt-bench").tempdir()?;
-        let mut config = shuntd::config::Config::load(None)?;
-        config.app_socket = dir.path().join("shuntd.sock");
-        config.control_socket = dir.path().join("control.sock");
-        // Loopback and unused unless scraped; it is how a run proves cut-through applied.
-        config.metrics_address = "127.0.0.1:0".into();
+        // Metrics on loopback, unused unless scraped: how a run proves cut-through applied.
+        let mut config = shuntd::config::Config::private(dir.path());
         // One app-server thread is plenty for setup traffic and leaves the cores to the apps.
         config.workers = 1;
 

@@ -64,10 +64,7 @@ pub struct Shuntd {
 impl Shuntd {
     pub fn start() -> Shuntd {
         let dir = tempfile::tempdir().unwrap();
-        let mut config = shuntd::config::Config::load(None).unwrap();
-        config.app_socket = dir.path().join("shuntd.sock");
-        config.control_socket = dir.path().join("control.sock");
-        config.metrics_address = "127.0.0.1:0".into();
+        let config = shuntd::config::Config::private(dir.path());
         let bg = shuntd::background::spawn(config).expect("shuntd starts");
         Shuntd {
             dir,

@@ -12,9 +12,7 @@ struct Daemon {
 impl Daemon {
     fn start() -> Daemon {
         let dir = tempfile::tempdir().unwrap();
-        let mut config = shuntd::config::Config::load(None).unwrap();
-        config.app_socket = dir.path().join("shuntd.sock");
-        config.control_socket = dir.path().join("control.sock");
+        let mut config = shuntd::config::Config::private(dir.path());
         config.metrics_address = String::new();
         shuntd::background::spawn(config).expect("shuntd starts");
         Daemon { dir }

@@ -236,6 +236,17 @@ impl Config {
         Self::parse(&text)
     }
 
+    /// The built-in configuration for a private shuntd: both sockets in `dir`
+    /// (`shuntd.sock`, `control.sock`) and metrics on a free loopback port. Tests and benchmarks
+    /// run one in-process this way, touching nothing shared.
+    pub fn private(dir: &Path) -> Config {
+        let mut config = Self::load(None).expect("the built-in configuration is valid");
+        config.app_socket = dir.join("shuntd.sock");
+        config.control_socket = dir.join("control.sock");
+        config.metrics_address = "127.0.0.1:0".into();
+        config
+    }
+
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
         // Start from the default and overlay the file, so a file may set only what it changes.
         let mut merged: serde_yaml_ng::Value = serde_yaml_ng::from_str(DEFAULT_CONFIG)?;

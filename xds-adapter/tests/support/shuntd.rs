@@ -15,10 +15,7 @@ pub struct TestShuntd {
 impl TestShuntd {
     pub fn start() -> TestShuntd {
         let dir = tempfile::tempdir().unwrap();
-        let mut config = shuntd::config::Config::load(None).unwrap();
-        config.app_socket = dir.path().join("shuntd.sock");
-        config.control_socket = dir.path().join("control.sock");
-        config.metrics_address = "127.0.0.1:0".into();
+        let config = shuntd::config::Config::private(dir.path());
         let daemon = shuntd::background::spawn(config).expect("shuntd starts");
         TestShuntd {
             dir,
@@ -53,13 +50,7 @@ impl TestShuntd {
         &self,
         source: &str,
     ) -> (Vec<pb::Service>, Vec<pb::Rule>, Vec<pb::CertificateInfo>) {
-        let socket = self.control_socket();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let mut c = shunt_proto::control_client(&socket).await.unwrap();
+        self.control(async |c| {
             let mut services: Vec<pb::Service> = c
                 .list_services(pb::ListServicesRequest {})
                 .await
