@@ -65,14 +65,18 @@ pub async fn install(
     })
     .await
     .map_err(refused("rules"))?;
-    let stored = c
-        .list_certificates(pb::ListCertificatesRequest {})
-        .await
-        .map_err(refused("certificate listing"))?
-        .into_inner()
-        .certificates;
+    let to_store: Vec<&Certificate> = tables.certificates.iter().filter(|c| !c.redacted).collect();
+    let stored = if to_store.is_empty() {
+        Vec::new()
+    } else {
+        c.list_certificates(pb::ListCertificatesRequest {})
+            .await
+            .map_err(refused("certificate listing"))?
+            .into_inner()
+            .certificates
+    };
     let mut now_installed = Vec::new();
-    for cert in tables.certificates.iter().filter(|c| !c.redacted) {
+    for cert in to_store {
         let present = stored
             .iter()
             .any(|s| s.namespace == target.namespace && s.name == cert.name);

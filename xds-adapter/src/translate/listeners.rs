@@ -28,7 +28,7 @@ use ipnet::IpNet;
 use prost::Message;
 
 use super::rbac::{self, Conjunction, Layer, Unsupported};
-use super::services::render_address;
+use super::services::socket_addr;
 use crate::config_dump::extension_type_url;
 use crate::tables::{Action, Finding, PortRange, Rule, Severity};
 
@@ -91,8 +91,7 @@ pub(crate) fn rules(
     if listener.traffic_direction == TrafficDirection::Outbound as i32 {
         return Ok(Vec::new());
     }
-    let bound = listener.address.as_ref().and_then(render_address);
-    let bound: Option<std::net::SocketAddr> = bound.and_then(|a| a.parse().ok());
+    let bound = listener.address.as_ref().and_then(socket_addr);
     let virtual_listener = listener
         .listener_filters
         .iter()
@@ -135,7 +134,7 @@ pub(crate) fn rules(
         };
         let mut destinations = Vec::new();
         for cidr in &m.prefix_ranges {
-            let c = rbac_cidr(cidr).map_err(|reason| ListenerError::Malformed {
+            let c = rbac::parse_cidr(cidr).map_err(|reason| ListenerError::Malformed {
                 chain: name.clone(),
                 filter: "filter_chain_match.prefix_ranges".into(),
                 reason: reason.to_string(),
@@ -153,11 +152,13 @@ pub(crate) fn rules(
         }
         let mut sources = Vec::new();
         for cidr in &m.source_prefix_ranges {
-            sources.push(rbac_cidr(cidr).map_err(|reason| ListenerError::Malformed {
-                chain: name.clone(),
-                filter: "filter_chain_match.source_prefix_ranges".into(),
-                reason: reason.to_string(),
-            })?);
+            sources.push(
+                rbac::parse_cidr(cidr).map_err(|reason| ListenerError::Malformed {
+                    chain: name.clone(),
+                    filter: "filter_chain_match.source_prefix_ranges".into(),
+                    reason: reason.to_string(),
+                })?,
+            );
         }
         chains.push(ChainRules {
             name,
@@ -222,21 +223,6 @@ fn note_divergence(
             ),
         });
     }
-}
-
-fn rbac_cidr(
-    c: &envoy_types::pb::envoy::config::core::v3::CidrRange,
-) -> Result<IpNet, Unsupported> {
-    let ip: IpAddr = c
-        .address_prefix
-        .parse()
-        .map_err(|_| Unsupported::Cidr(c.address_prefix.clone()))?;
-    let max = if ip.is_ipv4() { 32 } else { 128 };
-    let len = u8::try_from(c.prefix_len.map(|l| l.value).unwrap_or(max))
-        .map_err(|_| Unsupported::Cidr(c.address_prefix.clone()))?;
-    IpNet::new(ip, len)
-        .map(|n| n.trunc())
-        .map_err(|_| Unsupported::Cidr(c.address_prefix.clone()))
 }
 
 fn typed_config(config: Option<&filter::ConfigType>) -> Option<&Any> {

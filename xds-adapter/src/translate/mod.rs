@@ -111,7 +111,7 @@ pub fn translate(resources: &ResourceSet, context: &Context) -> Tables {
     let mut used = std::collections::BTreeSet::new();
     for r in of(ResourceType::Cluster) {
         let Resource::Cluster(c) = r else { continue };
-        used.insert(services::eds_service_name(c).unwrap_or(&c.name).to_owned());
+        used.insert(services::eds_service_name(c).unwrap_or(&c.name));
         match services::service(c, &endpoints, findings) {
             Ok(Some(s)) => tables.services.push(s),
             Ok(None) => {}
@@ -119,7 +119,7 @@ pub fn translate(resources: &ResourceSet, context: &Context) -> Tables {
         }
     }
     for (name, assignment) in &endpoints {
-        if !used.contains(*name) {
+        if !used.contains(name) {
             tables
                 .services
                 .extend(services::orphan_service(assignment, findings));

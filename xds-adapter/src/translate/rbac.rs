@@ -181,7 +181,7 @@ fn principal_dnf(p: &Principal, layer: Layer) -> Dnf {
     }
 }
 
-fn parse_cidr(c: &CidrRange) -> Result<IpNet, Unsupported> {
+pub(crate) fn parse_cidr(c: &CidrRange) -> Result<IpNet, Unsupported> {
     let bad = || Unsupported::Cidr(c.address_prefix.clone());
     let ip: std::net::IpAddr = c.address_prefix.parse().map_err(|_| bad())?;
     let max = if ip.is_ipv4() { 32 } else { 128 };

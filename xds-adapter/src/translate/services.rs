@@ -282,17 +282,22 @@ fn read_endpoints(
 
 /// `ip:port` or `unix:PATH`; `None` for DNS names, named ports and internal addresses, which
 /// shuntd cannot match connections against.
-pub(crate) fn render_address(address: &Address) -> Option<String> {
+fn render_address(address: &Address) -> Option<String> {
     match address.address.as_ref()? {
-        address::Address::SocketAddress(s) => {
-            let ip: std::net::IpAddr = s.address.parse().ok()?;
-            let Some(socket_address::PortSpecifier::PortValue(port)) = s.port_specifier else {
-                return None;
-            };
-            let port = u16::try_from(port).ok()?;
-            Some(std::net::SocketAddr::new(ip, port).to_string())
-        }
+        address::Address::SocketAddress(_) => socket_addr(address).map(|a| a.to_string()),
         address::Address::Pipe(p) => Some(format!("unix:{}", p.path)),
         address::Address::EnvoyInternalAddress(_) => None,
     }
+}
+
+/// The IP address and port, if `address` is one.
+pub(crate) fn socket_addr(address: &Address) -> Option<std::net::SocketAddr> {
+    let Some(address::Address::SocketAddress(s)) = address.address.as_ref() else {
+        return None;
+    };
+    let ip: std::net::IpAddr = s.address.parse().ok()?;
+    let Some(socket_address::PortSpecifier::PortValue(port)) = s.port_specifier else {
+        return None;
+    };
+    Some(std::net::SocketAddr::new(ip, u16::try_from(port).ok()?))
 }

@@ -5,7 +5,7 @@
 //! stays. Reconnects claim what was accepted (`initial_resource_versions` for Delta, the last
 //! version for SotW), so a server can resume instead of resending.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -88,10 +88,10 @@ impl StreamConfig {
         Ok(request)
     }
 
-    fn types(&self) -> Vec<ResourceType> {
+    fn types(&self) -> &'static [ResourceType] {
         match self.api {
-            Api::Aggregated => ResourceType::ALL.to_vec(),
-            Api::Secrets => vec![ResourceType::Secret],
+            Api::Aggregated => &ResourceType::ALL,
+            Api::Secrets => &[ResourceType::Secret],
         }
     }
 
@@ -208,18 +208,48 @@ fn decode_all(
     }
 }
 
-/// Endpoint assignments no longer asked for are gone for us, even if the server says nothing
-/// more about them.
-fn forget_unsubscribed(state: &State, names: Vec<String>) {
-    if names.is_empty() {
-        return;
+/// How the endpoint assignments asked for changed after an update of the clusters.
+struct EndpointChange {
+    now: BTreeSet<String>,
+    added: Vec<String>,
+    dropped: Vec<String>,
+}
+
+/// New clusters may need other endpoint assignments: what to ask for now, or `None` when it is
+/// what was asked for already. Assignments no longer asked for are gone for us at once, even if
+/// the server says nothing more about them.
+fn resubscribe_endpoints(
+    config: &StreamConfig,
+    state: &State,
+    asked: &mut HashMap<ResourceType, BTreeSet<String>>,
+) -> Option<EndpointChange> {
+    if !config.types().contains(&ResourceType::Endpoints) {
+        return None;
     }
-    let removal = Change {
-        removals: names,
-        ..Default::default()
-    };
-    // Removals alone are never refused: there is nothing to check.
-    let _ = state.apply(ResourceType::Endpoints, removal);
+    let now = state.eds_names();
+    let before = asked
+        .get(&ResourceType::Endpoints)
+        .cloned()
+        .unwrap_or_default();
+    let added: Vec<String> = now.difference(&before).cloned().collect();
+    let dropped: Vec<String> = before.difference(&now).cloned().collect();
+    if added.is_empty() && dropped.is_empty() {
+        return None;
+    }
+    asked.insert(ResourceType::Endpoints, now.clone());
+    if !dropped.is_empty() {
+        let removal = Change {
+            removals: dropped.clone(),
+            ..Default::default()
+        };
+        // Removals alone are never refused: there is nothing to check.
+        let _ = state.apply(ResourceType::Endpoints, removal);
+    }
+    Some(EndpointChange {
+        now,
+        added,
+        dropped,
+    })
 }
 
 /// The response's type, or the NACK for a type nobody asked for.
@@ -300,7 +330,7 @@ async fn sotw(
         let tx = tx.clone();
         async move { tx.send(req).await.map_err(|_| StreamError::Closed) }
     };
-    for kind in config.types() {
+    for &kind in config.types() {
         let names = wanted(kind, config, state);
         // An empty name list would mean "everything" to a SotW server: wait until names exist.
         if names.as_ref().is_some_and(BTreeSet::is_empty) {
@@ -382,32 +412,24 @@ async fn sotw(
         })
         .await?;
 
-        // New clusters may need other endpoint assignments.
-        if kind == ResourceType::Cluster && config.types().contains(&ResourceType::Endpoints) {
-            let now = state.eds_names();
-            let before = asked.get(&ResourceType::Endpoints);
-            if before != Some(&now) && !(before.is_none() && now.is_empty()) {
-                let dropped: Vec<String> = before
-                    .map(|b| b.difference(&now).cloned().collect())
-                    .unwrap_or_default();
-                asked.insert(ResourceType::Endpoints, now.clone());
-                forget_unsubscribed(state, dropped);
-                send(DiscoveryRequest {
-                    node: node.take(),
-                    version_info: versions
-                        .get(&ResourceType::Endpoints)
-                        .cloned()
-                        .unwrap_or_default(),
-                    type_url: ResourceType::Endpoints.type_url().into(),
-                    resource_names: now.into_iter().collect(),
-                    response_nonce: nonces
-                        .get(&ResourceType::Endpoints)
-                        .cloned()
-                        .unwrap_or_default(),
-                    ..Default::default()
-                })
-                .await?;
-            }
+        if kind == ResourceType::Cluster
+            && let Some(change) = resubscribe_endpoints(config, state, &mut asked)
+        {
+            send(DiscoveryRequest {
+                node: node.take(),
+                version_info: versions
+                    .get(&ResourceType::Endpoints)
+                    .cloned()
+                    .unwrap_or_default(),
+                type_url: ResourceType::Endpoints.type_url().into(),
+                resource_names: change.now.into_iter().collect(),
+                response_nonce: nonces
+                    .get(&ResourceType::Endpoints)
+                    .cloned()
+                    .unwrap_or_default(),
+                ..Default::default()
+            })
+            .await?;
         }
     }
     Ok(())
@@ -441,7 +463,7 @@ async fn delta(
         let tx = tx.clone();
         async move { tx.send(req).await.map_err(|_| StreamError::Closed) }
     };
-    for kind in config.types() {
+    for &kind in config.types() {
         let names = wanted(kind, config, state);
         if names.as_ref().is_some_and(BTreeSet::is_empty) {
             continue;
@@ -509,35 +531,18 @@ async fn delta(
         })
         .await?;
 
-        if kind == ResourceType::Cluster && config.types().contains(&ResourceType::Endpoints) {
-            let now = state.eds_names();
-            let before = asked
-                .get(&ResourceType::Endpoints)
-                .cloned()
-                .unwrap_or_default();
-            let subscribe: Vec<String> = now.difference(&before).cloned().collect();
-            let unsubscribe: Vec<String> = before.difference(&now).cloned().collect();
-            if !subscribe.is_empty() || !unsubscribe.is_empty() {
-                asked.insert(ResourceType::Endpoints, now);
-                send(DeltaDiscoveryRequest {
-                    node: node.take(),
-                    type_url: ResourceType::Endpoints.type_url().into(),
-                    resource_names_subscribe: subscribe,
-                    resource_names_unsubscribe: unsubscribe.clone(),
-                    ..Default::default()
-                })
-                .await?;
-                forget_unsubscribed(state, unsubscribe);
-            }
+        if kind == ResourceType::Cluster
+            && let Some(change) = resubscribe_endpoints(config, state, &mut asked)
+        {
+            send(DeltaDiscoveryRequest {
+                node: node.take(),
+                type_url: ResourceType::Endpoints.type_url().into(),
+                resource_names_subscribe: change.added,
+                resource_names_unsubscribe: change.dropped,
+                ..Default::default()
+            })
+            .await?;
         }
     }
     Ok(())
-}
-
-/// For tests and tools: the names accepted per type.
-pub fn accepted_names(state: &State) -> BTreeMap<ResourceType, Vec<String>> {
-    ResourceType::ALL
-        .into_iter()
-        .map(|k| (k, state.versions(k).into_keys().collect()))
-        .collect()
 }

@@ -9,7 +9,7 @@ use tokio::sync::watch;
 
 use crate::metrics::Metrics;
 use crate::resource::{Resource, ResourceType};
-use crate::tables::{Severity, Tables};
+use crate::tables::Tables;
 use crate::translate::{self, Context, Invalid, ResourceSet};
 
 /// One resource refused, as `name: reason` for the NACK's error detail.
@@ -135,11 +135,6 @@ impl State {
             self.metrics.resources(kind, resources.len());
             translate::translate(&accepted.resources, &self.context)
         };
-        for f in &tables.findings {
-            if f.severity == Severity::Rejected {
-                self.metrics.translation_error("rejected_in_context");
-            }
-        }
         self.metrics.update(kind, true);
         self.metrics.updated_at(SystemTime::now());
         self.tables.send_replace(Arc::new(tables));
