@@ -3,47 +3,74 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-
-use std::os::fd::{AsFd, BorrowedFd};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use rustix::event::PollFlags;
+use serde::Serialize;
 use shunt_client::{Session, Worker};
 
 use crate::Transport;
 use crate::daemon::{self, Daemon};
+use crate::polled::{self, Polled};
 
 const ACCEPT_TIMEOUT: Duration = Duration::from_secs(20);
 
-fn readable(fd: BorrowedFd<'_>, timeout: Duration) -> anyhow::Result<bool> {
-    use rustix::event::{PollFd, PollFlags, Timespec, poll};
-    let ts = Timespec {
-        tv_sec: timeout.as_secs().try_into().unwrap_or(i64::MAX),
-        tv_nsec: timeout.subsec_nanos().into(),
-    };
-    let mut fds = [PollFd::new(&fd, PollFlags::IN)];
-    match poll(&mut fds, Some(&ts)) {
-        Ok(n) => Ok(n > 0),
-        Err(rustix::io::Errno::INTR) => Ok(false),
-        Err(e) => Err(e.into()),
+/// How a measured connection waits for its peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum Mode {
+    /// Spin on the FIFO: `read_busy_poll` and `try_write`.
+    BusyPoll,
+    /// Blocking `Read`/`Write`, sleeping on the doorbell.
+    Event,
+    /// Blocking `Read`/`Write` that poll for a budget before sleeping on the doorbell.
+    Adaptive,
+    /// Kernel sockets in blocking mode.
+    Blocking,
+}
+
+impl Mode {
+    /// The polling budget a cut-through worker in this mode attaches with.
+    pub(crate) fn busy_poll(self, adaptive_budget: Duration) -> Duration {
+        if self == Mode::Adaptive {
+            adaptive_budget
+        } else {
+            Duration::ZERO
+        }
+    }
+
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Mode::BusyPoll => "busy-poll",
+            Mode::Event => "event",
+            Mode::Adaptive => "adaptive",
+            Mode::Blocking => "blocking",
+        }
     }
 }
 
 pub(crate) enum Acceptor {
-    // The listener does not hand out its worker, which waiting needs.
+    // The listener does not hand out its worker, which waiting needs (and which holds the
+    // polling budget for cut-through).
     CutThrough(shunt_client::Listener, Worker),
-    Tcp(TcpListener),
-    Unix(UnixListener, PathBuf),
+    /// With the polling budget for accepting and for the accepted connections.
+    Tcp(TcpListener, Duration),
+    Unix(UnixListener, PathBuf, Duration),
 }
 
 impl Acceptor {
     /// Listens on a fresh address; returns it as the string a peer passes to [`Conn::connect`].
+    /// Kernel sockets poll for `busy_poll` before they sleep; cut-through takes the budget its
+    /// worker attached with.
     pub(crate) fn bind(
         transport: Transport,
         daemon: &Daemon,
         worker: &Worker,
+        busy_poll: Duration,
     ) -> anyhow::Result<(Acceptor, String)> {
         match transport {
             Transport::CutThrough => {
@@ -56,14 +83,14 @@ impl Acceptor {
             Transport::TcpLoopback => {
                 let l = TcpListener::bind("127.0.0.1:0")?;
                 let target = l.local_addr()?.to_string();
-                Ok((Acceptor::Tcp(l), target))
+                Ok((Acceptor::Tcp(l, busy_poll), target))
             }
             Transport::Unix => {
                 let path = daemon.unix_path("unix");
                 let l = UnixListener::bind(&path)
                     .with_context(|| format!("bind {}", path.display()))?;
                 let target = path.display().to_string();
-                Ok((Acceptor::Unix(l, path), target))
+                Ok((Acceptor::Unix(l, path, busy_poll), target))
             }
             Transport::Memcpy => anyhow::bail!("memcpy has no connections"),
         }
@@ -95,8 +122,12 @@ impl Acceptor {
                     w.wait(Some(left)).context("cut-through accept")?;
                     false
                 }
-                Acceptor::Tcp(l) => readable(l.as_fd(), left)?,
-                Acceptor::Unix(l, _) => readable(l.as_fd(), left)?,
+                Acceptor::Tcp(l, budget) => {
+                    polled::ready_polling(l.as_fd(), PollFlags::IN, *budget, left)?
+                }
+                Acceptor::Unix(l, _, budget) => {
+                    polled::ready_polling(l.as_fd(), PollFlags::IN, *budget, left)?
+                }
             };
             if ready {
                 return self.accept(nodelay).map(Some);
@@ -112,19 +143,19 @@ impl Acceptor {
             Acceptor::CutThrough(l, _) => {
                 Conn::CutThrough(l.accept().context("cut-through accept")?)
             }
-            Acceptor::Tcp(l) => {
+            Acceptor::Tcp(l, budget) => {
                 let (s, _) = l.accept()?;
                 s.set_nodelay(nodelay)?;
-                Conn::Tcp(s)
+                Conn::Tcp(Polled::new(s, *budget)?)
             }
-            Acceptor::Unix(l, _) => Conn::Unix(l.accept()?.0),
+            Acceptor::Unix(l, _, budget) => Conn::Unix(Polled::new(l.accept()?.0, *budget)?),
         })
     }
 }
 
 impl Drop for Acceptor {
     fn drop(&mut self) {
-        if let Acceptor::Unix(_, path) = self {
+        if let Acceptor::Unix(_, path, _) = self {
             let _ = std::fs::remove_file(path);
         }
     }
@@ -132,17 +163,19 @@ impl Drop for Acceptor {
 
 pub(crate) enum Conn {
     CutThrough(Session),
-    Tcp(TcpStream),
-    Unix(UnixStream),
+    Tcp(Polled<TcpStream>),
+    Unix(Polled<UnixStream>),
 }
 
 impl Conn {
-    /// Connects to `target`; cut-through goes through `worker`, which must be attached.
+    /// Connects to `target`; cut-through goes through `worker`, which must be attached (and
+    /// polls as it was attached to), kernel sockets poll for `busy_poll` before sleeping.
     pub(crate) fn connect(
         transport: Transport,
         target: &str,
         worker: Option<&Worker>,
         nodelay: bool,
+        busy_poll: Duration,
     ) -> anyhow::Result<Conn> {
         Ok(match transport {
             Transport::CutThrough => {
@@ -156,9 +189,9 @@ impl Conn {
             Transport::TcpLoopback => {
                 let s = TcpStream::connect(target)?;
                 s.set_nodelay(nodelay)?;
-                Conn::Tcp(s)
+                Conn::Tcp(Polled::new(s, busy_poll)?)
             }
-            Transport::Unix => Conn::Unix(UnixStream::connect(target)?),
+            Transport::Unix => Conn::Unix(Polled::new(UnixStream::connect(target)?, busy_poll)?),
             Transport::Memcpy => anyhow::bail!("memcpy has no connections"),
         })
     }
@@ -166,8 +199,8 @@ impl Conn {
     pub(crate) fn shutdown_write(&mut self) -> io::Result<()> {
         match self {
             Conn::CutThrough(s) => s.shutdown_write(),
-            Conn::Tcp(s) => s.shutdown(Shutdown::Write),
-            Conn::Unix(s) => s.shutdown(Shutdown::Write),
+            Conn::Tcp(s) => s.inner.shutdown(Shutdown::Write),
+            Conn::Unix(s) => s.inner.shutdown(Shutdown::Write),
         }
     }
 

@@ -54,8 +54,19 @@ impl Daemon {
     }
 
     pub(crate) fn attach(&self, name: &str) -> anyhow::Result<Worker> {
-        Worker::attach(AttachOptions::new(self.socket()).app_name(name))
-            .with_context(|| format!("attach `{name}` to the in-process shuntd"))
+        self.attach_polling(name, std::time::Duration::ZERO)
+    }
+
+    /// Attaches a worker whose blocking calls poll for `busy_poll` before sleeping.
+    pub(crate) fn attach_polling(
+        &self,
+        name: &str,
+        busy_poll: std::time::Duration,
+    ) -> anyhow::Result<Worker> {
+        let options = AttachOptions::new(self.socket())
+            .app_name(name)
+            .busy_poll(busy_poll);
+        Worker::attach(options).with_context(|| format!("attach `{name}` to the in-process shuntd"))
     }
 
     /// A fresh path for a Unix-socket baseline, next to shuntd's own sockets.

@@ -114,7 +114,7 @@ fn stream(
     daemon: &Daemon,
     worker: &shunt_client::Worker,
 ) -> anyhow::Result<Throughput> {
-    let (acceptor, target) = Acceptor::bind(transport, daemon, worker)?;
+    let (acceptor, target) = Acceptor::bind(transport, daemon, worker, Duration::ZERO)?;
     let mut peer = PeerProcess::spawn(&Spec {
         role: Role::Writer,
         transport,
@@ -123,6 +123,7 @@ fn stream(
         msg_size,
         duration: opts.duration,
         max_bytes: opts.max_bytes,
+        busy_poll: Duration::ZERO,
         spin: false,
         nodelay: false,
     })?;

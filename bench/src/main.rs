@@ -15,6 +15,7 @@ mod pattern;
 mod peer;
 mod pingpong;
 mod pki;
+mod polled;
 mod report;
 mod sidecar;
 mod xds;
@@ -96,6 +97,9 @@ struct PingpongArgs {
     /// Message size in bytes.
     #[arg(long, default_value_t = 64)]
     msg_size: usize,
+    /// Microseconds the adaptive mode polls before it sleeps.
+    #[arg(long, default_value_t = 50)]
+    busy_poll_us: u64,
 }
 
 #[derive(Args, Debug)]
@@ -108,6 +112,9 @@ struct ConnectArgs {
     /// Caps the connections per transport (TIME_WAIT makes kernel TCP run out of ports).
     #[arg(long)]
     max: Option<u64>,
+    /// Microseconds the adaptive mode polls before it sleeps.
+    #[arg(long, default_value_t = 50)]
+    busy_poll_us: u64,
 }
 
 #[derive(Args, Debug)]
@@ -230,6 +237,7 @@ fn main() -> anyhow::Result<()> {
                     .max(1),
                 warmup: a.warmup.unwrap_or(if a.common.quick { 50 } else { 2_000 }),
                 msg_size: a.msg_size,
+                busy_poll: Duration::from_micros(a.busy_poll_us),
             };
             pingpong::run(&opts, &mut r)
         }
@@ -241,6 +249,7 @@ fn main() -> anyhow::Result<()> {
                     .max
                     .unwrap_or(if a.common.quick { 200 } else { 20_000 })
                     .max(1),
+                busy_poll: Duration::from_micros(a.busy_poll_us),
             };
             connect::run(&opts, &mut r)
         }

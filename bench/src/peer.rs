@@ -44,6 +44,9 @@ pub(crate) struct PeerArgs {
     /// Spin on the FIFO instead of sleeping on the doorbell.
     #[arg(long)]
     spin: bool,
+    /// Microseconds a blocking call polls before it sleeps.
+    #[arg(long, default_value_t = 0)]
+    busy_poll_us: u64,
     #[arg(long)]
     nodelay: bool,
 }
@@ -58,6 +61,7 @@ pub(crate) struct Spec {
     pub(crate) duration: Duration,
     pub(crate) max_bytes: u64,
     pub(crate) spin: bool,
+    pub(crate) busy_poll: Duration,
     pub(crate) nodelay: bool,
 }
 
@@ -86,7 +90,9 @@ impl PeerProcess {
             .arg("--duration")
             .arg(spec.duration.as_secs_f64().to_string())
             .arg("--max-bytes")
-            .arg(spec.max_bytes.to_string());
+            .arg(spec.max_bytes.to_string())
+            .arg("--busy-poll-us")
+            .arg(spec.busy_poll.as_micros().to_string());
         if spec.spin {
             cmd.arg("--spin");
         }
@@ -161,12 +167,20 @@ pub(crate) fn run(args: PeerArgs) -> anyhow::Result<()> {
         Transport::CutThrough => {
             let sock = args.shuntd.clone().context("cut-through needs --shuntd")?;
             Some(Worker::attach(
-                AttachOptions::new(sock).app_name("shunt-bench-peer"),
+                AttachOptions::new(sock)
+                    .app_name("shunt-bench-peer")
+                    .busy_poll(Duration::from_micros(args.busy_poll_us)),
             )?)
         }
         _ => None,
     };
-    let mut conn = Conn::connect(args.transport, &args.target, worker.as_ref(), args.nodelay)?;
+    let mut conn = Conn::connect(
+        args.transport,
+        &args.target,
+        worker.as_ref(),
+        args.nodelay,
+        Duration::from_micros(args.busy_poll_us),
+    )?;
     println!("{READY}");
     std::io::stdout().flush()?;
     let mut go = [0u8; 1];

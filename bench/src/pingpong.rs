@@ -1,15 +1,16 @@
 //! Small-message round-trip latency, across two processes.
 //!
-//! This process pings; a re-executed copy of the binary echoes. Cut-through runs twice: once
-//! spinning on the FIFOs (the floor of what shared memory can do) and once sleeping on the
-//! eventfd doorbells (what an ordinary blocking app gets).
+//! This process pings; a re-executed copy of the binary echoes. Cut-through runs three ways:
+//! spinning on the FIFOs (the floor of what shared memory can do), sleeping on the eventfd
+//! doorbells at once (what an ordinary blocking app gets), and adaptive: blocking calls that
+//! poll for a short budget before they sleep (`AttachOptions::busy_poll`).
 
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
 use crate::Transport;
-use crate::conn::{Acceptor, Conn};
+use crate::conn::{Acceptor, Conn, Mode};
 use crate::daemon::Daemon;
 use crate::peer::{PeerProcess, Role, Spec};
 use crate::report::{self, RatiosHeader, Reporter};
@@ -21,27 +22,8 @@ pub(crate) struct Options {
     pub(crate) iters: usize,
     pub(crate) warmup: usize,
     pub(crate) msg_size: usize,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-enum Mode {
-    /// Spin on the FIFO: `read_busy_poll` and `try_write`.
-    BusyPoll,
-    /// Blocking `Read`/`Write`, sleeping on the doorbell.
-    Event,
-    /// Kernel sockets in blocking mode.
-    Blocking,
-}
-
-impl Mode {
-    fn name(self) -> &'static str {
-        match self {
-            Mode::BusyPoll => "busy-poll",
-            Mode::Event => "event",
-            Mode::Blocking => "blocking",
-        }
-    }
+    /// The adaptive mode's polling budget.
+    pub(crate) busy_poll: Duration,
 }
 
 #[derive(Debug, Serialize)]
@@ -75,6 +57,11 @@ struct Ratios {
     event_target_met: bool,
     /// cut-through event-driven p50 over unix p50.
     event_vs_unix: f64,
+    /// cut-through adaptive p50 over tcp-loopback adaptive p50 (both poll for the same budget
+    /// before sleeping), and the budget. The event target is judged on pure sleeping
+    /// (`event_ratio`), never on this.
+    adaptive_ratio: f64,
+    adaptive_busy_poll_us: u128,
     targets_met: bool,
 }
 
@@ -83,15 +70,26 @@ pub(crate) fn run(opts: &Options, r: &mut Reporter) -> anyhow::Result<()> {
     let cases = [
         (Transport::CutThrough, Mode::BusyPoll),
         (Transport::CutThrough, Mode::Event),
+        (Transport::CutThrough, Mode::Adaptive),
         (Transport::TcpLoopback, Mode::Blocking),
+        (Transport::TcpLoopback, Mode::Adaptive),
         (Transport::Unix, Mode::Blocking),
+        (Transport::Unix, Mode::Adaptive),
     ];
     let worker = daemon.attach("shunt-bench-pinger")?;
+    let polling_worker = daemon.attach_polling("shunt-bench-pinger-adaptive", opts.busy_poll)?;
     let results = report::measure_each(
         r,
         cases,
         |(t, mode)| format!("pingpong {} {}", t.name(), mode.name()),
-        |&(t, mode)| measure(t, mode, opts, &daemon, &worker),
+        |&(t, mode)| {
+            let worker = if mode == Mode::Adaptive {
+                &polling_worker
+            } else {
+                &worker
+            };
+            measure(t, mode, opts, &daemon, worker)
+        },
     )?;
 
     let rows: Vec<Vec<String>> = results
@@ -136,6 +134,9 @@ pub(crate) fn run(opts: &Options, r: &mut Reporter) -> anyhow::Result<()> {
         event_target_met: event <= EVENT_TARGET,
         event_vs_unix: p50(Transport::CutThrough, Mode::Event)
             / p50(Transport::Unix, Mode::Blocking),
+        adaptive_ratio: p50(Transport::CutThrough, Mode::Adaptive)
+            / p50(Transport::TcpLoopback, Mode::Adaptive),
+        adaptive_busy_poll_us: opts.busy_poll.as_micros(),
         targets_met: busy <= BUSY_POLL_TARGET && event <= EVENT_TARGET,
     };
     r.verdict(
@@ -150,6 +151,11 @@ pub(crate) fn run(opts: &Options, r: &mut Reporter) -> anyhow::Result<()> {
         "<= 0.50",
         ratios.event_target_met,
     );
+    r.human(&format!(
+        "adaptive ({} us polling) p50, cut-through / tcp-loopback: {:.2}",
+        opts.busy_poll.as_micros(),
+        ratios.adaptive_ratio
+    ));
     r.emit(&ratios)
 }
 
@@ -161,7 +167,8 @@ fn measure(
     worker: &shunt_client::Worker,
 ) -> anyhow::Result<Latency> {
     let spin = mode == Mode::BusyPoll;
-    let (acceptor, target) = Acceptor::bind(transport, daemon, worker)?;
+    let busy_poll = mode.busy_poll(opts.busy_poll);
+    let (acceptor, target) = Acceptor::bind(transport, daemon, worker, busy_poll)?;
     let mut peer = PeerProcess::spawn(&Spec {
         role: Role::Echo,
         transport,
@@ -171,6 +178,7 @@ fn measure(
         duration: Duration::from_secs(3600),
         max_bytes: u64::MAX,
         spin,
+        busy_poll,
         nodelay: true,
     })?;
     let mut conn = acceptor.accept_peer(true)?;

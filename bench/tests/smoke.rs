@@ -105,7 +105,7 @@ fn fifo_reports_every_transport_and_size() {
 }
 
 #[test]
-fn pingpong_reports_both_cut_through_modes_and_the_kernel() {
+fn pingpong_reports_every_cut_through_mode_and_the_kernel() {
     let lines = run("pingpong");
     let (results, ratios) = split(&lines, "pingpong");
     for v in &results {
@@ -128,10 +128,28 @@ fn pingpong_reports_both_cut_through_modes_and_the_kernel() {
         .filter(|v| v["transport"] == "cut-through")
         .map(|v| v["mode"].as_str().unwrap().to_owned())
         .collect();
-    assert_eq!(modes, BTreeSet::from(["busy-poll".into(), "event".into()]));
+    assert_eq!(
+        modes,
+        BTreeSet::from(["busy-poll".into(), "event".into(), "adaptive".into()])
+    );
     let t = transports(&results);
     assert!(t.contains("tcp-loopback") && t.contains("unix"));
-    has(ratios, &["busy_poll_ratio", "event_ratio", "targets_met"]);
+    // Adaptive is compared with a kernel socket that polls for the same budget.
+    assert!(
+        results
+            .iter()
+            .any(|v| v["transport"] == "tcp-loopback" && v["mode"] == "adaptive")
+    );
+    has(
+        ratios,
+        &[
+            "busy_poll_ratio",
+            "event_ratio",
+            "adaptive_ratio",
+            "adaptive_busy_poll_us",
+            "targets_met",
+        ],
+    );
 }
 
 #[test]
@@ -139,9 +157,20 @@ fn connect_reports_a_rate_per_transport() {
     let lines = run("connect");
     let (results, ratios) = split(&lines, "connect");
     for v in &results {
-        has(v, &["bench", "transport", "msg_size", "cps"]);
+        has(v, &["bench", "transport", "mode", "msg_size", "cps"]);
     }
     let t = transports(&results);
     assert!(t.contains("cut-through") && t.contains("tcp-loopback") && t.contains("unix"));
-    has(ratios, &["ratio", "target_met"]);
+    let modes: BTreeSet<String> = results
+        .iter()
+        .filter(|v| v["transport"] == "cut-through")
+        .map(|v| v["mode"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(modes, BTreeSet::from(["event".into(), "adaptive".into()]));
+    assert!(
+        results
+            .iter()
+            .any(|v| v["transport"] == "tcp-loopback" && v["mode"] == "adaptive")
+    );
+    has(ratios, &["ratio", "target_met", "adaptive_ratio"]);
 }

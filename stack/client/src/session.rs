@@ -139,6 +139,10 @@ impl SessionState {
 /// spinning, so a peer's close or death is still noticed promptly).
 pub const BUSY_POLL_DISPATCH_INTERVAL: u32 = 1 << 12;
 
+/// Empty polls between two looks at the clock (and yields of the core) while a blocking call
+/// polls within its [`crate::AttachOptions::busy_poll`] budget.
+const POLL_CLOCK_INTERVAL: u32 = 1 << 6;
+
 /// One established session. Dropping it closes it.
 pub struct Session {
     worker: Worker,
@@ -353,16 +357,59 @@ impl Session {
     }
 
     fn blocking<T>(&mut self, mut op: impl FnMut(&mut Self) -> io::Result<T>) -> io::Result<T> {
+        let budget = self.worker.inner.busy_poll;
+        if !budget.is_zero()
+            && let Some(done) = self.poll_for(budget, &mut op)
+        {
+            return done;
+        }
         loop {
             match op(self) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // Polling, if any, is done: sleep.
                     self.worker
-                        .wait(Some(Duration::from_secs(1)))
+                        .sleep(Some(Duration::from_secs(1)))
                         .map_err(io::Error::from)?;
                 }
                 other => return other,
             }
         }
+    }
+
+    /// Retries `op` on shared memory alone for up to `budget`; `None` if it still would block.
+    ///
+    /// Like [`Session::read_busy_poll`], the spin reads the FIFO without dispatching, so the
+    /// data event stays set and a writer that finds it set sends no notification and makes no
+    /// system call. Sleeping afterwards is safe: the event is only ever set together with a
+    /// queued notification, which wakes the sleep at once and clears the event.
+    fn poll_for<T>(
+        &mut self,
+        budget: Duration,
+        op: &mut impl FnMut(&mut Self) -> io::Result<T>,
+    ) -> Option<io::Result<T>> {
+        let start = std::time::Instant::now();
+        let mut idle = 0u32;
+        loop {
+            match op(self) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                other => return Some(other),
+            }
+            idle = idle.wrapping_add(1);
+            if idle.is_multiple_of(POLL_CLOCK_INTERVAL) {
+                if start.elapsed() >= budget {
+                    break;
+                }
+                // A peer sharing this core gets to run.
+                std::thread::yield_now();
+            }
+            if idle.is_multiple_of(BUSY_POLL_DISPATCH_INTERVAL)
+                && let Err(e) = self.worker.dispatch()
+            {
+                return Some(Err(e.into()));
+            }
+            std::hint::spin_loop();
+        }
+        None
     }
 
     /// Spins on the FIFO without sleeping: the lowest latency, at the price of a busy core.

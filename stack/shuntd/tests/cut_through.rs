@@ -282,3 +282,80 @@ fn zero_copy_reads_hand_over_bytes_in_order_up_to_the_limit() {
     }
     assert!(got == writer.join().unwrap(), "bytes differ");
 }
+
+fn attach_polling(d: &Daemon, name: &str, budget: Duration) -> Worker {
+    Worker::attach(
+        AttachOptions::new(d.socket())
+            .app_name(name)
+            .busy_poll(budget),
+    )
+    .expect("attach")
+}
+
+#[test]
+fn polling_workers_connect_accept_and_move_bytes_intact() {
+    let d = Daemon::start("");
+    let budget = Duration::from_micros(50);
+    let server = attach_polling(&d, "server", budget);
+    let listener = server.listen(ep("127.0.0.1:7500")).unwrap();
+    let client = attach_polling(&d, "client", budget);
+    let server_thread = thread::spawn(move || {
+        let mut s = listener.accept().unwrap();
+        // Echo 1000 numbered messages, then take a bulk stream and send one back.
+        let mut msg = [0u8; 8];
+        for _ in 0..1000 {
+            s.read_exact(&mut msg).unwrap();
+            s.write_all(&msg).unwrap();
+        }
+        let (n, crc) = recv_all(&mut s);
+        let back = send_pattern(&mut s, 4, 16 << 20);
+        s.shutdown_write().unwrap();
+        (n, crc, back)
+    });
+    let mut c = client.connect(ep("127.0.0.1:7500")).unwrap();
+    for i in 0..1000u64 {
+        c.write_all(&i.to_le_bytes()).unwrap();
+        let mut echo = [0u8; 8];
+        c.read_exact(&mut echo).unwrap();
+        assert_eq!(u64::from_le_bytes(echo), i, "echo out of order");
+    }
+    let sent = send_pattern(&mut c, 3, 16 << 20);
+    c.shutdown_write().unwrap();
+    let (back_n, back_crc) = recv_all(&mut c);
+    let (n, crc, server_sent) = server_thread.join().unwrap();
+    assert_eq!((n, crc), (16 << 20, sent), "client -> server bytes differ");
+    assert_eq!((back_n, back_crc), (16 << 20, server_sent));
+}
+
+#[test]
+fn reads_that_outlast_their_polling_budget_sleep_and_wake() {
+    // A budget far shorter than a thread wake-up: nearly every read below polls in vain and
+    // then sleeps, so each write must wake it through the doorbell. A read left to the
+    // library's 1 s re-check instead would make 50 exchanges take 50 s.
+    let d = Daemon::start("");
+    let server = attach_polling(&d, "server", Duration::from_nanos(100));
+    let listener = server.listen(ep("127.0.0.1:7501")).unwrap();
+    let client = attach_polling(&d, "client", Duration::from_nanos(100));
+    let mut c = client.connect(ep("127.0.0.1:7501")).unwrap();
+    let mut s = listener.accept().unwrap();
+    let echo = thread::spawn(move || {
+        let mut b = [0u8; 1];
+        while s.read(&mut b).unwrap() == 1 {
+            s.write_all(&b).unwrap();
+        }
+    });
+    let start = Instant::now();
+    for i in 0..50u8 {
+        c.write_all(&[i]).unwrap();
+        let mut b = [0u8; 1];
+        c.read_exact(&mut b).unwrap();
+        assert_eq!(b[0], i);
+    }
+    let took = start.elapsed();
+    c.shutdown_write().unwrap();
+    echo.join().unwrap();
+    assert!(
+        took < Duration::from_secs(5),
+        "50 exchanges took {took:?}: a write did not wake a sleeping reader"
+    );
+}

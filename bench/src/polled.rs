@@ -1,0 +1,107 @@
+//! Kernel sockets that wait the way an adaptive cut-through worker does: try again without
+//! sleeping for up to a budget, then block in poll(2). The adaptive mode compares like with like
+//! only if the kernel baselines may poll too.
+
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::time::{Duration, Instant};
+
+use rustix::event::{PollFd, PollFlags, Timespec, poll};
+
+/// Tries between two yields of the core, so a peer sharing it gets to run.
+const YIELD_INTERVAL: u32 = 64;
+
+/// Whether `fd` becomes ready for `flags` within `timeout` (`None`: no limit).
+pub(crate) fn ready(
+    fd: BorrowedFd<'_>,
+    flags: PollFlags,
+    timeout: Option<Duration>,
+) -> io::Result<bool> {
+    let ts = timeout.map(|t| Timespec {
+        tv_sec: t.as_secs().try_into().unwrap_or(i64::MAX),
+        tv_nsec: t.subsec_nanos().into(),
+    });
+    let mut fds = [PollFd::new(&fd, flags)];
+    match poll(&mut fds, ts.as_ref()) {
+        Ok(n) => Ok(n > 0),
+        Err(rustix::io::Errno::INTR) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Polls `fd` for `flags` with zero timeouts for up to `budget`, then blocks until `deadline`.
+pub(crate) fn ready_polling(
+    fd: BorrowedFd<'_>,
+    flags: PollFlags,
+    budget: Duration,
+    timeout: Duration,
+) -> io::Result<bool> {
+    let start = Instant::now();
+    while start.elapsed() < budget.min(timeout) {
+        if ready(fd, flags, Some(Duration::ZERO))? {
+            return Ok(true);
+        }
+        std::thread::yield_now();
+    }
+    ready(fd, flags, Some(timeout.saturating_sub(start.elapsed())))
+}
+
+/// A connected kernel socket; with a non-zero `busy_poll` it is non-blocking and each read or
+/// write spins on the system call for up to the budget before it sleeps in poll(2).
+pub(crate) struct Polled<S> {
+    pub(crate) inner: S,
+    busy_poll: Duration,
+}
+
+impl<S: AsFd> Polled<S> {
+    pub(crate) fn new(inner: S, busy_poll: Duration) -> io::Result<Self> {
+        if !busy_poll.is_zero() {
+            let fd = inner.as_fd();
+            let flags = rustix::fs::fcntl_getfl(fd)?;
+            rustix::fs::fcntl_setfl(fd, flags | rustix::fs::OFlags::NONBLOCK)?;
+        }
+        Ok(Self { inner, busy_poll })
+    }
+
+    fn retry<T>(
+        &mut self,
+        flags: PollFlags,
+        mut op: impl FnMut(&mut S) -> io::Result<T>,
+    ) -> io::Result<T> {
+        if self.busy_poll.is_zero() {
+            return op(&mut self.inner);
+        }
+        let start = Instant::now();
+        let mut tries = 0u32;
+        loop {
+            match op(&mut self.inner) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                other => return other,
+            }
+            tries = tries.wrapping_add(1);
+            if start.elapsed() < self.busy_poll {
+                if tries.is_multiple_of(YIELD_INTERVAL) {
+                    std::thread::yield_now();
+                }
+                continue;
+            }
+            ready(self.inner.as_fd(), flags, None)?;
+        }
+    }
+}
+
+impl<S: Read + AsFd> Read for Polled<S> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.retry(PollFlags::IN, |s| s.read(buf))
+    }
+}
+
+impl<S: Write + AsFd> Write for Polled<S> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.retry(PollFlags::OUT, |s| s.write(buf))
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
