@@ -16,6 +16,7 @@ pub mod abi;
 pub mod attach;
 pub mod config;
 pub mod connection;
+pub mod envoy_stats;
 pub mod host;
 pub mod identity;
 pub mod stats;

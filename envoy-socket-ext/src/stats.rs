@@ -1,6 +1,7 @@
 //! What this Envoy's connections did: modes, bytes, fallbacks, handshake failures and pairing
 //! time. A transport socket cannot define Envoy stats, so the counts go to shuntd, whose
-//! `/metrics` shows them as `shunt_sidecar_*`.
+//! `/metrics` shows them as `shunt_sidecar_*`. (The companion network filter,
+//! [`crate::abi::network_filter`], counts the connections it sees as Envoy stats as well.)
 //!
 //! Counts accumulate per Envoy worker thread, with no locks on the data path, and go to shuntd
 //! whenever a connection's mode is decided or it closes, and while payload flows (every 16 MiB
@@ -39,10 +40,29 @@ impl Mode {
         }
     }
 
-    fn index(self) -> usize {
+    /// The mode's place in [`Mode::ALL`].
+    pub fn index(self) -> usize {
         self as usize
     }
 }
+
+/// Every reason [`fallback`] is given: why a connection is not cut-through. The companion
+/// filter defines one Envoy counter per reason, and Envoy lets it define stats only while its
+/// config loads, so a new reason belongs here.
+pub const FALLBACK_REASONS: [&str; 12] = [
+    "shuntd_down",
+    "no_address",
+    "no_randomness",
+    "pairing_timeout",
+    "pairing_refused",
+    "pairing_denied",
+    "peer_without_shunt",
+    "peer_shuntd_down",
+    "peer_pairing_timeout",
+    "peer_pairing_refused",
+    "peer_unknown_reason",
+    "refused_by_strict_policy",
+];
 
 #[derive(Debug, Default)]
 struct Pending {
@@ -136,6 +156,10 @@ pub fn bytes(mode: Mode, n: usize) {
 }
 
 pub fn fallback(reason: &'static str) {
+    debug_assert!(
+        FALLBACK_REASONS.contains(&reason),
+        "`{reason}` is missing from FALLBACK_REASONS"
+    );
     with(|p| count(&mut p.fallbacks, reason));
 }
 

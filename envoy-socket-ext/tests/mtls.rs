@@ -9,8 +9,8 @@ use std::sync::atomic::AtomicU64;
 use std::thread;
 
 use common::{
-    Backend, CLIENT_ID, MeshCerts, SERVER_ID, Shuntd, chain, envoy_tls_socket, exchange,
-    exchange_over, free_port, http_get, module_socket, module_tls, mtls_chain, shuntd_at,
+    Backend, CLIENT_ID, COMPANION_FILTER, MeshCerts, SERVER_ID, Shuntd, chain, envoy_tls_socket,
+    exchange, exchange_over, free_port, http_get, module_socket, module_tls, mtls_chain, shuntd_at,
     start_envoy, tcp_sidecar, tcp_sidecar_with_filters,
 };
 
@@ -232,12 +232,7 @@ fn envoys_rbac_sees_the_peer_identity_through_the_companion_filter() {
     let server = certs.workload("server", SERVER_ID);
     let backend = Backend::start();
     let filters = format!(
-        r#"
-      - name: envoy.filters.network.dynamic_modules
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.dynamic_modules.v3.DynamicModuleNetworkFilter
-          dynamic_module_config: {{name: shunt_envoy}}
-          filter_name: peer_identity
+        r#"{COMPANION_FILTER}
       - name: envoy.filters.network.rbac
         typed_config:
           "@type": type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC

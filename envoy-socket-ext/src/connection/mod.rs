@@ -103,6 +103,10 @@ pub struct Connection {
     connection_id: Option<u64>,
     /// The SPIFFE id the TLS handshake verified.
     peer_identity: Option<Arc<str>>,
+    /// The mode chosen, once it is.
+    mode: Option<Mode>,
+    /// Why this connection is not cut-through, once that is known.
+    fallback: Option<&'static str>,
 }
 
 fn log(host: &dyn Host, level: LogLevel, msg: impl FnOnce() -> String) {
@@ -123,6 +127,8 @@ impl Connection {
             failure: None,
             connection_id: None,
             peer_identity: None,
+            mode: None,
+            fallback: None,
         }
     }
 
@@ -140,21 +146,41 @@ impl Connection {
             format!("shunt: closing: {reason}")
         });
         self.failure = Some(reason);
+        if self.mode.is_none() && self.fallback.is_some() {
+            // Refused before any mode: the companion filter counts why when it closes.
+            self.record();
+        }
         self.close(true);
         IoResult::closed()
     }
 
     /// Carries payload over the TCP connection itself, in the clear.
     fn fall_back_to_plain(&mut self, host: &dyn Host, reason: &'static str) {
-        note_fallback(host, Mode::Plain, reason);
+        self.note_fallback(host, Mode::Plain, reason);
         self.count_mode(Mode::Plain);
         self.state = State::Plain;
+    }
+
+    /// Counts why this connection is not cut-through (it fell back, or is refused), for
+    /// shuntd and for the companion filter.
+    fn count_fallback(&mut self, reason: &'static str) {
+        stats::fallback(reason);
+        self.fallback = Some(reason);
+    }
+
+    /// Counts and logs (at debug, once per connection) why the connection goes `mode` rather
+    /// than cut-through.
+    fn note_fallback(&mut self, host: &dyn Host, mode: Mode, reason: &'static str) {
+        self.count_fallback(reason);
+        log(host, LogLevel::Debug, || {
+            format!("shunt: {} for this connection: {reason}", mode.as_str())
+        });
     }
 
     /// Whether a peer without Shunt (plain or TLS) is served, or refused with a reason.
     fn refuse_if_strict(&mut self, host: &dyn Host, what: &str) -> Option<IoResult> {
         (self.config().peers == PeerPolicy::Strict).then(|| {
-            stats::fallback("refused_by_strict_policy");
+            self.count_fallback("refused_by_strict_policy");
             self.fail(host, format!("{what}, and this listener is strict"))
         })
     }
@@ -223,13 +249,20 @@ impl Connection {
 
     /// Counts the mode just chosen, reports to shuntd what this thread has counted, and
     /// records the peer for the companion filter.
-    fn count_mode(&self, mode: Mode) {
+    fn count_mode(&mut self, mode: Mode) {
         stats::connection(mode);
         stats::flush(self.config());
+        self.mode = Some(mode);
+        self.record();
+    }
+
+    /// Records what is known of this connection for the companion filter.
+    fn record(&self) {
         if let Some(id) = self.connection_id {
             let peer = PeerRecord {
                 identity: self.peer_identity.clone(),
-                mode: mode.as_str(),
+                mode: self.mode,
+                fallback: self.fallback,
             };
             identity::record(id, peer);
         }
@@ -273,12 +306,4 @@ impl Drop for Connection {
             identity::forget(id);
         }
     }
-}
-
-/// Counts and logs (at debug, once per connection) why a connection did not go cut-through.
-fn note_fallback(host: &dyn Host, mode: Mode, reason: &'static str) {
-    stats::fallback(reason);
-    log(host, LogLevel::Debug, || {
-        format!("shunt: {} for this connection: {reason}", mode.as_str())
-    });
 }

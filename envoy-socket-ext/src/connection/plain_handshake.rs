@@ -124,6 +124,11 @@ impl Connection {
                 self.start_cut_through(session);
                 Answer::Accept
             }
+            // A denied pair closes (the caller fails the connection): it never had a mode.
+            Err(no_pair) if no_pair == NoPair::DENIED => {
+                self.count_fallback(no_pair.reason);
+                Answer::Refuse(no_pair.tell_peer)
+            }
             Err(no_pair) => {
                 self.fall_back_to_plain(host, no_pair.reason);
                 Answer::Refuse(no_pair.tell_peer)
@@ -168,7 +173,7 @@ impl Connection {
             }
             Ok(Answer::Refuse(RefuseReason::Denied)) => {
                 pairing.abandon();
-                stats::fallback(RefuseReason::Denied.as_str());
+                self.count_fallback(RefuseReason::Denied.as_str());
                 return self.fail(host, "shuntd's rules deny this pair".into());
             }
             Ok(Answer::Refuse(reason)) => {

@@ -17,7 +17,7 @@ use shunt_tls::TlsStream;
 
 use super::pairing::{NoPair, Pairing};
 use super::tls_payload::TlsPayload;
-use super::{Connection, IoResult, Side, State, log, note_fallback};
+use super::{Connection, IoResult, Side, State, log};
 use crate::host::{Host, LogLevel};
 use crate::stats::{self, Mode};
 use crate::wire::{self, ANSWER_LEN, Answer, RefuseReason};
@@ -168,7 +168,7 @@ impl Connection {
                         unreachable!()
                     };
                     if let Some(reason) = reason {
-                        note_fallback(host, Mode::Tls, reason);
+                        self.note_fallback(host, Mode::Tls, reason);
                     }
                     self.count_mode(Mode::Tls);
                     self.state = State::Tls(Box::new(TlsPayload::new(hs.tls)));
@@ -272,7 +272,9 @@ impl Connection {
                             hs.tls
                                 .write_plaintext(&Answer::Refuse(no_pair.tell_peer).emit());
                             if no_pair == NoPair::DENIED {
+                                // `count_fallback`, spelt out: `hs` borrows the state.
                                 stats::fallback(no_pair.reason);
+                                self.fallback = Some(no_pair.reason);
                                 Next::Fail("shuntd's rules deny this pair".into())
                             } else {
                                 Next::Tls(Some(no_pair.reason))
@@ -295,6 +297,7 @@ impl Connection {
                 Answer::Refuse(RefuseReason::Denied) => {
                     pairing.abandon();
                     stats::fallback(RefuseReason::Denied.as_str());
+                    self.fallback = Some(RefuseReason::Denied.as_str());
                     Next::Fail("shuntd's rules deny this pair".into())
                 }
                 Answer::Refuse(reason) => {

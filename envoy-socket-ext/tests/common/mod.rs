@@ -370,6 +370,15 @@ pub fn envoy_tls_socket(upstream: bool, files: &WorkloadFiles, peer: &str) -> St
     )
 }
 
+/// The module's companion network filter (`peer_identity`), as a filter-list item for
+/// [`tcp_sidecar_with_filters`].
+pub const COMPANION_FILTER: &str = r#"
+      - name: envoy.filters.network.dynamic_modules
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.dynamic_modules.v3.DynamicModuleNetworkFilter
+          dynamic_module_config: {name: shunt_envoy}
+          filter_name: peer_identity"#;
+
 /// A TCP sidecar: listener on `listen` → tcp_proxy → `upstream`, with optional module sockets
 /// on either side (strings from [`module_socket`], or empty).
 pub fn tcp_sidecar(
