@@ -110,18 +110,7 @@ fn the_companion_filter_counts_connections_and_bytes_by_mode_as_envoy_stats() {
     let (plain_up, plain_down) = (11, 1 << 20);
     exchange(b_port, plain_up, plain_down).unwrap();
     // Refused: shuntd's rules deny the pair, so the connection closes before it has a mode.
-    d.shunt(&[
-        "rules",
-        "add",
-        "--scope",
-        "global",
-        "--tag",
-        "no-client",
-        "--action",
-        "deny",
-        "--principal",
-        CLIENT_ID,
-    ]);
+    d.deny_principal("no-client", CLIENT_ID);
     let (_a3, a3_port) = client_sidecar(&shuntd);
     assert!(
         exchange(a3_port, 1, 1).is_err(),

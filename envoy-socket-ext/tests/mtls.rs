@@ -321,23 +321,7 @@ fn certificates_from_shuntds_store_are_used_and_rotated() {
 fn a_rule_naming_the_clients_identity_refuses_the_pairing() {
     let d = Shuntd::start();
     let certs = MeshCerts::new();
-    let rule = |tag: &str, principal: &str| {
-        d.shunt(&[
-            "rules",
-            "add",
-            "--scope",
-            "global",
-            "--tag",
-            tag,
-            "--action",
-            "deny",
-            "--principal",
-            principal,
-            "--priority",
-            "1",
-        ]);
-    };
-    rule("no-client", CLIENT_ID);
+    d.deny_principal("no-client", CLIENT_ID);
     let c = mtls_chain(&certs, &shuntd_socket(&d), &shuntd_socket(&d));
     let result = exchange(c.entry, MIB, MIB);
     assert!(result.is_err(), "the denied pair carried payload");
@@ -358,7 +342,7 @@ fn a_rule_naming_the_clients_identity_refuses_the_pairing() {
 
     // A rule naming another identity does not concern this pair.
     d.shunt(&["rules", "del", "--scope", "global", "no-client"]);
-    rule(
+    d.deny_principal(
         "no-intruder",
         "prefix:spiffe://cluster.local/ns/default/sa/intruder",
     );

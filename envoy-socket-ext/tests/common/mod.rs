@@ -111,6 +111,25 @@ impl Shuntd {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Adds a global rule, tagged `tag`, that denies pairings with the peer identity
+    /// `principal`.
+    pub fn deny_principal(&self, tag: &str, principal: &str) {
+        self.shunt(&[
+            "rules",
+            "add",
+            "--scope",
+            "global",
+            "--tag",
+            tag,
+            "--action",
+            "deny",
+            "--principal",
+            principal,
+            "--priority",
+            "1",
+        ]);
+    }
+
     /// The value of `series` once it reaches `want`, or after 10 s, whichever comes first:
     /// sidecars report asynchronously.
     pub fn metric_reaching(&self, series: &str, want: f64) -> f64 {
