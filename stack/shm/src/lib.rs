@@ -71,6 +71,7 @@ pub mod alloc;
 pub mod doorbell;
 pub mod fdpass;
 pub mod fifo;
+mod header;
 pub mod region;
 pub mod ring;
 pub mod segment;

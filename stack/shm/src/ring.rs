@@ -40,10 +40,10 @@
 //! would not do: both loads could read stale values (the store-buffering pattern).
 //! Model-checked in `tests/loom.rs`.
 
-use std::cell::Cell;
 use std::mem::{offset_of, size_of};
 use std::sync::Arc;
 
+use crate::header::{self, Claimed, HeaderError, Kind, SharedRegion};
 use crate::region::{OutOfBounds, Region, Role};
 use crate::sync::{AtomicU32, Ordering, fence};
 
@@ -82,6 +82,7 @@ const OFF_CAPACITY: usize = offset_of!(RingHeader, meta) + 4;
 const OFF_HEAD: usize = offset_of!(RingHeader, consumer);
 const OFF_TAIL: usize = offset_of!(RingHeader, producer);
 const _: () = assert!(OFF_HEAD == 64 && OFF_TAIL == 128);
+const _: () = assert!(OFF_MAGIC == header::OFF_MAGIC && OFF_CAPACITY == header::OFF_CAPACITY);
 
 /// Whether the producer must notify the consumer after a push.
 #[must_use]
@@ -125,26 +126,25 @@ pub const fn ring_footprint(capacity_records: u32) -> usize {
     RING_HEADER_LEN + capacity_records as usize * RECORD_LEN
 }
 
-fn check_capacity(cap: u32) -> Result<(), RingError> {
-    if cap.is_power_of_two() && (RING_MIN_CAPACITY..=RING_MAX_CAPACITY).contains(&cap) {
-        Ok(())
-    } else {
-        Err(RingError::InvalidCapacity(cap))
-    }
-}
+/// The ring's kind of shared header.
+static KIND: Kind = Kind {
+    magic: RING_MAGIC,
+    align: RING_ALIGN,
+    header_len: RING_HEADER_LEN,
+    min_capacity: RING_MIN_CAPACITY,
+    max_capacity: RING_MAX_CAPACITY,
+    footprint: ring_footprint,
+};
 
-fn check_placement(region: &Region, offset: usize, cap: u32) -> Result<(), RingError> {
-    if !offset.is_multiple_of(RING_ALIGN) {
-        return Err(RingError::Misaligned(offset));
-    }
-    let len = ring_footprint(cap);
-    match offset.checked_add(len) {
-        Some(end) if end <= region.len() => Ok(()),
-        _ => Err(RingError::OutOfBounds(OutOfBounds {
-            offset,
-            len,
-            region_len: region.len(),
-        })),
+impl From<HeaderError> for RingError {
+    fn from(e: HeaderError) -> Self {
+        match e {
+            HeaderError::InvalidCapacity(c) => RingError::InvalidCapacity(c),
+            HeaderError::Misaligned(o) => RingError::Misaligned(o),
+            HeaderError::OutOfBounds(e) => RingError::OutOfBounds(e),
+            HeaderError::BadMagic(m) => RingError::BadMagic(m),
+            HeaderError::AlreadyAttached => RingError::AlreadyAttached,
+        }
     }
 }
 
@@ -160,8 +160,8 @@ pub fn init_ring_at(
     capacity_records: u32,
     position: u32,
 ) -> Result<(), RingError> {
-    check_capacity(capacity_records)?;
-    check_placement(region, offset, capacity_records)?;
+    KIND.check_capacity(capacity_records)?;
+    KIND.check_placement(region, offset, capacity_records)?;
     if region.is_claimed(offset) {
         return Err(RingError::AlreadyAttached);
     }
@@ -174,78 +174,34 @@ pub fn init_ring_at(
     Ok(())
 }
 
-type SharedRegion = Arc<dyn AsRef<Region> + Send + Sync>;
+/// Private, validated view of one ring, shared by both endpoint types.
+struct Ring(Claimed);
 
-struct Ring {
-    region: SharedRegion,
-    offset: usize,
-    data: usize,
-    capacity: u32,
-    mask: u32,
-    role: Role,
-    corrupt: Cell<bool>,
+impl std::ops::Deref for Ring {
+    type Target = Claimed;
+
+    fn deref(&self) -> &Claimed {
+        &self.0
+    }
 }
 
 impl Ring {
     fn attach(region: SharedRegion, offset: usize, role: Role) -> Result<Ring, RingError> {
-        let r: &Region = (*region).as_ref();
-        if !offset.is_multiple_of(RING_ALIGN) {
-            return Err(RingError::Misaligned(offset));
-        }
-        let magic = r.atomic_u32(offset + OFF_MAGIC)?.load(Ordering::Acquire);
-        if magic != RING_MAGIC {
-            return Err(RingError::BadMagic(magic));
-        }
-        let capacity = r.atomic_u32(offset + OFF_CAPACITY)?.load(Ordering::Relaxed);
-        check_capacity(capacity)?;
-        check_placement(r, offset, capacity)?;
-        if !r.claim(offset, role) {
-            return Err(RingError::AlreadyAttached);
-        }
-        Ok(Ring {
-            data: offset + RING_HEADER_LEN,
-            region,
-            offset,
-            capacity,
-            mask: capacity - 1,
-            role,
-            corrupt: Cell::new(false),
-        })
+        Ok(Ring(Claimed::attach(&KIND, region, offset, role)?))
     }
 
-    fn region(&self) -> &Region {
-        (*self.region).as_ref()
-    }
-
+    /// A header word (see [`Claimed::word`]).
     fn word(&self, field: usize) -> Result<&AtomicU32, RingError> {
-        // Checked at attach; cannot fail, but never panic.
-        self.region()
-            .atomic_u32(self.offset + field)
-            .map_err(|_| RingError::Corrupt)
+        self.0.word(field).ok_or(RingError::Corrupt)
     }
 
     /// Validated `tail - head`.
     fn used(&self, head: u32, tail: u32) -> Result<u32, RingError> {
-        if self.corrupt.get() {
-            return Err(RingError::Corrupt);
-        }
-        let used = tail.wrapping_sub(head);
-        if used > self.capacity {
-            self.corrupt.set(true);
-            return Err(RingError::Corrupt);
-        }
-        Ok(used)
+        self.0.used(head, tail).ok_or(RingError::Corrupt)
     }
 
     fn record_offset(&self, index: u32) -> usize {
         self.data + (index & self.mask) as usize * RECORD_LEN
-    }
-}
-
-impl Drop for Ring {
-    fn drop(&mut self) {
-        let (offset, role) = (self.offset, self.role);
-        self.region().release_claim(offset, role);
     }
 }
 

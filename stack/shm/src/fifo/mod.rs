@@ -86,8 +86,9 @@ use std::sync::Arc;
 pub use ooo::{MAX_OOO_INTERVALS, OooInterval};
 pub use slices::{ReadSlices, WriteSlices};
 
+use crate::header::{self, Claimed, HeaderError, Kind, SharedRegion};
 use crate::region::{OutOfBounds, Region, Role};
-use crate::sync::{AtomicU32, Ordering};
+use crate::sync::Ordering;
 use ooo::Assembler;
 
 /// Bytes of the shared header in front of the data area.
@@ -178,6 +179,7 @@ const OFF_WANT_TX_SPACE: usize =
 const OFF_RESET: usize = offset_of!(FifoHeader, signals) + offset_of!(SignalLine, reset);
 
 const _: () = assert!(OFF_HEAD == 64 && OFF_TAIL == 128 && OFF_HAS_EVENT == 192);
+const _: () = assert!(OFF_MAGIC == header::OFF_MAGIC && OFF_CAPACITY == header::OFF_CAPACITY);
 
 /// Errors of FIFO operations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -233,26 +235,25 @@ pub const fn fifo_footprint(capacity: u32) -> usize {
     (FIFO_HEADER_LEN + capacity as usize).next_multiple_of(FIFO_ALIGN)
 }
 
-fn check_capacity(capacity: u32) -> Result<(), FifoError> {
-    if capacity.is_power_of_two() && (FIFO_MIN_CAPACITY..=FIFO_MAX_CAPACITY).contains(&capacity) {
-        Ok(())
-    } else {
-        Err(FifoError::InvalidCapacity(capacity))
-    }
-}
+/// The FIFO's kind of shared header.
+static KIND: Kind = Kind {
+    magic: FIFO_MAGIC,
+    align: FIFO_ALIGN,
+    header_len: FIFO_HEADER_LEN,
+    min_capacity: FIFO_MIN_CAPACITY,
+    max_capacity: FIFO_MAX_CAPACITY,
+    footprint: fifo_footprint,
+};
 
-fn check_placement(region: &Region, offset: usize, capacity: u32) -> Result<(), FifoError> {
-    if !offset.is_multiple_of(FIFO_ALIGN) {
-        return Err(FifoError::Misaligned(offset));
-    }
-    let footprint = fifo_footprint(capacity);
-    match offset.checked_add(footprint) {
-        Some(end) if end <= region.len() => Ok(()),
-        _ => Err(FifoError::OutOfBounds(OutOfBounds {
-            offset,
-            len: footprint,
-            region_len: region.len(),
-        })),
+impl From<HeaderError> for FifoError {
+    fn from(e: HeaderError) -> Self {
+        match e {
+            HeaderError::InvalidCapacity(c) => FifoError::InvalidCapacity(c),
+            HeaderError::Misaligned(o) => FifoError::Misaligned(o),
+            HeaderError::OutOfBounds(e) => FifoError::OutOfBounds(e),
+            HeaderError::BadMagic(m) => FifoError::BadMagic(m),
+            HeaderError::AlreadyAttached => FifoError::AlreadyAttached,
+        }
     }
 }
 
@@ -269,8 +270,8 @@ pub fn init_fifo_at(
     capacity: u32,
     position: u32,
 ) -> Result<(), FifoError> {
-    check_capacity(capacity)?;
-    check_placement(region, offset, capacity)?;
+    KIND.check_capacity(capacity)?;
+    KIND.check_placement(region, offset, capacity)?;
     if region.is_claimed(offset) {
         return Err(FifoError::AlreadyAttached);
     }
@@ -294,68 +295,20 @@ pub fn init_fifo_at(
     Ok(())
 }
 
-/// Checks alignment and magic, then reads the capacity (once; callers keep the private copy)
-/// and checks that the whole FIFO fits the region.
-fn validated_capacity(region: &Region, offset: usize) -> Result<u32, FifoError> {
-    if !offset.is_multiple_of(FIFO_ALIGN) {
-        return Err(FifoError::Misaligned(offset));
-    }
-    let magic = region
-        .atomic_u32(offset + OFF_MAGIC)?
-        .load(Ordering::Acquire);
-    if magic != FIFO_MAGIC {
-        return Err(FifoError::BadMagic(magic));
-    }
-    let capacity = region
-        .atomic_u32(offset + OFF_CAPACITY)?
-        .load(Ordering::Relaxed);
-    check_capacity(capacity)?;
-    check_placement(region, offset, capacity)?;
-    Ok(capacity)
-}
-
-type SharedRegion = Arc<dyn AsRef<Region> + Send + Sync>;
-
 /// Private, validated view of one FIFO, shared by both endpoint types.
-struct Fifo {
-    region: SharedRegion,
-    /// Offset of the header.
-    offset: usize,
-    /// Offset of the data area.
-    data: usize,
-    capacity: u32,
-    mask: u32,
-    role: Role,
-    corrupt: Cell<bool>,
+struct Fifo(Claimed);
+
+impl std::ops::Deref for Fifo {
+    type Target = Claimed;
+
+    fn deref(&self) -> &Claimed {
+        &self.0
+    }
 }
 
 impl Fifo {
-    /// Validates the header at `offset`, copies the geometry and claims `role`.
     fn attach(region: SharedRegion, offset: usize, role: Role) -> Result<Fifo, FifoError> {
-        let r: &Region = (*region).as_ref();
-        let capacity = validated_capacity(r, offset)?;
-        if !r.claim(offset, role) {
-            return Err(FifoError::AlreadyAttached);
-        }
-        Ok(Fifo {
-            data: offset + FIFO_HEADER_LEN,
-            region,
-            offset,
-            capacity,
-            mask: capacity - 1,
-            role,
-            corrupt: Cell::new(false),
-        })
-    }
-
-    fn region(&self) -> &Region {
-        (*self.region).as_ref()
-    }
-
-    /// A header word. The header was bounds- and alignment-checked at attach and the region
-    /// never shrinks, so this cannot fail; callers still handle `None` instead of panicking.
-    fn word(&self, field: usize) -> Option<&AtomicU32> {
-        self.region().atomic_u32(self.offset + field).ok()
+        Ok(Fifo(Claimed::attach(&KIND, region, offset, role)?))
     }
 
     fn flag(&self, field: usize) -> bool {
@@ -375,9 +328,6 @@ impl Fifo {
 
     /// Loads the foreign index (`Acquire`) and returns `tail - head`, validated.
     fn used(&self, head: Option<u32>, tail: Option<u32>) -> Result<u32, FifoError> {
-        if self.corrupt.get() {
-            return Err(FifoError::Corrupt);
-        }
         let load = |field| {
             self.word(field)
                 .map(|w| w.load(Ordering::Acquire))
@@ -391,12 +341,7 @@ impl Fifo {
             Some(t) => t,
             None => load(OFF_TAIL)?,
         };
-        let used = tail.wrapping_sub(head);
-        if used > self.capacity {
-            self.corrupt.set(true);
-            return Err(FifoError::Corrupt);
-        }
-        Ok(used)
+        self.0.used(head, tail).ok_or(FifoError::Corrupt)
     }
 
     /// Stores a statistics counter; `Relaxed` because nothing is ordered by it.
@@ -438,13 +383,6 @@ impl Fifo {
             self.region().copy_out(self.data, &mut dst[first..])?;
         }
         Ok(())
-    }
-}
-
-impl Drop for Fifo {
-    fn drop(&mut self) {
-        let (offset, role) = (self.offset, self.role);
-        self.region().release_claim(offset, role);
     }
 }
 
@@ -978,7 +916,7 @@ impl FifoObserver {
     where
         R: AsRef<Region> + Send + Sync + 'static,
     {
-        let capacity = validated_capacity((*region).as_ref(), offset)?;
+        let capacity = KIND.validated_capacity((*region).as_ref(), offset)?;
         Ok(FifoObserver {
             region,
             offset,

@@ -2,6 +2,7 @@
 //! only, so they run under Miri.
 
 use super::*;
+use crate::sync::AtomicU32;
 
 const CAP: u32 = 4096;
 /// Guard bytes around the FIFO, checked after hostile operations.
