@@ -233,6 +233,30 @@ async fn delta_push_update_remove_nack_and_resume() {
     })
     .await;
 
+    // A Delta resource whose body names another resource is refused, and counted.
+    conn.send(delta_response(
+        ResourceType::Cluster,
+        "n5",
+        vec![(
+            OTHER,
+            "c3",
+            any(&mesh::static_cluster("impostor", "10.0.0.11", 9090)),
+        )],
+        &[],
+    ))
+    .await;
+    let detail = conn.next().await.error_detail.expect("a NACK").message;
+    assert!(
+        detail.contains("carries a resource named `impostor`"),
+        "{detail}"
+    );
+    let metrics = state.metrics().render();
+    assert!(
+        metrics.contains("shunt_xds_translation_errors_total{reason=\"misnamed\"} 1"),
+        "{metrics}"
+    );
+    assert!(state.tables().services.iter().all(|s| s.cluster != OTHER));
+
     // The server goes away; the client keeps what it accepted and comes back claiming it.
     drop(conn);
     let mut conn = server.next_delta().await;
@@ -371,6 +395,15 @@ async fn sotw_versions_nonces_and_implicit_removal() {
     let nack = conn.next().await;
     assert_eq!(nack.response_nonce, "e");
     assert!(nack.error_detail.is_some());
+    // Each refused resource is counted: three that did not decode as clusters (another type,
+    // malformed bytes, too big), then a response of a type the adapter does not handle.
+    let metrics = state.metrics().render();
+    for series in [
+        "shunt_xds_translation_errors_total{reason=\"undecodable\"} 3",
+        "shunt_xds_translation_errors_total{reason=\"unknown_type\"} 1",
+    ] {
+        assert!(metrics.contains(series), "no `{series}` in\n{metrics}");
+    }
     assert_eq!(
         state.tables().services.len(),
         2,

@@ -24,6 +24,7 @@ use tonic::transport::Channel;
 use super::backoff::Backoff;
 use super::state::{Change, Rejection, State, error_detail};
 use super::transport::{Target, TlsFiles, TransportError, connect};
+use crate::metrics::Metrics;
 use crate::resource::{Resource, ResourceType};
 
 /// Istio pushes whole meshes in one response; ztunnel allows 200 MiB.
@@ -176,8 +177,11 @@ fn wanted(kind: ResourceType, config: &StreamConfig, state: &State) -> Option<BT
     }
 }
 
+/// Decodes a response's resources, or says why each bad one is refused (counted in
+/// `shunt_xds_translation_errors_total` as `undecodable` or `misnamed`).
 fn decode_all(
     kind: ResourceType,
+    metrics: &Metrics,
     items: impl Iterator<
         Item = (
             String,
@@ -194,11 +198,17 @@ fn decode_all(
             .and_then(|any| Resource::from_any(kind, &any).map_err(|e| e.to_string()));
         match decoded {
             Ok(r) if name.is_empty() || r.name() == name => ok.push((r, version)),
-            Ok(r) => rejections.push(Rejection {
-                name,
-                reason: format!("carries a resource named `{}`", r.name()),
-            }),
-            Err(reason) => rejections.push(Rejection { name, reason }),
+            Ok(r) => {
+                metrics.translation_error("misnamed");
+                rejections.push(Rejection {
+                    name,
+                    reason: format!("carries a resource named `{}`", r.name()),
+                });
+            }
+            Err(reason) => {
+                metrics.translation_error("undecodable");
+                rejections.push(Rejection { name, reason });
+            }
         }
     }
     if rejections.is_empty() {
@@ -372,6 +382,7 @@ async fn sotw(
         let names = asked.get(&kind).cloned().unwrap_or_default();
         let decoded = decode_all(
             kind,
+            state.metrics(),
             resources
                 .into_iter()
                 .map(|any| (String::new(), Some(any), String::new())),
@@ -508,6 +519,7 @@ async fn delta(
         };
         let decoded = decode_all(
             kind,
+            state.metrics(),
             resources
                 .into_iter()
                 .map(|r| (r.name, r.resource, r.version)),
