@@ -28,6 +28,8 @@ use crate::sidecar_usage::SidecarUsage;
 #[derive(Debug, Default)]
 pub struct ServerCounters {
     pub decode_errors: AtomicU64,
+    /// Control API calls refused for the caller's credentials.
+    pub control_refusals: AtomicU64,
     pub sidecar_usage: SidecarUsage,
 }
 

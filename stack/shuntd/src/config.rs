@@ -36,6 +36,9 @@ fn invalid(field: impl Into<String>, reason: impl std::fmt::Display) -> ConfigEr
 pub struct Config {
     pub app_socket: PathBuf,
     pub control_socket: PathBuf,
+    /// Who may call the control API, by the credentials the kernel reports for the caller.
+    #[serde(default)]
+    pub control_clients: ControlClientsSection,
     #[serde(default)]
     pub metrics_address: String,
     pub workers: usize,
@@ -46,6 +49,18 @@ pub struct Config {
     pub namespaces: Vec<NamespaceSection>,
     #[serde(default)]
     pub rules: Vec<RuleSection>,
+}
+
+/// Users and groups allowed on the control socket. With both lists empty, root and the user
+/// shuntd runs as are; otherwise exactly the listed users, and the callers whose primary group
+/// is listed.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlClientsSection {
+    #[serde(default)]
+    pub uids: Vec<u32>,
+    #[serde(default)]
+    pub gids: Vec<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

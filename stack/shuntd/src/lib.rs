@@ -3,7 +3,7 @@
 //! - [`config`]: the YAML configuration and its built-in default.
 //! - [`app_server`]: the attach socket and the worker threads apps are pinned to.
 //! - [`link`]: how the session layer reaches an attached app worker.
-//! - [`control`]: the gRPC control API.
+//! - [`control`]: the gRPC control API, and [`control_access`]: who may call it.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`background`]: shuntd on a thread of its own, for programs that embed it.
 //!
@@ -14,6 +14,7 @@ pub mod app_server;
 pub mod background;
 pub mod config;
 pub mod control;
+pub mod control_access;
 pub mod link;
 pub mod metrics;
 mod reactor;
@@ -21,15 +22,18 @@ pub mod sidecar_usage;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use anyhow::Context;
 use shunt_proto::control::control_server::ControlServer;
 use shunt_session::namespace::Namespace;
 use shunt_session::{SessionLayer, SessionLayerConfig};
 use tokio_stream::wrappers::UnixListenerStream;
+use tonic::service::interceptor::InterceptedService;
 
 use crate::app_server::{AppServer, ServerCounters};
 use crate::config::{Config, RuleScopeSection};
+use crate::control_access::ControlAccess;
 
 /// A running daemon.
 pub struct Bound {
@@ -100,12 +104,20 @@ pub async fn build(config: &Config) -> anyhow::Result<Bound> {
     let _ = std::fs::remove_file(&config.control_socket);
     let control_listener = tokio::net::UnixListener::bind(&config.control_socket)
         .with_context(|| format!("control socket {}", config.control_socket.display()))?;
+    set_control_socket_mode(&config.control_socket, &config.control_clients)?;
     let control = control::ControlService::new(layer.clone(), workers);
+    let access = ControlAccess::new(&config.control_clients, rustix::process::geteuid().as_raw());
+    let refusals = counters.clone();
+    let access = access.interceptor(move |reason| {
+        refusals.control_refusals.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(reason, "control call refused");
+    });
     tasks.spawn(async move {
         let r = tonic::transport::Server::builder()
-            .add_service(
+            .add_service(InterceptedService::new(
                 ControlServer::new(control).max_decoding_message_size(CONTROL_MESSAGE_LIMIT),
-            )
+                access,
+            ))
             .serve_with_incoming(UnixListenerStream::new(control_listener))
             .await;
         if let Err(e) = r {
@@ -156,6 +168,22 @@ pub use shunt_proto::CONTROL_MESSAGE_LIMIT;
 
 /// How often waiting pairing offers are checked for expiry.
 const PAIR_EXPIRY_TICK: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// The control socket's file mode follows `control_clients`: owner only (root gets in anyway)
+/// when the default of root and shuntd's own user applies; open to every user when users or
+/// groups are listed, since the credentials check on each call then decides.
+fn set_control_socket_mode(
+    path: &std::path::Path,
+    clients: &config::ControlClientsSection,
+) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = if clients.uids.is_empty() && clients.gids.is_empty() {
+        0o600
+    } else {
+        0o666
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+}
 
 /// Apps in other containers attach as other users; namespace secrets, not file modes, decide
 /// who gets in.

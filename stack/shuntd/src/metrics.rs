@@ -30,6 +30,7 @@ pub struct Metrics {
     connect_failures: IntCounterVec,
     pairings: IntCounterVec,
     decode_errors: IntCounter,
+    control_refusals: IntCounter,
     services: IntGauge,
     service_endpoints: IntGauge,
 }
@@ -120,6 +121,10 @@ impl Metrics {
                 "sapi_decode_errors_total",
                 "Malformed session-API messages received.",
             )?,
+            control_refusals: counter(
+                "control_refusals_total",
+                "Control API calls refused for the caller's user and group.",
+            )?,
             // Totals only: a label per source or cluster would grow with the mesh.
             services: gauge(
                 "services",
@@ -188,6 +193,10 @@ impl Metrics {
         raise(
             &self.decode_errors,
             self.server.decode_errors.load(Ordering::Relaxed),
+        );
+        raise(
+            &self.control_refusals,
+            self.server.control_refusals.load(Ordering::Relaxed),
         );
     }
 

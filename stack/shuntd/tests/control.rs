@@ -340,3 +340,61 @@ async fn replace_services_swaps_a_sources_list_and_list_services_sorts_them() {
     );
     assert_eq!(services(&mut c).await, vec![sourced("xds/a", &inbound)]);
 }
+
+#[tokio::test]
+async fn only_the_listed_users_may_call_the_control_api() {
+    let me = rustix::process::getuid().as_raw();
+    let stranger = me.wrapping_add(4242);
+
+    let mode = |d: &Daemon| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(d.control_socket())
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    // By default only root and shuntd's own user may call, and the socket file says so too.
+    let d = Daemon::start("");
+    assert_eq!(mode(&d), 0o600);
+    drop(d);
+
+    // A list without this test's user: every call is refused, with the reason. The file is
+    // open to all, since the credentials check decides.
+    let d = Daemon::start(&format!("control_clients: {{uids: [{stranger}]}}\n"));
+    assert_eq!(mode(&d), 0o666);
+    let mut c = control_client(&d.control_socket()).await;
+    let refused = c
+        .list_rules(pb::ListRulesRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    assert!(
+        refused.message().contains(&format!("uid {me} ")),
+        "{}",
+        refused.message()
+    );
+    let add = c
+        .add_rule(pb::AddRuleRequest {
+            rule: Some(rule(
+                pb::RuleScope::Global,
+                "",
+                "sneaky",
+                pb::RuleAction::Allow,
+            )),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(add.code(), Code::PermissionDenied);
+    drop(d);
+
+    // Listed, the same user gets in.
+    let d = Daemon::start(&format!("control_clients: {{uids: [{stranger}, {me}]}}\n"));
+    let mut c = control_client(&d.control_socket()).await;
+    c.list_rules(pb::ListRulesRequest {
+        scope: pb::RuleScope::Global as i32,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+}

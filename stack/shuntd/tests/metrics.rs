@@ -10,8 +10,13 @@ use std::net::{SocketAddr, TcpStream};
 use shunt_client::{AttachOptions, Worker};
 
 fn start(dir: &std::path::Path) -> SocketAddr {
+    start_with(dir, "")
+}
+
+/// shuntd with the test config plus `extra` YAML lines.
+fn start_with(dir: &std::path::Path, extra: &str) -> SocketAddr {
     let config = shuntd::config::Config::parse(&format!(
-        "app_socket: {app}\ncontrol_socket: {control}\nmetrics_address: 127.0.0.1:0\n\
+        "{extra}app_socket: {app}\ncontrol_socket: {control}\nmetrics_address: 127.0.0.1:0\n\
          cut_through: {{fifo_size: 65536}}\n\
          namespaces:\n  - {{id: default, secret: '', address: 127.0.0.1}}\n  \
          - {{id: locked, secret: right, address: 10.0.0.2}}\n\
@@ -83,6 +88,33 @@ fn services_and_their_endpoints_are_counted_in_all_sources() {
     let text = scrape(addr);
     assert_eq!(sample(&text, "shunt_services "), 3.0);
     assert_eq!(sample(&text, "shunt_service_endpoints "), 5.0);
+}
+
+#[test]
+fn control_calls_refused_for_the_callers_user_are_counted() {
+    use shunt_proto::control as pb;
+    let dir = tempfile::tempdir().unwrap();
+    let stranger = rustix::process::getuid().as_raw().wrapping_add(4242);
+    let addr = start_with(
+        dir.path(),
+        &format!("control_clients: {{uids: [{stranger}]}}\n"),
+    );
+    assert_eq!(sample(&scrape(addr), "shunt_control_refusals_total "), 0.0);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut c = common::control_client(&dir.path().join("control.sock")).await;
+        for _ in 0..2 {
+            let refused = c
+                .list_namespaces(pb::ListNamespacesRequest::default())
+                .await
+                .unwrap_err();
+            assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+        }
+    });
+    assert_eq!(sample(&scrape(addr), "shunt_control_refusals_total "), 2.0);
 }
 
 #[test]
