@@ -24,6 +24,7 @@
 //! ```
 
 use std::ffi::c_void;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::{Buffer, guarded, log_global};
 use crate::envoy_stats::{Direction, Kind, Sink, StatId, StatIds, Tally};
@@ -83,11 +84,14 @@ struct FilterConfig {
     /// config only after its last filter: each of its filters holds a reference to it.
     envoy: *mut c_void,
     stats: StatIds,
+    refusal_logged: AtomicBool,
 }
 
 impl FilterConfig {
+    /// Logs the first refusal only: a stat update runs per read and write, and a refusal
+    /// (such as a frozen stats store) would repeat on every one.
     fn checked(&self, what: &str, result: u32) {
-        if result != METRICS_SUCCESS {
+        if result != METRICS_SUCCESS && !self.refusal_logged.swap(true, Ordering::Relaxed) {
             log_global(
                 LogLevel::Error,
                 &format!("shunt: Envoy refused to {what} a stat of `{FILTER_NAME}`: {result}"),
@@ -264,6 +268,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_network_filter_config_new(
                 let config = FilterConfig {
                     envoy: config_envoy,
                     stats,
+                    refusal_logged: AtomicBool::new(false),
                 };
                 Box::into_raw(Box::new(config)).cast_const().cast()
             }
