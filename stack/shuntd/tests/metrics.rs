@@ -31,6 +31,15 @@ fn start_with(dir: &std::path::Path, extra: &str) -> SocketAddr {
         .expect("metrics enabled")
 }
 
+/// Runs a control-API exchange from a synchronous test.
+fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
 fn scrape(addr: SocketAddr) -> String {
     let mut s = TcpStream::connect(addr).unwrap();
     s.write_all(b"GET /metrics HTTP/1.0\r\nHost: shuntd\r\n\r\n")
@@ -67,11 +76,7 @@ fn services_and_their_endpoints_are_counted_in_all_sources() {
             .collect(),
         ..Default::default()
     };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    block_on(async {
         let mut c = common::control_client(&dir.path().join("control.sock")).await;
         for (source, services) in [
             ("xds/a", vec![service("a", 2), service("b", 0)]),
@@ -100,11 +105,7 @@ fn control_calls_refused_for_the_callers_user_are_counted() {
         &format!("control_clients: {{uids: [{stranger}]}}\n"),
     );
     assert_eq!(sample(&scrape(addr), "shunt_control_refusals_total "), 0.0);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    block_on(async {
         let mut c = common::control_client(&dir.path().join("control.sock")).await;
         for _ in 0..2 {
             let refused = c
