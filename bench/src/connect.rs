@@ -35,8 +35,21 @@ struct Rate {
     msg_size: usize,
     cps: f64,
     us_per_conn: f64,
+    /// Where each connection's time goes, seen from the connecting side (means, µs): until
+    /// connect returns, then writing the byte until end-of-stream, then closing.
+    connect_us: f64,
+    exchange_us: f64,
+    close_us: f64,
     connections: u64,
     secs: f64,
+}
+
+/// Time a connect loop spent in each phase, summed over its connections.
+#[derive(Default)]
+struct Phases {
+    connect: Duration,
+    exchange: Duration,
+    close: Duration,
 }
 
 #[derive(Serialize)]
@@ -78,13 +91,24 @@ pub(crate) fn run(opts: &Options, r: &mut Reporter) -> anyhow::Result<()> {
                 format!("{} ({})", m.transport.name(), m.mode.name()),
                 format!("{:.0}", m.cps),
                 format!("{:.2}", m.us_per_conn),
+                format!("{:.2}", m.connect_us),
+                format!("{:.2}", m.exchange_us),
+                format!("{:.2}", m.close_us),
                 m.connections.to_string(),
             ]
         })
         .collect();
     r.table(
         "connection setup (connect + accept + 1 byte + close)",
-        &["transport", "conn/s", "us/conn", "connections"],
+        &[
+            "transport",
+            "conn/s",
+            "us/conn",
+            "connect",
+            "byte+eof",
+            "close",
+            "connections",
+        ],
         &rows,
     );
     let cps = |t, mode| {
@@ -145,11 +169,12 @@ fn measure(
     let accepted = acceptor_thread
         .join()
         .map_err(|_| anyhow::anyhow!("acceptor thread panicked"))??;
-    let (n, secs) = result?;
+    let (n, secs, phases) = result?;
     anyhow::ensure!(
         accepted == n,
         "{n} connections made but {accepted} accepted"
     );
+    let mean_us = |d: Duration| d.as_secs_f64() * 1e6 / n as f64;
     Ok(Rate {
         bench: "connect",
         transport,
@@ -157,6 +182,9 @@ fn measure(
         msg_size: 1,
         cps: n as f64 / secs,
         us_per_conn: secs * 1e6 / n as f64,
+        connect_us: mean_us(phases.connect),
+        exchange_us: mean_us(phases.exchange),
+        close_us: mean_us(phases.close),
         connections: n,
         secs,
     })
@@ -168,19 +196,26 @@ fn connect_loop(
     client: &shunt_client::Worker,
     busy_poll: Duration,
     opts: &Options,
-) -> anyhow::Result<(u64, f64)> {
+) -> anyhow::Result<(u64, f64, Phases)> {
     let start = Instant::now();
     let mut n = 0u64;
+    let mut phases = Phases::default();
     while n < opts.max && (n == 0 || start.elapsed() < opts.duration) {
+        let t0 = Instant::now();
         let mut c = Conn::connect(transport, target, Some(client), false, busy_poll)?;
+        let t1 = Instant::now();
         c.write_all(b"x")?;
         let mut b = [0u8; 1];
         // End-of-stream here means the acceptor took the byte and closed.
         anyhow::ensure!(c.read(&mut b)? == 0, "acceptor sent data");
+        let t2 = Instant::now();
         c.close();
+        phases.connect += t1 - t0;
+        phases.exchange += t2 - t1;
+        phases.close += t2.elapsed();
         n += 1;
     }
-    Ok((n, start.elapsed().as_secs_f64()))
+    Ok((n, start.elapsed().as_secs_f64(), phases))
 }
 
 /// Accepts until told to stop; returns how many connections it served.

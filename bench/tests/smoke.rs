@@ -157,7 +157,26 @@ fn connect_reports_a_rate_per_transport() {
     let lines = run("connect");
     let (results, ratios) = split(&lines, "connect");
     for v in &results {
-        has(v, &["bench", "transport", "mode", "msg_size", "cps"]);
+        has(
+            v,
+            &[
+                "bench",
+                "transport",
+                "mode",
+                "msg_size",
+                "cps",
+                "connect_us",
+                "exchange_us",
+                "close_us",
+            ],
+        );
+        // The phases are parts of each connection's time, so they cannot add up to more.
+        let phases: f64 = ["connect_us", "exchange_us", "close_us"]
+            .iter()
+            .map(|k| v[*k].as_f64().unwrap())
+            .sum();
+        let per_conn = v["us_per_conn"].as_f64().unwrap();
+        assert!(phases > 0.0 && phases <= per_conn, "{v}");
     }
     let t = transports(&results);
     assert!(t.contains("cut-through") && t.contains("tcp-loopback") && t.contains("unix"));
