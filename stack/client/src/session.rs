@@ -382,9 +382,8 @@ impl Session {
     /// data event stays set and a writer that finds it set sends no notification and makes no
     /// system call. Sleeping afterwards is safe: between blocking sessions the event is only
     /// ever set together with a queued notification (external wake-ups queue none, and do not
-    /// block), which wakes the sleep at once and clears the event. That holds while one thread
-    /// drives the worker: another thread's dispatch may take the notification, and this sleep
-    /// then lasts until its one-second re-check.
+    /// block), which wakes the sleep at once and clears the event. Another thread's dispatch
+    /// may take that notification first; [`Worker::sleep`] then wakes this one too.
     fn poll_for<T>(
         &mut self,
         budget: Duration,

@@ -4,7 +4,7 @@ use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use rustix::event::epoll;
@@ -128,6 +128,18 @@ pub(crate) struct Inner {
     epoll: OwnedFd,
     doorbell: Doorbell,
     pub(crate) busy_poll: Duration,
+    /// Threads blocked on this worker (see [`Worker::sleep`]).
+    sleeper: Mutex<Sleeper>,
+    dispatched: Condvar,
+}
+
+/// Who sleeps in `epoll_wait` for a worker, and who waits for that sleeper's dispatch.
+#[derive(Default)]
+struct Sleeper {
+    leading: bool,
+    followers: usize,
+    /// Counts dispatches, so a follower knows when one happened.
+    generation: u64,
 }
 
 /// An attached app worker. Cheap to clone; clones share the worker.
@@ -224,6 +236,8 @@ impl Worker {
             epoll,
             doorbell,
             busy_poll,
+            sleeper: Mutex::new(Sleeper::default()),
+            dispatched: Condvar::new(),
         });
         let worker = Worker { inner };
         worker.reattach()?;
@@ -596,6 +610,7 @@ impl Worker {
         if !budget.is_zero() {
             loop {
                 if self.dispatch_within(Some(&ZERO_TIMEOUT))? {
+                    self.handled_outside_sleep()?;
                     return Ok(());
                 }
                 if start.elapsed() >= budget {
@@ -610,18 +625,78 @@ impl Worker {
 
     /// Sleeps until something happens or `timeout` passes (`None`: no limit), then dispatches
     /// it; never polls.
+    ///
+    /// Threads blocked on one worker take turns as leader and followers: at most one sleeps in
+    /// `epoll_wait` and dispatches for all, the others sleep until its dispatch is done and then
+    /// look at their own sessions again. Were several threads in `epoll_wait`, the one the
+    /// kernel woke could take another's notification, and that other would sleep on.
     pub(crate) fn sleep(&self, timeout: Option<Duration>) -> Result<(), Error> {
+        let mut sleeper = self.sleeper();
+        if sleeper.leading {
+            let generation = sleeper.generation;
+            sleeper.followers += 1;
+            let still = |s: &mut Sleeper| s.generation == generation;
+            let mut sleeper = match timeout {
+                None => self
+                    .inner
+                    .dispatched
+                    .wait_while(sleeper, still)
+                    .unwrap_or_else(|e| e.into_inner()),
+                Some(t) => {
+                    self.inner
+                        .dispatched
+                        .wait_timeout_while(sleeper, t, still)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0
+                }
+            };
+            sleeper.followers -= 1;
+            return Ok(());
+        }
+        sleeper.leading = true;
+        drop(sleeper);
         let timeout = timeout.map(|t| rustix::event::Timespec {
             tv_sec: t.as_secs().try_into().unwrap_or(i64::MAX),
             tv_nsec: t.subsec_nanos().into(),
         });
-        self.dispatch_within(timeout.as_ref()).map(drop)
+        let result = self.dispatch_within(timeout.as_ref());
+        let mut sleeper = self.sleeper();
+        sleeper.leading = false;
+        self.dispatched(&mut sleeper);
+        result.map(drop)
+    }
+
+    fn sleeper(&self) -> MutexGuard<'_, Sleeper> {
+        self.inner.sleeper.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Tells the followers that a dispatch happened, so they look at their sessions again.
+    fn dispatched(&self, sleeper: &mut Sleeper) {
+        sleeper.generation = sleeper.generation.wrapping_add(1);
+        if sleeper.followers > 0 {
+            self.inner.dispatched.notify_all();
+        }
     }
 
     /// Handles everything pending: shuntd messages and events, peer events and hang-ups.
     /// Never blocks.
     pub fn dispatch(&self) -> Result<(), Error> {
-        self.dispatch_within(Some(&ZERO_TIMEOUT)).map(drop)
+        let handled = self.dispatch_within(Some(&ZERO_TIMEOUT))?;
+        if handled {
+            self.handled_outside_sleep()?;
+        }
+        Ok(())
+    }
+
+    /// A dispatch outside [`Worker::sleep`] may have taken what a sleeping leader waits for:
+    /// wake it (its `epoll_wait` sees our own doorbell), and tell the followers.
+    fn handled_outside_sleep(&self) -> Result<(), Error> {
+        let mut sleeper = self.sleeper();
+        if sleeper.leading {
+            self.inner.doorbell.ring()?;
+        }
+        self.dispatched(&mut sleeper);
+        Ok(())
     }
 
     /// One `epoll_wait` both waits and says what is ready, so an event-driven wake-up costs a

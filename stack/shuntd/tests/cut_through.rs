@@ -359,3 +359,58 @@ fn reads_that_outlast_their_polling_budget_sleep_and_wake() {
         "50 exchanges took {took:?}: a write did not wake a sleeping reader"
     );
 }
+
+#[test]
+fn threads_blocking_on_sessions_of_one_worker_each_wake_for_their_data() {
+    // Two threads block in reads on two sessions of one worker. Whichever thread is woken
+    // dispatches both sessions' notifications, so the other must learn of its data without
+    // waiting for the library's 1 s re-check: 2 x 40 alternating exchanges stay well under it.
+    // Sleeping at once, and polling first.
+    let d = Daemon::start("");
+    for (port, budget) in [(7502, Duration::ZERO), (7503, Duration::from_micros(50))] {
+        exchange_from_two_threads(&d, port, budget);
+    }
+}
+
+fn exchange_from_two_threads(d: &Daemon, port: u16, budget: Duration) {
+    let target = SocketAddr::from(([127, 0, 0, 1], port));
+    let server = d.attach("server");
+    let listener = server.listen(target).unwrap();
+    let client = attach_polling(d, "client", budget);
+    let mut sessions: Vec<_> = (0..2).map(|_| client.connect(target).unwrap()).collect();
+    let mut peers: Vec<_> = (0..2).map(|_| listener.accept().unwrap()).collect();
+    let readers: Vec<_> = sessions
+        .drain(..)
+        .map(|mut s| {
+            thread::spawn(move || {
+                let mut b = [0u8; 1];
+                let mut got = Vec::new();
+                while s.read(&mut b).unwrap() == 1 {
+                    got.push(b[0]);
+                    s.write_all(&b).unwrap();
+                }
+                got
+            })
+        })
+        .collect();
+    let start = Instant::now();
+    for i in 0..40u8 {
+        for p in &mut peers {
+            p.write_all(&[i]).unwrap();
+            let mut b = [0u8; 1];
+            p.read_exact(&mut b).unwrap();
+            assert_eq!(b[0], i);
+        }
+    }
+    let took = start.elapsed();
+    for p in &mut peers {
+        p.shutdown_write().unwrap();
+    }
+    for r in readers {
+        assert_eq!(r.join().unwrap(), (0..40u8).collect::<Vec<_>>());
+    }
+    assert!(
+        took < Duration::from_secs(4),
+        "80 exchanges took {took:?} with {budget:?} of polling: a thread slept through its own data"
+    );
+}
