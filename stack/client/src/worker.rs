@@ -655,15 +655,22 @@ impl Worker {
         }
         sleeper.leading = true;
         drop(sleeper);
+        // Hands the lead back however the dispatch ends, a panic included, so that followers
+        // never wait for a leader that is gone.
+        struct Lead<'a>(&'a Worker);
+        impl Drop for Lead<'_> {
+            fn drop(&mut self) {
+                let mut sleeper = self.0.sleeper();
+                sleeper.leading = false;
+                self.0.dispatched(&mut sleeper);
+            }
+        }
+        let _lead = Lead(self);
         let timeout = timeout.map(|t| rustix::event::Timespec {
             tv_sec: t.as_secs().try_into().unwrap_or(i64::MAX),
             tv_nsec: t.subsec_nanos().into(),
         });
-        let result = self.dispatch_within(timeout.as_ref());
-        let mut sleeper = self.sleeper();
-        sleeper.leading = false;
-        self.dispatched(&mut sleeper);
-        result.map(drop)
+        self.dispatch_within(timeout.as_ref()).map(drop)
     }
 
     fn sleeper(&self) -> MutexGuard<'_, Sleeper> {
