@@ -9,7 +9,6 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use rustix::event::PollFlags;
 use serde::Serialize;
 use shunt_client::{Session, Worker};
 
@@ -122,12 +121,8 @@ impl Acceptor {
                     w.wait(Some(left)).context("cut-through accept")?;
                     false
                 }
-                Acceptor::Tcp(l, budget) => {
-                    polled::ready_polling(l.as_fd(), PollFlags::IN, *budget, left)?
-                }
-                Acceptor::Unix(l, _, budget) => {
-                    polled::ready_polling(l.as_fd(), PollFlags::IN, *budget, left)?
-                }
+                Acceptor::Tcp(l, budget) => polled::readable_polling(l.as_fd(), *budget, left)?,
+                Acceptor::Unix(l, _, budget) => polled::readable_polling(l.as_fd(), *budget, left)?,
             };
             if ready {
                 return self.accept(nodelay).map(Some);

@@ -6,45 +6,26 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::time::{Duration, Instant};
 
-use rustix::event::{PollFd, PollFlags, Timespec, poll};
+use shunt_shm::{wait_readable, wait_writable};
 
 /// Tries between two yields of the core, so a peer sharing it gets to run.
 const YIELD_INTERVAL: u32 = 64;
 
-/// Whether `fd` becomes ready for `flags` within `timeout` (`None`: no limit).
-pub(crate) fn ready(
+/// Polls `fd` with zero timeouts for up to `budget`, then blocks for the rest of `timeout`;
+/// whether it became readable.
+pub(crate) fn readable_polling(
     fd: BorrowedFd<'_>,
-    flags: PollFlags,
-    timeout: Option<Duration>,
-) -> io::Result<bool> {
-    let ts = timeout.map(|t| Timespec {
-        tv_sec: t.as_secs().try_into().unwrap_or(i64::MAX),
-        tv_nsec: t.subsec_nanos().into(),
-    });
-    let mut fds = [PollFd::new(&fd, flags)];
-    match poll(&mut fds, ts.as_ref()) {
-        Ok(n) => Ok(n > 0),
-        Err(rustix::io::Errno::INTR) => Ok(false),
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// Polls `fd` for `flags` with zero timeouts for up to `budget`, then blocks for the rest of
-/// `timeout`.
-pub(crate) fn ready_polling(
-    fd: BorrowedFd<'_>,
-    flags: PollFlags,
     budget: Duration,
     timeout: Duration,
 ) -> io::Result<bool> {
     let start = Instant::now();
     while start.elapsed() < budget.min(timeout) {
-        if ready(fd, flags, Some(Duration::ZERO))? {
+        if wait_readable(fd, Some(Duration::ZERO))? {
             return Ok(true);
         }
         std::thread::yield_now();
     }
-    ready(fd, flags, Some(timeout.saturating_sub(start.elapsed())))
+    wait_readable(fd, Some(timeout.saturating_sub(start.elapsed())))
 }
 
 /// A connected kernel socket; with a non-zero `busy_poll` it is non-blocking and each read or
@@ -53,6 +34,9 @@ pub(crate) struct Polled<S> {
     pub(crate) inner: S,
     busy_poll: Duration,
 }
+
+/// How a spent spin sleeps: [`wait_readable`] or [`wait_writable`].
+type Wait = fn(BorrowedFd<'_>, Option<Duration>) -> io::Result<bool>;
 
 impl<S: AsFd> Polled<S> {
     pub(crate) fn new(inner: S, busy_poll: Duration) -> io::Result<Self> {
@@ -65,7 +49,7 @@ impl<S: AsFd> Polled<S> {
 
     fn retry<T>(
         &mut self,
-        flags: PollFlags,
+        wait: Wait,
         mut op: impl FnMut(&mut S) -> io::Result<T>,
     ) -> io::Result<T> {
         if self.busy_poll.is_zero() {
@@ -85,20 +69,20 @@ impl<S: AsFd> Polled<S> {
                 }
                 continue;
             }
-            ready(self.inner.as_fd(), flags, None)?;
+            wait(self.inner.as_fd(), None)?;
         }
     }
 }
 
 impl<S: Read + AsFd> Read for Polled<S> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.retry(PollFlags::IN, |s| s.read(buf))
+        self.retry(wait_readable, |s| s.read(buf))
     }
 }
 
 impl<S: Write + AsFd> Write for Polled<S> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.retry(PollFlags::OUT, |s| s.write(buf))
+        self.retry(wait_writable, |s| s.write(buf))
     }
 
     fn flush(&mut self) -> io::Result<()> {

@@ -145,6 +145,15 @@ impl From<Doorbell> for OwnedFd {
 /// Returns `Ok(true)` when ready, `Ok(false)` on timeout. `EINTR` is retried with the remaining
 /// time. An invalid descriptor (`POLLNVAL`) is an error.
 pub fn wait_readable(fd: BorrowedFd<'_>, timeout: Option<Duration>) -> io::Result<bool> {
+    wait_ready(fd, PollFlags::IN, timeout)
+}
+
+/// Like [`wait_readable`], until a write to `fd` will not block.
+pub fn wait_writable(fd: BorrowedFd<'_>, timeout: Option<Duration>) -> io::Result<bool> {
+    wait_ready(fd, PollFlags::OUT, timeout)
+}
+
+fn wait_ready(fd: BorrowedFd<'_>, flags: PollFlags, timeout: Option<Duration>) -> io::Result<bool> {
     // `None` (no timeout, or one so large that the deadline overflows `Instant`) waits forever.
     let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
     loop {
@@ -155,7 +164,7 @@ pub fn wait_readable(fd: BorrowedFd<'_>, timeout: Option<Duration>) -> io::Resul
                 tv_nsec: i64::from(r.subsec_nanos()),
             }
         });
-        let mut fds = [PollFd::from_borrowed_fd(fd, PollFlags::IN)];
+        let mut fds = [PollFd::from_borrowed_fd(fd, flags)];
         match poll(&mut fds, ts.as_ref()) {
             Ok(0) => {
                 if deadline.is_some_and(|d| Instant::now() >= d) {
@@ -200,6 +209,13 @@ mod tests {
         assert!(fl.contains(rustix::fs::OFlags::NONBLOCK));
         let fdfl = rustix::io::fcntl_getfd(&d).unwrap();
         assert!(fdfl.contains(rustix::io::FdFlags::CLOEXEC));
+    }
+
+    #[test]
+    #[cfg_attr(miri, ignore = "eventfd syscalls")]
+    fn an_eventfd_is_writable_at_once() {
+        let d = Doorbell::new().unwrap();
+        assert!(wait_writable(d.as_fd(), Some(Duration::ZERO)).unwrap());
     }
 
     #[test]

@@ -78,7 +78,7 @@ pub mod segment;
 mod sync;
 
 pub use alloc::SegmentAllocator;
-pub use doorbell::{Doorbell, wait_readable};
+pub use doorbell::{Doorbell, wait_readable, wait_writable};
 pub use fdpass::{recv_with_fds, send_with_fds, seqpacket_pair};
 pub use fifo::{
     Consumer, FIFO_HEADER_LEN, FifoError, OooInterval, Producer, ReadSlices, WriteSlices,
