@@ -177,6 +177,28 @@ fn wanted(kind: ResourceType, config: &StreamConfig, state: &State) -> Option<BT
     }
 }
 
+/// The first request of each type a stream sends, with the names it asks for (empty: every
+/// resource of a wildcard type), recorded in `asked`. A named type with no names yet is left
+/// out: an empty name list would mean "everything" to a SotW server, and Delta waits alike
+/// until names exist.
+fn initial_subscriptions(
+    config: &StreamConfig,
+    state: &State,
+    asked: &mut HashMap<ResourceType, BTreeSet<String>>,
+) -> Vec<(ResourceType, BTreeSet<String>)> {
+    let mut out = Vec::new();
+    for &kind in config.types() {
+        let names = wanted(kind, config, state);
+        if names.as_ref().is_some_and(BTreeSet::is_empty) {
+            continue;
+        }
+        let names = names.unwrap_or_default();
+        asked.insert(kind, names.clone());
+        out.push((kind, names));
+    }
+    out
+}
+
 /// Decodes a response's resources, or says why each bad one is refused (counted in
 /// `shunt_xds_translation_errors_total` as `undecodable` or `misnamed`).
 fn decode_all(
@@ -340,14 +362,7 @@ async fn sotw(
         let tx = tx.clone();
         async move { tx.send(req).await.map_err(|_| StreamError::Closed) }
     };
-    for &kind in config.types() {
-        let names = wanted(kind, config, state);
-        // An empty name list would mean "everything" to a SotW server: wait until names exist.
-        if names.as_ref().is_some_and(BTreeSet::is_empty) {
-            continue;
-        }
-        let names = names.unwrap_or_default();
-        asked.insert(kind, names.clone());
+    for (kind, names) in initial_subscriptions(config, state, &mut asked) {
         send(DiscoveryRequest {
             node: node.take(),
             type_url: kind.type_url().into(),
@@ -474,13 +489,7 @@ async fn delta(
         let tx = tx.clone();
         async move { tx.send(req).await.map_err(|_| StreamError::Closed) }
     };
-    for &kind in config.types() {
-        let names = wanted(kind, config, state);
-        if names.as_ref().is_some_and(BTreeSet::is_empty) {
-            continue;
-        }
-        let names = names.unwrap_or_default();
-        asked.insert(kind, names.clone());
+    for (kind, names) in initial_subscriptions(config, state, &mut asked) {
         // What was accepted before a reconnect: the server sends only what changed since.
         let initial_resource_versions: HashMap<String, String> =
             state.versions(kind).into_iter().collect();
