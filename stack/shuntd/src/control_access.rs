@@ -27,13 +27,24 @@ impl ControlAccess {
         }
     }
 
+    /// Whether the default applies: no user or group listed.
+    fn is_default(&self) -> bool {
+        self.uids.is_empty() && self.gids.is_empty()
+    }
+
+    /// The control socket's file mode to match: owner only (root gets in anyway) under the
+    /// default; open to every user when ids are listed, since the check on each call decides.
+    pub fn socket_mode(&self) -> u32 {
+        if self.is_default() { 0o600 } else { 0o666 }
+    }
+
     /// Whether a caller with these credentials may call; the reason if not.
     pub fn check(&self, cred: Option<UCred>) -> Result<(), String> {
         let Some(cred) = cred else {
             return Err("the control socket reported no peer credentials".into());
         };
         let (uid, gid) = (cred.uid(), cred.gid());
-        let allowed = if self.uids.is_empty() && self.gids.is_empty() {
+        let allowed = if self.is_default() {
             uid == 0 || uid == self.own_uid
         } else {
             self.uids.contains(&uid) || self.gids.contains(&gid)

@@ -89,7 +89,7 @@ pub async fn build(config: &Config) -> anyhow::Result<Bound> {
     )?);
     let app_listener = app_server::bind_seqpacket(&config.app_socket)
         .with_context(|| format!("app socket {}", config.app_socket.display()))?;
-    set_socket_mode(&config.app_socket)?;
+    set_mode(&config.app_socket, APP_SOCKET_MODE)?;
 
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(async move {
@@ -104,9 +104,9 @@ pub async fn build(config: &Config) -> anyhow::Result<Bound> {
     let _ = std::fs::remove_file(&config.control_socket);
     let control_listener = tokio::net::UnixListener::bind(&config.control_socket)
         .with_context(|| format!("control socket {}", config.control_socket.display()))?;
-    set_control_socket_mode(&config.control_socket, &config.control_clients)?;
-    let control = control::ControlService::new(layer.clone(), workers);
     let access = ControlAccess::new(&config.control_clients, rustix::process::geteuid().as_raw());
+    set_mode(&config.control_socket, access.socket_mode())?;
+    let control = control::ControlService::new(layer.clone(), workers);
     let refusals = counters.clone();
     let access = access.interceptor(move |reason| {
         refusals.control_refusals.fetch_add(1, Ordering::Relaxed);
@@ -169,25 +169,11 @@ pub use shunt_proto::CONTROL_MESSAGE_LIMIT;
 /// How often waiting pairing offers are checked for expiry.
 const PAIR_EXPIRY_TICK: std::time::Duration = std::time::Duration::from_millis(250);
 
-/// The control socket's file mode follows `control_clients`: owner only (root gets in anyway)
-/// when the default of root and shuntd's own user applies; open to every user when users or
-/// groups are listed, since the credentials check on each call then decides.
-fn set_control_socket_mode(
-    path: &std::path::Path,
-    clients: &config::ControlClientsSection,
-) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    let mode = if clients.uids.is_empty() && clients.gids.is_empty() {
-        0o600
-    } else {
-        0o666
-    };
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-}
-
 /// Apps in other containers attach as other users; namespace secrets, not file modes, decide
 /// who gets in.
-fn set_socket_mode(path: &std::path::Path) -> std::io::Result<()> {
+const APP_SOCKET_MODE: u32 = 0o777;
+
+fn set_mode(path: &std::path::Path, mode: u32) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777))
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
 }
