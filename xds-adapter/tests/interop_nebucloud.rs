@@ -187,10 +187,17 @@ fn envoy_and_adapter_agree(api_type: &str, protocol: &str) {
         .iter()
         .map(|r| r.to_proto(SOURCE))
         .collect();
+    // Endpoints come in a later EDS update than their clusters: wait for those too, then
+    // compare everything.
+    let endpoints =
+        |services: &[pb::Service]| -> usize { services.iter().map(|s| s.endpoints.len()).sum() };
     let (services, rules, certs) = eventually("shuntd to hold the adapter's tables", || {
         let got = shuntd.tables(SOURCE);
-        (got.0.len() == want_services.len() && got.1.len() == want_rules.len() && !got.2.is_empty())
-            .then_some(got)
+        (got.0.len() == want_services.len()
+            && endpoints(&got.0) == endpoints(&want_services)
+            && got.1.len() == want_rules.len()
+            && !got.2.is_empty())
+        .then_some(got)
     });
     assert_eq!(services, want_services, "{}", adapter.log());
     assert_eq!(rules, want_rules, "{}", adapter.log());
