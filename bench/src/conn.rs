@@ -81,6 +81,9 @@ impl Acceptor {
             }
             Transport::TcpLoopback => {
                 let l = TcpListener::bind("127.0.0.1:0")?;
+                // Non-blocking, so that of several threads woken for one connection the ones
+                // that lose the race go back to waiting instead of blocking in accept(2).
+                l.set_nonblocking(true)?;
                 let target = l.local_addr()?.to_string();
                 Ok((Acceptor::Tcp(l, busy_poll), target))
             }
@@ -88,6 +91,7 @@ impl Acceptor {
                 let path = daemon.unix_path("unix");
                 let l = UnixListener::bind(&path)
                     .with_context(|| format!("bind {}", path.display()))?;
+                l.set_nonblocking(true)?;
                 let target = path.display().to_string();
                 Ok((Acceptor::Unix(l, path, busy_poll), target))
             }
@@ -110,41 +114,45 @@ impl Acceptor {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let ready = match self {
-                Acceptor::CutThrough(l, w) => {
-                    if let Some(s) = l.try_accept().context("cut-through accept")? {
-                        return Ok(Some(Conn::CutThrough(s)));
-                    }
-                    if left.is_zero() {
-                        return Ok(None);
-                    }
-                    w.wait(Some(left)).context("cut-through accept")?;
-                    false
-                }
-                Acceptor::Tcp(l, budget) => polled::readable_polling(l.as_fd(), *budget, left)?,
-                Acceptor::Unix(l, _, budget) => polled::readable_polling(l.as_fd(), *budget, left)?,
-            };
-            if ready {
-                return self.accept(nodelay).map(Some);
+            if let Some(c) = self.try_accept(nodelay)? {
+                return Ok(Some(c));
             }
             if left.is_zero() {
                 return Ok(None);
             }
+            match self {
+                Acceptor::CutThrough(_, w) => w.wait(Some(left)).context("cut-through accept")?,
+                Acceptor::Tcp(l, budget) => {
+                    polled::readable_polling(l.as_fd(), *budget, left)?;
+                }
+                Acceptor::Unix(l, _, budget) => {
+                    polled::readable_polling(l.as_fd(), *budget, left)?;
+                }
+            }
         }
     }
 
-    pub(crate) fn accept(&self, nodelay: bool) -> anyhow::Result<Conn> {
-        Ok(match self {
-            Acceptor::CutThrough(l, _) => {
-                Conn::CutThrough(l.accept().context("cut-through accept")?)
-            }
-            Acceptor::Tcp(l, budget) => {
-                let (s, _) = l.accept()?;
+    /// Takes a waiting connection, if any; never blocks.
+    fn try_accept(&self, nodelay: bool) -> anyhow::Result<Option<Conn>> {
+        let kernel = |r: io::Result<Conn>| match r {
+            Ok(c) => Ok(Some(c)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(anyhow::Error::from(e).context("accept")),
+        };
+        match self {
+            Acceptor::CutThrough(l, _) => Ok(l
+                .try_accept()
+                .context("cut-through accept")?
+                .map(Conn::CutThrough)),
+            Acceptor::Tcp(l, budget) => kernel(l.accept().and_then(|(s, _)| {
                 s.set_nodelay(nodelay)?;
-                Conn::Tcp(Polled::new(s, *budget)?)
-            }
-            Acceptor::Unix(l, _, budget) => Conn::Unix(Polled::new(l.accept()?.0, *budget)?),
-        })
+                Ok(Conn::Tcp(Polled::new(s, *budget)?))
+            })),
+            Acceptor::Unix(l, _, budget) => kernel(
+                l.accept()
+                    .and_then(|(s, _)| Ok(Conn::Unix(Polled::new(s, *budget)?))),
+            ),
+        }
     }
 }
 

@@ -63,10 +63,13 @@ impl Daemon {
         name: &str,
         busy_poll: std::time::Duration,
     ) -> anyhow::Result<Worker> {
-        let options = AttachOptions::new(self.socket())
-            .app_name(name)
-            .busy_poll(busy_poll);
-        Worker::attach(options).with_context(|| format!("attach `{name}` to the in-process shuntd"))
+        self.attach_with(AttachOptions::new(self.socket()).busy_poll(busy_poll), name)
+    }
+
+    /// Attaches a worker with `options` (whose socket is this shuntd's).
+    pub(crate) fn attach_with(&self, options: AttachOptions, name: &str) -> anyhow::Result<Worker> {
+        Worker::attach(options.app_name(name))
+            .with_context(|| format!("attach `{name}` to the in-process shuntd"))
     }
 
     /// A fresh path for a Unix-socket baseline, next to shuntd's own sockets.

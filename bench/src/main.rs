@@ -112,6 +112,10 @@ struct ConnectArgs {
     /// Caps the connections per transport (TIME_WAIT makes kernel TCP run out of ports).
     #[arg(long)]
     max: Option<u64>,
+    /// Connections in flight in the loaded cases, each with a connecting and an accepting
+    /// thread.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(2..=512))]
+    concurrency: u16,
     /// Microseconds the adaptive mode polls before it sleeps.
     #[arg(long, default_value_t = 50)]
     busy_poll_us: u64,
@@ -249,6 +253,7 @@ fn main() -> anyhow::Result<()> {
                     .max
                     .unwrap_or(if a.common.quick { 200 } else { 20_000 })
                     .max(1),
+                concurrency: a.concurrency.into(),
                 busy_poll: Duration::from_micros(a.busy_poll_us),
             };
             connect::run(&opts, &mut r)

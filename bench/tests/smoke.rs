@@ -163,6 +163,7 @@ fn connect_reports_a_rate_per_transport() {
                 "bench",
                 "transport",
                 "mode",
+                "concurrency",
                 "msg_size",
                 "cps",
                 "connect_us",
@@ -170,26 +171,67 @@ fn connect_reports_a_rate_per_transport() {
                 "close_us",
             ],
         );
-        // The phases are parts of each connection's time, so they cannot add up to more.
+        // The phases are parts of each connection's time, and each connecting thread spends
+        // its wall-clock time on them, so they cannot add up to more than the threads had.
         let phases: f64 = ["connect_us", "exchange_us", "close_us"]
             .iter()
             .map(|k| v[*k].as_f64().unwrap())
             .sum();
-        let per_conn = v["us_per_conn"].as_f64().unwrap();
-        assert!(phases > 0.0 && phases <= per_conn, "{v}");
+        let thread_time_per_conn =
+            v["us_per_conn"].as_f64().unwrap() * v["concurrency"].as_f64().unwrap();
+        assert!(phases > 0.0 && phases <= thread_time_per_conn, "{v}");
     }
     let t = transports(&results);
     assert!(t.contains("cut-through") && t.contains("tcp-loopback") && t.contains("unix"));
-    let modes: BTreeSet<String> = results
+    let cut_through: BTreeSet<(String, u64, u64)> = results
         .iter()
         .filter(|v| v["transport"] == "cut-through")
-        .map(|v| v["mode"].as_str().unwrap().to_owned())
+        .map(|v| {
+            (
+                v["mode"].as_str().unwrap().to_owned(),
+                v["concurrency"].as_u64().unwrap(),
+                // Absent when the worker keeps no standby sessions.
+                v.get("preconnect").map_or(0, |p| p.as_u64().unwrap()),
+            )
+        })
         .collect();
-    assert_eq!(modes, BTreeSet::from(["event".into(), "adaptive".into()]));
+    let loaded = ratios["concurrency"].as_u64().unwrap();
+    let depth = ratios["preconnect"].as_u64().unwrap();
+    assert!(loaded > 1 && depth > 0, "{ratios}");
+    for case in [("event", 1, 0), ("event", 1, depth), ("adaptive", 1, depth)] {
+        assert!(
+            cut_through.contains(&(case.0.into(), case.1, case.2)),
+            "{case:?}"
+        );
+    }
+    for case in [("event", loaded, 0), ("event", loaded, depth)] {
+        assert!(
+            cut_through.contains(&(case.0.into(), case.1, case.2)),
+            "{case:?}"
+        );
+    }
+    for transport in ["tcp-loopback", "unix"] {
+        assert!(
+            results
+                .iter()
+                .any(|v| v["transport"] == transport && v["concurrency"] == loaded),
+            "{transport} under load"
+        );
+    }
     assert!(
         results
             .iter()
             .any(|v| v["transport"] == "tcp-loopback" && v["mode"] == "adaptive")
     );
-    has(ratios, &["ratio", "target_met", "adaptive_ratio"]);
+    has(
+        ratios,
+        &[
+            "ratio",
+            "loaded_ratio",
+            "target_met",
+            "ratio_without_preconnect",
+            "loaded_ratio_without_preconnect",
+            "adaptive_ratio",
+        ],
+    );
 }

@@ -86,6 +86,12 @@ impl SessionState {
         state
     }
 
+    /// Whether a session nobody used yet can still carry a connection: its peer has neither
+    /// closed, reset nor died.
+    pub(crate) fn is_usable(&self) -> bool {
+        !self.peer_closed && !self.peer_reset
+    }
+
     pub(crate) fn on_rx_data(&mut self) {
         // Clear before the app reads, so a write after this read signals again.
         self.rx.clear_event();
@@ -458,30 +464,7 @@ impl Session {
         }
         self.closed = true;
         let mut st = self.worker.lock();
-        let Some(s) = st.sessions[self.index].take() else {
-            return;
-        };
-        if reset {
-            s.tx.reset();
-            s.rx.reset();
-        } else {
-            s.tx.shutdown();
-            s.rx.close_reader();
-        }
-        let event = if reset {
-            Event::PeerReset { slot: s.slot }
-        } else {
-            Event::PeerClosed { slot: s.slot }
-        };
-        if let Some(peer) = st.peers.get_mut(&s.segment) {
-            if !s.external_wakeups {
-                let _ = peer.notify(event);
-            }
-            peer.slots.remove(&s.slot);
-        }
-        let (epoch, session_id) = (s.segment.0, s.session_id);
-        self.worker.report_closed(&mut st, epoch, session_id, reset);
-        self.worker.gc_peer(&mut st, s.segment);
+        self.worker.finish_session(&mut st, self.index, reset);
     }
 
     /// Closes both directions; the peer reads what is left, then end-of-stream.
@@ -538,5 +521,38 @@ impl io::Write for Session {
 impl From<Error> for io::ErrorKind {
     fn from(e: Error) -> Self {
         io::Error::from(e).kind()
+    }
+}
+
+impl Worker {
+    /// Closes (or resets) the session at `index`: the peer is told, then shuntd.
+    pub(crate) fn finish_session(&self, st: &mut State, index: usize, reset: bool) {
+        let Some(s) = st.sessions[index].take() else {
+            return;
+        };
+        if reset {
+            s.tx.reset();
+            s.rx.reset();
+        } else {
+            s.tx.shutdown();
+            s.rx.close_reader();
+        }
+        let event = if reset {
+            Event::PeerReset { slot: s.slot }
+        } else {
+            Event::PeerClosed { slot: s.slot }
+        };
+        if let Some(peer) = st.peers.get_mut(&s.segment) {
+            // A peer that closed has dropped the slot and would ignore a close; waking it for
+            // nothing costs it a wake-up and us the system call that rings it.
+            let peer_listens = reset || !s.peer_closed;
+            if !s.external_wakeups && peer_listens {
+                let _ = peer.notify(event);
+            }
+            peer.slots.remove(&s.slot);
+        }
+        let (epoch, session_id) = (s.segment.0, s.session_id);
+        self.report_closed(st, epoch, session_id, reset);
+        self.gc_peer(st, s.segment);
     }
 }

@@ -49,6 +49,9 @@ pub struct AttachOptions {
     /// How long a blocking call polls for events before it sleeps on the doorbell (see
     /// [`AttachOptions::busy_poll`]). Zero, the default, sleeps at once.
     pub busy_poll: Duration,
+    /// Sessions per remote kept established in standby (see [`AttachOptions::preconnect`]).
+    /// Zero, the default, keeps none.
+    pub preconnect: u16,
 }
 
 impl AttachOptions {
@@ -61,6 +64,7 @@ impl AttachOptions {
             scope: Scope::Local,
             event_queue_len: 0,
             busy_poll: Duration::ZERO,
+            preconnect: 0,
         }
     }
 
@@ -89,17 +93,48 @@ impl AttachOptions {
         self.busy_poll = budget;
         self
     }
+
+    /// After a connect to a remote, keeps up to `depth` more sessions to it established in
+    /// standby, as Envoy's preconnect policy keeps connections ready. The listener's worker
+    /// holds each one back from accept until this worker opens it, with a record in their
+    /// shared ring: so a connect that finds one ready costs no round trip to shuntd, and the
+    /// listening app never sees a connection nobody made. shuntd decided each under the policy
+    /// of its time, and has every worker drop them when policy changes.
+    ///
+    /// Each standby session holds a FIFO pair in shared memory until it is used or dropped.
+    pub fn preconnect(mut self, depth: u16) -> Self {
+        self.preconnect = depth;
+        self
+    }
 }
+
+/// A session shuntd announced to this worker: its id, FIFO pair, and the peer's address.
+type Announced = (u64, FifoPair, SocketAddr);
 
 pub(crate) struct ListenerState {
     pub(crate) endpoint: SocketAddr,
-    pub(crate) backlog: VecDeque<(u64, FifoPair, SocketAddr)>,
+    pub(crate) backlog: VecDeque<Announced>,
+    /// Sessions connected in standby, by (segment id, slot): accepted once the peer opens them.
+    standby: HashMap<(u32, u32), Announced>,
     pub(crate) waker: Option<std::task::Waker>,
 }
 
 pub(crate) enum ConnectState {
     Waiting(Option<std::task::Waker>),
-    Done(Result<(u64, FifoPair, SocketAddr), Error>),
+    Done(Result<Announced, Error>),
+    /// Served from the standby pool: the session is open at this index.
+    Opened(usize),
+}
+
+/// Standby sessions to one remote, for [`AttachOptions::preconnect`].
+#[derive(Default)]
+struct StandbyPool {
+    /// Sessions the peer has not been told about yet, as shuntd announced them. They are
+    /// mapped only when taken: a dispatch in between drains events the peer sent to an earlier
+    /// session in the same slot, which would otherwise land on this one.
+    ready: VecDeque<Announced>,
+    /// Standby connects sent and not answered.
+    pending: usize,
 }
 
 pub(crate) struct Daemon {
@@ -119,6 +154,11 @@ pub(crate) struct State {
     pub(crate) sessions: Vec<Option<SessionState>>,
     pub(crate) listeners: HashMap<u64, ListenerState>,
     connects: HashMap<u32, ConnectState>,
+    /// Standby connects in flight, by request id, with the remote each is for.
+    standby_requests: HashMap<u32, SocketAddr>,
+    /// Remotes whose standby pools are to be refilled at the next dispatch or sleep.
+    refills_due: Vec<SocketAddr>,
+    standby: HashMap<SocketAddr, StandbyPool>,
     replies: HashMap<u32, DaemonReply>,
     local_address: SocketAddr,
 }
@@ -128,6 +168,7 @@ pub(crate) struct Inner {
     epoll: OwnedFd,
     doorbell: Doorbell,
     pub(crate) busy_poll: Duration,
+    preconnect: u16,
     /// Threads blocked on this worker (see [`Worker::sleep`]).
     sleeper: Mutex<Sleeper>,
     dispatched: Condvar,
@@ -218,7 +259,7 @@ impl Worker {
             epoll::EventFlags::IN,
         )
         .map_err(std::io::Error::from)?;
-        let busy_poll = options.busy_poll;
+        let (busy_poll, preconnect) = (options.busy_poll, options.preconnect);
         let state = State {
             options,
             daemon: None,
@@ -228,6 +269,9 @@ impl Worker {
             sessions: Vec::new(),
             listeners: HashMap::new(),
             connects: HashMap::new(),
+            standby_requests: HashMap::new(),
+            refills_due: Vec::new(),
+            standby: HashMap::new(),
             replies: HashMap::new(),
             local_address: "0.0.0.0:0".parse().expect("literal"),
         };
@@ -236,6 +280,7 @@ impl Worker {
             epoll,
             doorbell,
             busy_poll,
+            preconnect,
             sleeper: Mutex::new(Sleeper::default()),
             dispatched: Condvar::new(),
         });
@@ -416,6 +461,7 @@ impl Worker {
                     ListenerState {
                         endpoint,
                         backlog: VecDeque::new(),
+                        standby: HashMap::new(),
                         waker: None,
                     },
                 );
@@ -444,9 +490,110 @@ impl Worker {
         }
     }
 
-    /// Starts a connect; finish it with [`Worker::poll_connect`].
+    /// Starts a connect; finish it with [`Worker::poll_connect`]. With
+    /// [`AttachOptions::preconnect`], a standby session to `remote` serves it at once.
     pub fn start_connect(&self, remote: SocketAddr) -> Result<PendingConnect, Error> {
-        self.start_session_request(Request::Connect { remote }, remote, true)
+        let refill = self.inner.preconnect > 0;
+        if refill && let Some(index) = self.take_standby(remote)? {
+            let mut st = self.lock();
+            let id = Self::next_request(&mut st);
+            st.connects.insert(id, ConnectState::Opened(index));
+            return Ok(PendingConnect {
+                id,
+                remote,
+                is_client: true,
+                refill,
+            });
+        }
+        let req = Request::Connect {
+            remote,
+            standby: false,
+        };
+        let mut pending = self.start_session_request(req, remote, true)?;
+        pending.refill = refill;
+        Ok(pending)
+    }
+
+    fn take_standby(&self, remote: SocketAddr) -> Result<Option<usize>, Error> {
+        // A revocation may wait in the queue: a policy change that shuntd finished before this
+        // connect began must apply to it. So may the answers to earlier standby connects.
+        self.dispatch()?;
+        Ok(self.open_standby(&mut self.lock(), remote))
+    }
+
+    /// Standby sessions to `remote` ready to serve a connect (see
+    /// [`AttachOptions::preconnect`]), not counting those whose peer worker is gone.
+    pub fn standby_ready(&self, remote: SocketAddr) -> Result<usize, Error> {
+        self.dispatch()?;
+        let st = self.lock();
+        let epoch = st.daemon.as_ref().map_or(st.epoch, |d| d.epoch);
+        let alive = |a: &&Announced| {
+            st.peers
+                .get(&(epoch, a.1.segment_id))
+                .is_some_and(|p| !p.dead)
+        };
+        Ok(st
+            .standby
+            .get(&remote)
+            .map_or(0, |pool| pool.ready.iter().filter(alive).count()))
+    }
+
+    /// Takes a usable standby session to `remote` from the pool and tells its peer to accept
+    /// it; returns its index. Sessions whose peer closed, reset or died meanwhile are reset.
+    fn open_standby(&self, st: &mut State, remote: SocketAddr) -> Option<usize> {
+        loop {
+            let (session_id, fifos, local) = st.standby.get_mut(&remote)?.ready.pop_front()?;
+            let index = match Self::open_session_state(st, session_id, fifos, local, remote, true) {
+                Ok(index) => index,
+                Err(e) => {
+                    tracing::warn!(%remote, error = %e, "cannot open a standby session");
+                    Self::give_back(st, session_id);
+                    continue;
+                }
+            };
+            let s = st.sessions[index].as_ref().expect("just opened");
+            let (segment, slot) = (s.segment, s.slot);
+            let opened = s.is_usable()
+                && st
+                    .peers
+                    .get_mut(&segment)
+                    .is_some_and(|p| p.notify(Event::Opened { slot }).is_ok());
+            if opened {
+                return Some(index);
+            }
+            self.finish_session(st, index, true);
+        }
+    }
+
+    /// Has the pool of standby sessions to `remote` topped up at the next dispatch or sleep:
+    /// then the request to shuntd costs the connect nothing, and overlaps with the peer's work.
+    fn refill_standby(&self, st: &mut State, remote: SocketAddr) {
+        if !st.refills_due.contains(&remote) {
+            st.refills_due.push(remote);
+        }
+    }
+
+    /// Sends standby connects until each pool due for a refill has
+    /// [`AttachOptions::preconnect`] sessions ready or coming. Errors are left for the next
+    /// connect, which asks shuntd itself.
+    fn send_refills(&self, st: &mut State) {
+        let depth = usize::from(self.inner.preconnect);
+        for remote in std::mem::take(&mut st.refills_due) {
+            let pool = st.standby.entry(remote).or_default();
+            let missing = depth.saturating_sub(pool.ready.len() + pool.pending);
+            for _ in 0..missing {
+                let id = Self::next_request(st);
+                let req = Request::Connect {
+                    remote,
+                    standby: true,
+                };
+                if self.send(st, id, &req).is_err() {
+                    return;
+                }
+                st.standby_requests.insert(id, remote);
+                st.standby.entry(remote).or_default().pending += 1;
+            }
+        }
     }
 
     /// Sends a request that shuntd answers with a `Connected` or `ConnectFailed` event.
@@ -468,6 +615,7 @@ impl Worker {
             id,
             remote,
             is_client,
+            refill: false,
         })
     }
 
@@ -482,8 +630,10 @@ impl Worker {
     /// Gives up on a connect or pairing; a session that still arrives for it is closed.
     pub fn abandon_connect(&self, pending: PendingConnect) {
         let mut st = self.lock();
-        if let Some(ConnectState::Done(Ok((session_id, ..)))) = st.connects.remove(&pending.id) {
-            Self::give_back(&st, session_id);
+        match st.connects.remove(&pending.id) {
+            Some(ConnectState::Done(Ok((session_id, ..)))) => Self::give_back(&st, session_id),
+            Some(ConnectState::Opened(index)) => self.finish_session(&mut st, index, true),
+            _ => {}
         }
     }
 
@@ -532,6 +682,13 @@ impl Worker {
                 }
                 Ok(None)
             }
+            Some(ConnectState::Opened(_)) => {
+                let Some(ConnectState::Opened(index)) = st.connects.remove(&pending.id) else {
+                    unreachable!()
+                };
+                self.refill_standby(&mut st, pending.remote);
+                Ok(Some(Session::new(self.clone(), index)))
+            }
             Some(ConnectState::Done(_)) => {
                 let Some(ConnectState::Done(result)) = st.connects.remove(&pending.id) else {
                     unreachable!()
@@ -545,6 +702,9 @@ impl Worker {
                     pending.remote,
                     pending.is_client,
                 )?;
+                if pending.refill {
+                    self.refill_standby(&mut st, pending.remote);
+                }
                 Ok(Some(s))
             }
             None => Err(Error::Protocol("unknown connect".into())),
@@ -554,6 +714,10 @@ impl Worker {
     /// Connects and waits until the session is established.
     pub fn connect(&self, remote: SocketAddr) -> Result<Session, Error> {
         let pending = self.start_connect(remote)?;
+        // Served from standby: nothing to wait for.
+        if let Some(s) = self.take_connect(&pending, None)? {
+            return Ok(s);
+        }
         let deadline = Instant::now() + DAEMON_TIMEOUT;
         loop {
             if let Some(s) = self.poll_connect(&pending)? {
@@ -576,6 +740,19 @@ impl Worker {
         remote: SocketAddr,
         is_client: bool,
     ) -> Result<Session, Error> {
+        let index = Self::open_session_state(st, session_id, fifos, local, remote, is_client)?;
+        Ok(Session::new(self.clone(), index))
+    }
+
+    /// Maps a session's FIFOs and registers it; returns its index in `st.sessions`.
+    fn open_session_state(
+        st: &mut State,
+        session_id: u64,
+        fifos: FifoPair,
+        local: SocketAddr,
+        remote: SocketAddr,
+        is_client: bool,
+    ) -> Result<usize, Error> {
         let epoch = st.daemon.as_ref().map_or(st.epoch, |d| d.epoch);
         let key = (epoch, fifos.segment_id);
         let peer = st.peers.get_mut(&key).ok_or_else(|| {
@@ -598,7 +775,7 @@ impl Worker {
         st.sessions[index] = Some(SessionState::new(
             session_id, key, fifos.slot, rx, tx, local, remote, is_client, peer.dead,
         ));
-        Ok(Session::new(self.clone(), index))
+        Ok(index)
     }
 
     /// Waits up to `timeout` (`None`: until something happens), then dispatches it. With a
@@ -631,6 +808,12 @@ impl Worker {
     /// look at their own sessions again. Were several threads in `epoll_wait`, the one the
     /// kernel woke could take another's notification, and that other would sleep on.
     pub(crate) fn sleep(&self, timeout: Option<Duration>) -> Result<(), Error> {
+        {
+            let mut st = self.lock();
+            if !st.refills_due.is_empty() {
+                self.send_refills(&mut st);
+            }
+        }
         let mut sleeper = self.sleeper();
         if sleeper.leading {
             let generation = sleeper.generation;
@@ -744,6 +927,9 @@ impl Worker {
             let key = ((packed >> 32) as u32, packed as u32);
             self.peer_died(&mut st, key);
         }
+        if !st.refills_due.is_empty() {
+            self.send_refills(&mut st);
+        }
         Ok(!events.is_empty())
     }
 
@@ -794,6 +980,9 @@ impl Worker {
         if let Some(d) = st.daemon.take() {
             let _ = epoll::delete(&self.inner.epoll, d.socket.as_fd());
         }
+        // Standby sessions are shuntd's promises; a new shuntd would not know them.
+        self.drop_standby(st);
+        st.standby_requests.clear();
         for c in st.connects.values_mut() {
             if let ConnectState::Waiting(w) = c {
                 if let Some(w) = w.take() {
@@ -861,6 +1050,18 @@ impl Worker {
                         }
                     }
                 }
+                Ok(Event::AcceptedStandby {
+                    listener_id,
+                    session_id,
+                    fifos,
+                    peer,
+                }) => {
+                    if let Some(l) = st.listeners.get_mut(&listener_id) {
+                        l.standby
+                            .insert((fifos.segment_id, fifos.slot), (session_id, fifos, peer));
+                    }
+                }
+                Ok(Event::StandbyRevoked) => self.drop_standby(st),
                 Ok(Event::Connected {
                     request_id,
                     session_id,
@@ -882,6 +1083,8 @@ impl Worker {
                             s.peer_died();
                         }
                     }
+                    self.drop_pooled_standby(st, |id, _| id == session_id, true);
+                    self.drop_held_standby(st, |id, _| id == session_id);
                 }
                 Ok(other) => {
                     tracing::warn!(event = ?other, "peer event in shuntd's queue; ignored")
@@ -891,13 +1094,10 @@ impl Worker {
         }
     }
 
-    fn finish_connect(
-        &self,
-        st: &mut State,
-        request_id: u32,
-        result: Result<(u64, FifoPair, SocketAddr), Error>,
-    ) {
-        if let Some(ConnectState::Waiting(w)) = st.connects.get_mut(&request_id) {
+    fn finish_connect(&self, st: &mut State, request_id: u32, result: Result<Announced, Error>) {
+        if let Some(remote) = st.standby_requests.remove(&request_id) {
+            self.add_standby(st, remote, result);
+        } else if let Some(ConnectState::Waiting(w)) = st.connects.get_mut(&request_id) {
             if let Some(w) = w.take() {
                 w.wake();
             }
@@ -906,6 +1106,145 @@ impl Worker {
             // Nobody waits any more (timed out): give the session back.
             Self::give_back(st, session_id);
         }
+    }
+
+    /// Puts the answer to a standby connect into the pool.
+    fn add_standby(&self, st: &mut State, remote: SocketAddr, result: Result<Announced, Error>) {
+        if let Some(pool) = st.standby.get_mut(&remote) {
+            pool.pending = pool.pending.saturating_sub(1);
+        }
+        match result {
+            Ok(announced) => st
+                .standby
+                .entry(remote)
+                .or_default()
+                .ready
+                .push_back(announced),
+            // The next connect asks shuntd itself and gets the error first-hand.
+            Err(e) => tracing::debug!(%remote, error = %e, "standby connect refused"),
+        }
+    }
+
+    /// Drops every standby session: the pooled ones this worker connected (closed, as if used
+    /// and closed at once) and the ones its listeners hold (reset: their connector may have
+    /// opened them in the meantime, and must not take the silence for a clean close).
+    fn drop_standby(&self, st: &mut State) {
+        self.drop_pooled_standby(st, |_, _| true, false);
+        self.drop_held_standby(st, |_, _| true);
+    }
+
+    /// Closes (or resets) the pooled standby sessions that `which(session id, segment id)`
+    /// picks.
+    fn drop_pooled_standby(&self, st: &mut State, which: impl Fn(u64, u32) -> bool, reset: bool) {
+        let mut pooled = Vec::new();
+        for (remote, pool) in &mut st.standby {
+            pool.ready.retain(|announced| {
+                let picked = which(announced.0, announced.1.segment_id);
+                if picked {
+                    pooled.push((*remote, *announced));
+                }
+                !picked
+            });
+        }
+        for (remote, (session_id, fifos, local)) in pooled {
+            self.discard_unopened(st, (session_id, fifos, local, remote, true), reset);
+        }
+    }
+
+    /// Resets the standby sessions this worker's listeners hold that `which(session id,
+    /// segment id)` picks.
+    fn drop_held_standby(&self, st: &mut State, which: impl Fn(u64, u32) -> bool) {
+        let mut held = Vec::new();
+        for l in st.listeners.values_mut() {
+            l.standby.retain(|_, announced| {
+                let picked = which(announced.0, announced.1.segment_id);
+                if picked {
+                    held.push((l.endpoint, *announced));
+                }
+                !picked
+            });
+        }
+        for (endpoint, (session_id, fifos, peer)) in held {
+            self.discard_unopened(st, (session_id, fifos, endpoint, peer, false), true);
+        }
+    }
+
+    /// Undoes [`Worker::open_session_state`] for a session that stays unopened.
+    fn unmap_session(st: &mut State, index: usize) {
+        if let Some(s) = st.sessions[index].take()
+            && let Some(peer) = st.peers.get_mut(&s.segment)
+        {
+            peer.slots.remove(&s.slot);
+        }
+    }
+
+    /// Ends a session shuntd announced and nobody here opened: the peer hears of it through
+    /// their ring, and shuntd through the close report.
+    fn discard_unopened(
+        &self,
+        st: &mut State,
+        (session_id, fifos, local, remote, is_client): (
+            u64,
+            FifoPair,
+            SocketAddr,
+            SocketAddr,
+            bool,
+        ),
+        reset: bool,
+    ) {
+        match Self::open_session_state(st, session_id, fifos, local, remote, is_client) {
+            Ok(index) => self.finish_session(st, index, reset),
+            Err(_) => Self::give_back(st, session_id),
+        }
+    }
+
+    /// A peer event about a slot with no open session here: if it is a standby session a
+    /// listener holds, `Opened` moves it to the backlog and a close drops it. Returns whether
+    /// the slot was such a session.
+    fn standby_event(&self, st: &mut State, key: SegmentKey, event: Event, slot: u32) -> bool {
+        let current = st.daemon.as_ref().map(|d| d.epoch);
+        if current != Some(key.0) {
+            return false;
+        }
+        let Some(l) = st
+            .listeners
+            .values_mut()
+            .find(|l| l.standby.contains_key(&(key.1, slot)))
+        else {
+            return false;
+        };
+        match event {
+            Event::Opened { .. } => {
+                let announced = l.standby.remove(&(key.1, slot)).expect("found");
+                l.backlog.push_back(announced);
+                if let Some(w) = l.waker.take() {
+                    w.wake();
+                }
+            }
+            Event::PeerClosed { .. } | Event::PeerReset { .. } => {
+                // The event may be older than this session: meant for the slot's previous
+                // session, whose peer closed it after this side had. The FIFOs, made afresh for
+                // this session, say whether its peer really went.
+                let (session_id, fifos, peer) = l.standby[&(key.1, slot)];
+                let endpoint = l.endpoint;
+                let Ok(index) =
+                    Self::open_session_state(st, session_id, fifos, endpoint, peer, false)
+                else {
+                    return true;
+                };
+                if st.sessions[index].as_ref().is_some_and(|s| s.is_usable()) {
+                    Self::unmap_session(st, index);
+                } else {
+                    self.finish_session(st, index, false);
+                    for l in st.listeners.values_mut() {
+                        l.standby.remove(&(key.1, slot));
+                    }
+                }
+            }
+            // Data waits in the FIFO for whoever accepts the session.
+            _ => {}
+        }
+        true
     }
 
     fn drain_peer(&self, st: &mut State, key: SegmentKey) {
@@ -930,7 +1269,8 @@ impl Worker {
                 }
             };
             let slot = match event {
-                Event::RxData { slot }
+                Event::Opened { slot }
+                | Event::RxData { slot }
                 | Event::TxSpace { slot }
                 | Event::PeerClosed { slot }
                 | Event::PeerReset { slot } => slot,
@@ -940,6 +1280,7 @@ impl Worker {
                 }
             };
             let Some(&index) = peer.slots.get(&slot) else {
+                self.standby_event(st, key, event, slot);
                 continue;
             };
             let Some(Some(s)) = st.sessions.get_mut(index) else {
@@ -969,6 +1310,10 @@ impl Worker {
             if let Some(Some(s)) = st.sessions.get_mut(i) {
                 s.peer_died();
             }
+        }
+        if st.daemon.as_ref().map(|d| d.epoch) == Some(key.0) {
+            self.drop_pooled_standby(st, |_, segment| segment == key.1, true);
+            self.drop_held_standby(st, |_, segment| segment == key.1);
         }
         self.gc_peer(st, key);
     }
@@ -1013,6 +1358,8 @@ pub struct PendingConnect {
     pub(crate) id: u32,
     pub(crate) remote: SocketAddr,
     pub(crate) is_client: bool,
+    /// Tops up the standby pool to `remote` once connected.
+    refill: bool,
 }
 
 /// A listener. Accepted sessions queue here until taken.

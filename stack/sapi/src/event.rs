@@ -1,9 +1,9 @@
 //! Session events: fixed 64-byte records in shared-memory rings.
 //!
 //! Two kinds of ring carry them. Each app worker's *event queue* is written only by `shuntd`
-//! (accepted, connected, connect failed, reset). Each cut-through segment holds one ring per
-//! direction written only by the peer app (rx-data, tx-space, peer closed, peer reset), so data
-//! notifications go app to app without a daemon hop. A record is decoded from bytes a hostile
+//! (accepted, connected, connect failed, reset, standby revoked). Each cut-through segment holds
+//! one ring per direction written only by the peer app (opened, rx-data, tx-space, peer closed,
+//! peer reset), so data notifications go app to app without a daemon hop. A record is decoded from bytes a hostile
 //! process may have written: every field is checked, and nothing here panics.
 //!
 //! Layout: byte 0 is the kind, bytes 1..4 are zero, then little-endian fields in the order of the
@@ -48,8 +48,21 @@ pub enum Event {
     },
     /// shuntd: the connect with this request id failed.
     ConnectFailed { request_id: u32, code: ErrorCode },
+    /// shuntd: a connect reached one of this worker's listeners in standby. The worker holds
+    /// the session back from accept until the peer sends [`Event::Opened`] for its slot.
+    AcceptedStandby {
+        listener_id: u64,
+        session_id: u64,
+        fifos: FifoPair,
+        peer: SocketAddr,
+    },
     /// shuntd: the session was torn down by the node (its peer died, or policy changed).
     Reset { session_id: u64 },
+    /// shuntd: policy changed; drop every standby session that has not been opened, since
+    /// shuntd decided it under the old policy.
+    StandbyRevoked,
+    /// peer: it opened the standby session in this slot; it may now be accepted.
+    Opened { slot: u32 },
     /// peer: new bytes (or a half-close) are waiting in the slot's rx FIFO.
     RxData { slot: u32 },
     /// peer: the slot's tx FIFO has room again.
@@ -75,10 +88,13 @@ mod kind {
     pub(super) const CONNECTED: u8 = 2;
     pub(super) const CONNECT_FAILED: u8 = 3;
     pub(super) const RESET: u8 = 4;
+    pub(super) const ACCEPTED_STANDBY: u8 = 5;
+    pub(super) const STANDBY_REVOKED: u8 = 6;
     pub(super) const RX_DATA: u8 = 16;
     pub(super) const TX_SPACE: u8 = 17;
     pub(super) const PEER_CLOSED: u8 = 18;
     pub(super) const PEER_RESET: u8 = 19;
+    pub(super) const OPENED: u8 = 20;
 }
 
 const HEADER_LEN: usize = 4;
@@ -167,6 +183,16 @@ impl Event {
                 w.u64(listener_id).u64(session_id).fifos(&fifos).addr(peer);
                 w
             }
+            Event::AcceptedStandby {
+                listener_id,
+                session_id,
+                fifos,
+                peer,
+            } => {
+                let mut w = Writer::new(kind::ACCEPTED_STANDBY);
+                w.u64(listener_id).u64(session_id).fifos(&fifos).addr(peer);
+                w
+            }
             Event::Connected {
                 request_id,
                 session_id,
@@ -187,6 +213,8 @@ impl Event {
                 w.u64(session_id);
                 w
             }
+            Event::StandbyRevoked => Writer::new(kind::STANDBY_REVOKED),
+            Event::Opened { slot } => Self::slot_record(kind::OPENED, slot),
             Event::RxData { slot } => Self::slot_record(kind::RX_DATA, slot),
             Event::TxSpace { slot } => Self::slot_record(kind::TX_SPACE, slot),
             Event::PeerClosed { slot } => Self::slot_record(kind::PEER_CLOSED, slot),
@@ -216,6 +244,12 @@ impl Event {
                 fifos: r.fifos(),
                 peer: r.addr()?,
             },
+            kind::ACCEPTED_STANDBY => Event::AcceptedStandby {
+                listener_id: r.u64(),
+                session_id: r.u64(),
+                fifos: r.fifos(),
+                peer: r.addr()?,
+            },
             kind::CONNECTED => Event::Connected {
                 request_id: r.u32(),
                 session_id: r.u64(),
@@ -229,6 +263,8 @@ impl Event {
             kind::RESET => Event::Reset {
                 session_id: r.u64(),
             },
+            kind::STANDBY_REVOKED => Event::StandbyRevoked,
+            kind::OPENED => Event::Opened { slot: r.u32() },
             kind::RX_DATA => Event::RxData { slot: r.u32() },
             kind::TX_SPACE => Event::TxSpace { slot: r.u32() },
             kind::PEER_CLOSED => Event::PeerClosed { slot: r.u32() },
@@ -273,7 +309,15 @@ mod tests {
                 request_id: 9,
                 code: ErrorCode::Denied,
             },
+            Event::AcceptedStandby {
+                listener_id: 2,
+                session_id: u64::MAX,
+                fifos: fifos(),
+                peer: v4,
+            },
             Event::Reset { session_id: 5 },
+            Event::StandbyRevoked,
+            Event::Opened { slot: 6 },
             Event::RxData { slot: 1 },
             Event::TxSpace { slot: 2 },
             Event::PeerClosed { slot: 3 },

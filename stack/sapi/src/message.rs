@@ -107,6 +107,8 @@ pub enum Request {
     },
     Connect {
         remote: SocketAddr,
+        /// Establish in standby (see `Event::AcceptedStandby`).
+        standby: bool,
     },
     SessionClosed {
         session_id: u64,
@@ -274,6 +276,7 @@ impl TryFrom<pb::AppRequest> for Request {
             },
             Body::Connect(c) => Request::Connect {
                 remote: endpoint("remote", c.remote.as_ref())?,
+                standby: c.standby,
             },
             Body::SessionClosed(c) => Request::SessionClosed {
                 session_id: c.session_id,
@@ -363,8 +366,9 @@ impl Request {
             Request::Unlisten { listener_id } => Body::Unlisten(pb::Unlisten {
                 listener_id: *listener_id,
             }),
-            Request::Connect { remote } => Body::Connect(pb::Connect {
+            Request::Connect { remote, standby } => Body::Connect(pb::Connect {
                 remote: Some(endpoint::to_proto(*remote)),
+                standby: *standby,
             }),
             Request::SessionClosed { session_id, reset } => {
                 Body::SessionClosed(pb::SessionClosed {
@@ -566,6 +570,11 @@ mod tests {
             },
             Request::Connect {
                 remote: "127.0.0.1:9000".parse().unwrap(),
+                standby: false,
+            },
+            Request::Connect {
+                remote: "[fd00::1]:80".parse().unwrap(),
+                standby: true,
             },
             Request::SessionClosed {
                 session_id: 77,
@@ -647,7 +656,10 @@ mod tests {
         assert_eq!(Request::decode(&no_body), Err(DecodeError::MissingBody));
         let no_remote = pb::AppRequest {
             request_id: 1,
-            body: Some(pb::app_request::Body::Connect(pb::Connect { remote: None })),
+            body: Some(pb::app_request::Body::Connect(pb::Connect {
+                remote: None,
+                standby: false,
+            })),
         }
         .encode_to_vec();
         assert!(matches!(

@@ -60,6 +60,10 @@ pub trait WorkerLink: Send + Sync {
     fn grant_segment(&self, grant: SegmentGrant) -> Result<(), LinkError>;
     /// Posts an event to the worker's event queue and rings its doorbell if the queue was empty.
     fn post(&self, event: &Event) -> Result<(), LinkError>;
+    /// Posts an event the worker needs only at its next dispatch, without waking it. The next
+    /// [`WorkerLink::post`] rings the doorbell if this one would have, so a worker asleep on a
+    /// queue that holds only quiet events is still woken by the next loud one.
+    fn post_quietly(&self, event: &Event) -> Result<(), LinkError>;
     /// Whether the event queue has room for `n` more events.
     fn has_room(&self, n: usize) -> bool;
 }

@@ -218,6 +218,8 @@ pub enum PairOutcome {
 enum ServerNotice {
     /// Through its listener's backlog.
     Accepted(ListenerId),
+    /// Held back from its listener's backlog until the client opens it.
+    Standby(ListenerId),
     /// As the answer to its own request (a pairing offer).
     Connected(u32),
 }
@@ -308,6 +310,11 @@ pub struct LayerCounters {
     pub rule_hits: Mutex<HashMap<(RuleTable, &'static str), u64>>,
     pub attach_failures: Mutex<HashMap<&'static str, u64>>,
     pub connects: AtomicU64,
+    /// Connects established in standby (also counted in `connects`).
+    pub standby_connects: AtomicU64,
+    /// Policy changes that revoked standby sessions, and workers that could not be told.
+    pub standby_revocations: AtomicU64,
+    pub standby_revocations_undelivered: AtomicU64,
     pub connect_failures: Mutex<HashMap<&'static str, u64>>,
     /// Completed pairings ("paired") and refused ones, by error code.
     pub pairings: Mutex<HashMap<&'static str, u64>>,
@@ -376,7 +383,10 @@ impl SessionLayer {
         self.namespaces
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(ns, replace)
+            .insert(ns, replace)?;
+        // A replaced namespace may have new local rules or a new address.
+        self.revoke_standby();
+        Ok(())
     }
 
     /// Stores `certificate` under `name` in namespace `namespace`, replacing any; returns the
@@ -466,8 +476,37 @@ impl SessionLayer {
         self.namespaces
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(id)
-            .map(|_| ())
+            .remove(id)?;
+        self.revoke_standby();
+        Ok(())
+    }
+
+    /// Tells every worker to drop the standby sessions it holds (see
+    /// [`SessionLayer::connect_standby`]); called after any change of policy. Sessions already
+    /// opened stay, as connections established before a rule change do.
+    ///
+    /// The registry lock orders this against connects: a connect decided under the old policy
+    /// posted its events while holding it, so they reach each worker before this revocation;
+    /// one that takes it later reads the new policy.
+    pub fn revoke_standby(&self) {
+        let reg = self.registry();
+        let mut unreachable = 0;
+        for (id, w) in &reg.workers {
+            if let Err(e) = w.link.post(&Event::StandbyRevoked) {
+                // Its queue is full or its process gone; its standby sessions stay until its
+                // peers or shuntd reset them.
+                tracing::warn!(worker = %id, error = %e, "cannot revoke a worker's standby sessions");
+                unreachable += 1;
+            }
+        }
+        self.counters
+            .standby_revocations
+            .fetch_add(1, Ordering::Relaxed);
+        if unreachable > 0 {
+            self.counters
+                .standby_revocations_undelivered
+                .fetch_add(unreachable, Ordering::Relaxed);
+        }
     }
 
     pub fn with_namespaces<T>(&self, f: impl FnOnce(&Namespaces) -> T) -> T {
@@ -476,6 +515,12 @@ impl SessionLayer {
 
     /// Adds a rule to a namespace's local table (`Some(ns)`) or the global table (`None`).
     pub fn add_rule(&self, namespace: Option<&str>, rule: Rule) -> Result<bool, SessionError> {
+        let added = self.insert_rule(namespace, rule)?;
+        self.revoke_standby();
+        Ok(added)
+    }
+
+    fn insert_rule(&self, namespace: Option<&str>, rule: Rule) -> Result<bool, SessionError> {
         match namespace {
             None => Ok(self
                 .global_rules
@@ -493,6 +538,12 @@ impl SessionLayer {
     }
 
     pub fn delete_rule(&self, namespace: Option<&str>, tag: &str) -> Result<Rule, SessionError> {
+        let deleted = self.remove_rule(namespace, tag)?;
+        self.revoke_standby();
+        Ok(deleted)
+    }
+
+    fn remove_rule(&self, namespace: Option<&str>, tag: &str) -> Result<Rule, SessionError> {
         match namespace {
             None => Ok(self
                 .global_rules
@@ -558,6 +609,9 @@ impl SessionLayer {
             let rules = local_new.remove(&ns.id).unwrap_or_default();
             removed += ns.local_rules.apply_replace(source, rules);
         }
+        drop(nss);
+        drop(global);
+        self.revoke_standby();
         Ok(RulesReplaced { added, removed })
     }
 
@@ -937,10 +991,38 @@ impl SessionLayer {
         request_id: u32,
         remote: SocketAddr,
     ) -> Result<ConnectOutcome, SessionError> {
-        let result = self.try_connect(worker, request_id, remote);
+        self.connect_as(worker, request_id, remote, false)
+    }
+
+    /// Connects like [`SessionLayer::connect`], but the listener's worker holds the session
+    /// back from accept until the client opens it, which it does without asking shuntd. The
+    /// decision is today's policy: when policy changes, [`SessionLayer::revoke_standby`] has
+    /// every worker drop the standby sessions it holds.
+    pub fn connect_standby(
+        &self,
+        worker: WorkerId,
+        request_id: u32,
+        remote: SocketAddr,
+    ) -> Result<ConnectOutcome, SessionError> {
+        self.connect_as(worker, request_id, remote, true)
+    }
+
+    fn connect_as(
+        &self,
+        worker: WorkerId,
+        request_id: u32,
+        remote: SocketAddr,
+        standby: bool,
+    ) -> Result<ConnectOutcome, SessionError> {
+        let result = self.try_connect(worker, request_id, remote, standby);
         match &result {
             Ok(_) => {
                 self.counters.connects.fetch_add(1, Ordering::Relaxed);
+                if standby {
+                    self.counters
+                        .standby_connects
+                        .fetch_add(1, Ordering::Relaxed);
+                }
             }
             Err(e) => LayerCounters::bump(&self.counters.connect_failures, e.code().as_str()),
         }
@@ -952,6 +1034,7 @@ impl SessionLayer {
         worker: WorkerId,
         request_id: u32,
         mut remote: SocketAddr,
+        standby: bool,
     ) -> Result<ConnectOutcome, SessionError> {
         let proto = TransportProto::CutThrough;
         let mut reg = self.registry();
@@ -1021,7 +1104,11 @@ impl SessionLayer {
                 client: worker,
                 client_request: request_id,
                 server,
-                server_notice: ServerNotice::Accepted(lid),
+                server_notice: if standby {
+                    ServerNotice::Standby(lid)
+                } else {
+                    ServerNotice::Accepted(lid)
+                },
                 local,
                 remote,
                 fifo_size: None,
@@ -1097,20 +1184,29 @@ impl SessionLayer {
         let server_id = reg.session_id(server_thread);
         let conn = connected.id;
 
+        // Nobody waits on a standby session: each side finds it at its next dispatch, which
+        // comes before the client can use it and before the server hears it was opened. So
+        // neither is woken for it.
+        let post = |link: &Arc<dyn WorkerLink>, event: &Event| {
+            if matches!(server_notice, ServerNotice::Standby(_)) {
+                link.post_quietly(event)
+            } else {
+                link.post(event)
+            }
+        };
         let tell_client = || -> Result<(), SessionError> {
             if let Some(g) = connected.client_grant {
                 client_link
                     .grant_segment(g)
                     .map_err(|e| SessionError::Link(worker, e))?;
             }
-            client_link
-                .post(&Event::Connected {
-                    request_id,
-                    session_id: client_id.0,
-                    fifos: connected.client_fifos,
-                    local,
-                })
-                .map_err(|e| SessionError::Link(worker, e))
+            let event = Event::Connected {
+                request_id,
+                session_id: client_id.0,
+                fifos: connected.client_fifos,
+                local,
+            };
+            post(&client_link, &event).map_err(|e| SessionError::Link(worker, e))
         };
         let tell_server = || -> Result<(), SessionError> {
             if let Some(g) = connected.server_grant {
@@ -1125,6 +1221,12 @@ impl SessionLayer {
                     fifos: connected.server_fifos,
                     peer: local,
                 },
+                ServerNotice::Standby(lid) => Event::AcceptedStandby {
+                    listener_id: lid.0,
+                    session_id: server_id.0,
+                    fifos: connected.server_fifos,
+                    peer: local,
+                },
                 ServerNotice::Connected(request_id) => Event::Connected {
                     request_id,
                     session_id: server_id.0,
@@ -1132,15 +1234,15 @@ impl SessionLayer {
                     local: remote,
                 },
             };
-            server_link
-                .post(&event)
-                .map_err(|e| SessionError::Link(server, e))
+            post(&server_link, &event).map_err(|e| SessionError::Link(server, e))
         };
         // A listener learns first, so its backlog holds the session before the client can
         // write. The two ends of a pairing only talk to each other over the connection they
         // replace, and the responder answers on it once told; so the initiator learns first.
         let delivered = match server_notice {
-            ServerNotice::Accepted(_) => tell_server().and_then(|()| tell_client()),
+            ServerNotice::Accepted(_) | ServerNotice::Standby(_) => {
+                tell_server().and_then(|()| tell_client())
+            }
             ServerNotice::Connected(_) => tell_client().and_then(|()| tell_server()),
         };
         if let Err(e) = delivered {

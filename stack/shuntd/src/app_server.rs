@@ -386,8 +386,14 @@ impl Connection {
                 }
                 Step::Continue
             }
-            (Request::Connect { remote }, Some(w)) => {
-                if let Err(e) = self.shared.layer.connect(w, request_id, remote) {
+            (Request::Connect { remote, standby }, Some(w)) => {
+                let layer = &self.shared.layer;
+                let result = if standby {
+                    layer.connect_standby(w, request_id, remote)
+                } else {
+                    layer.connect(w, request_id, remote)
+                };
+                if let Err(e) = result {
                     self.connect_failed(w, request_id, remote, e).await;
                 }
                 Step::Continue

@@ -15,10 +15,16 @@ use shunt_shm::segment::Segment;
 
 pub struct DaemonLink {
     socket: OwnedFd,
-    queue: Mutex<RingProducer>,
+    queue: Mutex<Queue>,
     queue_len: u32,
     doorbell: Doorbell,
     segment: Arc<Segment>,
+}
+
+struct Queue {
+    producer: RingProducer,
+    /// A quiet post found the queue empty and did not ring: the worker may be asleep on it.
+    ring_owed: bool,
 }
 
 impl DaemonLink {
@@ -38,7 +44,10 @@ impl DaemonLink {
         let producer = RingProducer::attach(segment.clone(), offset)?;
         Ok(Self {
             socket,
-            queue: Mutex::new(producer),
+            queue: Mutex::new(Queue {
+                producer,
+                ring_owed: false,
+            }),
             queue_len,
             doorbell,
             segment,
@@ -51,6 +60,15 @@ impl DaemonLink {
 
     pub fn doorbell_fd(&self) -> std::io::Result<OwnedFd> {
         self.doorbell.as_fd().try_clone_to_owned()
+    }
+}
+
+impl DaemonLink {
+    fn push(q: &mut Queue, event: &Event) -> Result<Wake, LinkError> {
+        q.producer.push(&event.encode()).map_err(|e| match e {
+            ring::RingError::Full => LinkError::QueueFull,
+            _ => LinkError::Gone,
+        })
     }
 }
 
@@ -72,19 +90,24 @@ impl WorkerLink for DaemonLink {
 
     fn post(&self, event: &Event) -> Result<(), LinkError> {
         let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-        match q.push(&event.encode()) {
-            Ok(Wake::Needed) => {
-                self.doorbell.ring()?;
-                Ok(())
-            }
-            Ok(Wake::NotNeeded) => Ok(()),
-            Err(ring::RingError::Full) => Err(LinkError::QueueFull),
-            Err(_) => Err(LinkError::Gone),
+        let wake = Self::push(&mut q, event)?;
+        if wake == Wake::Needed || q.ring_owed {
+            q.ring_owed = false;
+            self.doorbell.ring()?;
         }
+        Ok(())
+    }
+
+    fn post_quietly(&self, event: &Event) -> Result<(), LinkError> {
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        if Self::push(&mut q, event)? == Wake::Needed {
+            q.ring_owed = true;
+        }
+        Ok(())
     }
 
     fn has_room(&self, n: usize) -> bool {
         let q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-        q.free_slots() as usize >= n.min(self.queue_len as usize)
+        q.producer.free_slots() as usize >= n.min(self.queue_len as usize)
     }
 }

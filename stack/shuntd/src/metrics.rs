@@ -27,6 +27,9 @@ pub struct Metrics {
     rule_hits: IntCounterVec,
     attach_failures: IntCounterVec,
     connects: IntCounter,
+    standby_connects: IntCounter,
+    standby_revocations: IntCounter,
+    standby_revocations_undelivered: IntCounter,
     connect_failures: IntCounterVec,
     pairings: IntCounterVec,
     decode_errors: IntCounter,
@@ -107,6 +110,18 @@ impl Metrics {
                 &["reason"],
             )?,
             connects: counter("connects_total", "Connects established.")?,
+            standby_connects: counter(
+                "standby_connects_total",
+                "Connects established in standby, for clients that preconnect (also in connects_total).",
+            )?,
+            standby_revocations: counter(
+                "standby_revocations_total",
+                "Policy changes that made every worker drop its standby sessions.",
+            )?,
+            standby_revocations_undelivered: counter(
+                "standby_revocations_undelivered_total",
+                "Workers that could not be told of a standby revocation (event queue full or gone).",
+            )?,
             connect_failures: counter_vec(
                 "connect_failures_total",
                 "Failed connects by reason.",
@@ -190,6 +205,18 @@ impl Metrics {
             raise(&self.pairings.with_label_values(&[result]), *n);
         }
         raise(&self.connects, c.connects.load(Ordering::Relaxed));
+        raise(
+            &self.standby_connects,
+            c.standby_connects.load(Ordering::Relaxed),
+        );
+        raise(
+            &self.standby_revocations,
+            c.standby_revocations.load(Ordering::Relaxed),
+        );
+        raise(
+            &self.standby_revocations_undelivered,
+            c.standby_revocations_undelivered.load(Ordering::Relaxed),
+        );
         raise(
             &self.decode_errors,
             self.server.decode_errors.load(Ordering::Relaxed),

@@ -19,6 +19,8 @@ const RESPONDER: &str = "10.1.0.2:15006";
 #[derive(Default)]
 struct Recorder {
     events: StdMutex<Vec<Event>>,
+    /// Whether each event would have rung the doorbell.
+    loud: StdMutex<Vec<bool>>,
 }
 
 impl WorkerLink for Recorder {
@@ -27,6 +29,12 @@ impl WorkerLink for Recorder {
     }
     fn post(&self, event: &Event) -> Result<(), LinkError> {
         self.events.lock().unwrap().push(*event);
+        self.loud.lock().unwrap().push(true);
+        Ok(())
+    }
+    fn post_quietly(&self, event: &Event) -> Result<(), LinkError> {
+        self.events.lock().unwrap().push(*event);
+        self.loud.lock().unwrap().push(false);
         Ok(())
     }
     fn has_room(&self, _: usize) -> bool {
@@ -54,8 +62,14 @@ fn layer() -> SessionLayer {
 }
 
 fn attach(layer: &SessionLayer, name: &str) -> WorkerId {
+    attach_recorded(layer, name).0
+}
+
+/// Attaches a worker whose events stay readable.
+fn attach_recorded(layer: &SessionLayer, name: &str) -> (WorkerId, Arc<Recorder>) {
     let doorbell = OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
-    layer
+    let recorder = Arc::new(Recorder::default());
+    let worker = layer
         .attach(AttachRequest {
             namespace_id: "default".into(),
             namespace_secret: Vec::new(),
@@ -63,12 +77,13 @@ fn attach(layer: &SessionLayer, name: &str) -> WorkerId {
             scope: Scope::Global,
             cred: PeerCred::default(),
             thread: 0,
-            link: Arc::new(Recorder::default()),
+            link: recorder.clone(),
             doorbell,
             resume: Resume::default(),
         })
         .unwrap()
-        .worker
+        .worker;
+    (worker, recorder)
 }
 
 fn any_v4(action: RuleAction, tag: &str) -> Rule {
@@ -249,6 +264,61 @@ fn a_connect_carries_no_identity_so_principal_rules_never_match_it() {
         .connect(client, 2, "10.1.0.1:80".parse().unwrap())
         .unwrap_err();
     assert!(matches!(err, SessionError::Denied { ref tag, .. } if tag == "all"));
+}
+
+#[test]
+fn standby_connects_wake_nobody_and_policy_changes_revoke_them_everywhere() {
+    let layer = layer();
+    let (server, server_events) = attach_recorded(&layer, "server");
+    let (client, client_events) = attach_recorded(&layer, "client");
+    let (_, bystander_events) = attach_recorded(&layer, "bystander");
+    let remote = "10.1.0.1:80".parse().unwrap();
+    layer.listen(server, remote).unwrap();
+
+    layer.connect_standby(client, 7, remote).unwrap();
+    let server_saw = server_events.events.lock().unwrap().clone();
+    assert!(
+        matches!(server_saw[..], [Event::AcceptedStandby { .. }]),
+        "{server_saw:?}"
+    );
+    let client_saw = client_events.events.lock().unwrap().clone();
+    assert!(
+        matches!(client_saw[..], [Event::Connected { request_id: 7, .. }]),
+        "{client_saw:?}"
+    );
+    assert_eq!(*server_events.loud.lock().unwrap(), [false]);
+    assert_eq!(*client_events.loud.lock().unwrap(), [false]);
+    assert_eq!(layer.counters.standby_connects.load(Ordering::Relaxed), 1);
+
+    // An ordinary connect still wakes both.
+    layer.connect(client, 8, remote).unwrap();
+    assert_eq!(*server_events.loud.lock().unwrap(), [false, true]);
+
+    // Any change of policy reaches every worker, loudly.
+    let before = layer.counters.standby_revocations.load(Ordering::Relaxed);
+    layer
+        .add_rule(None, any_v4(RuleAction::Allow, "allow-all"))
+        .unwrap();
+    for recorder in [&server_events, &client_events, &bystander_events] {
+        let events = recorder.events.lock().unwrap();
+        assert_eq!(events.last(), Some(&Event::StandbyRevoked));
+        assert_eq!(recorder.loud.lock().unwrap().last(), Some(&true));
+    }
+    layer.delete_rule(None, "allow-all").unwrap();
+    layer.replace_rules("xds/a", Vec::new()).unwrap();
+    let revocations = |r: &Recorder| {
+        r.events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| **e == Event::StandbyRevoked)
+            .count()
+    };
+    assert_eq!(revocations(&bystander_events), 3);
+    assert_eq!(
+        layer.counters.standby_revocations.load(Ordering::Relaxed) - before,
+        3
+    );
 }
 
 type ScopedRule = (Option<String>, Rule);
