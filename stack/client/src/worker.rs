@@ -126,17 +126,6 @@ pub(crate) enum ConnectState {
     Opened(usize),
 }
 
-/// Standby sessions to one remote, for [`AttachOptions::preconnect`].
-#[derive(Default)]
-struct StandbyPool {
-    /// Sessions the peer has not been told about yet, as shuntd announced them. They are
-    /// mapped only when taken: a dispatch in between drains events the peer sent to an earlier
-    /// session in the same slot, which would otherwise land on this one.
-    ready: VecDeque<Announced>,
-    /// Standby connects sent and not answered.
-    pending: usize,
-}
-
 pub(crate) struct Daemon {
     pub(crate) socket: OwnedFd,
     pub(crate) queue: RingConsumer,
@@ -158,7 +147,11 @@ pub(crate) struct State {
     standby_requests: HashMap<u32, SocketAddr>,
     /// Remotes whose standby pools are to be refilled at the next dispatch or sleep.
     refills_due: Vec<SocketAddr>,
-    standby: HashMap<SocketAddr, StandbyPool>,
+    /// Standby sessions by remote (see [`AttachOptions::preconnect`]), as shuntd announced
+    /// them; the peer has not been told about them yet. They are mapped only when taken: a
+    /// dispatch in between drains events the peer sent to an earlier session in the same slot,
+    /// which would otherwise land on this one.
+    standby: HashMap<SocketAddr, VecDeque<Announced>>,
     replies: HashMap<u32, DaemonReply>,
     local_address: SocketAddr,
 }
@@ -535,14 +528,14 @@ impl Worker {
         Ok(st
             .standby
             .get(&remote)
-            .map_or(0, |pool| pool.ready.iter().filter(alive).count()))
+            .map_or(0, |pool| pool.iter().filter(alive).count()))
     }
 
     /// Takes a usable standby session to `remote` from the pool and tells its peer to accept
     /// it; returns its index. Sessions whose peer closed, reset or died meanwhile are reset.
     fn open_standby(&self, st: &mut State, remote: SocketAddr) -> Option<usize> {
         loop {
-            let (session_id, fifos, local) = st.standby.get_mut(&remote)?.ready.pop_front()?;
+            let (session_id, fifos, local) = st.standby.get_mut(&remote)?.pop_front()?;
             let index = match Self::open_session_state(st, session_id, fifos, local, remote, true) {
                 Ok(index) => index,
                 Err(e) => {
@@ -579,9 +572,13 @@ impl Worker {
     fn send_refills(&self, st: &mut State) {
         let depth = usize::from(self.inner.preconnect);
         for remote in std::mem::take(&mut st.refills_due) {
-            let pool = st.standby.entry(remote).or_default();
-            let missing = depth.saturating_sub(pool.ready.len() + pool.pending);
-            for _ in 0..missing {
+            let ready = st.standby.get(&remote).map_or(0, VecDeque::len);
+            let coming = st
+                .standby_requests
+                .values()
+                .filter(|r| **r == remote)
+                .count();
+            for _ in 0..depth.saturating_sub(ready + coming) {
                 let id = Self::next_request(st);
                 let req = Request::Connect {
                     remote,
@@ -591,7 +588,6 @@ impl Worker {
                     return;
                 }
                 st.standby_requests.insert(id, remote);
-                st.standby.entry(remote).or_default().pending += 1;
             }
         }
     }
@@ -1110,16 +1106,8 @@ impl Worker {
 
     /// Puts the answer to a standby connect into the pool.
     fn add_standby(&self, st: &mut State, remote: SocketAddr, result: Result<Announced, Error>) {
-        if let Some(pool) = st.standby.get_mut(&remote) {
-            pool.pending = pool.pending.saturating_sub(1);
-        }
         match result {
-            Ok(announced) => st
-                .standby
-                .entry(remote)
-                .or_default()
-                .ready
-                .push_back(announced),
+            Ok(announced) => st.standby.entry(remote).or_default().push_back(announced),
             // The next connect asks shuntd itself and gets the error first-hand.
             Err(e) => tracing::debug!(%remote, error = %e, "standby connect refused"),
         }
@@ -1138,7 +1126,7 @@ impl Worker {
     fn drop_pooled_standby(&self, st: &mut State, which: impl Fn(u64, u32) -> bool, reset: bool) {
         let mut pooled = Vec::new();
         for (remote, pool) in &mut st.standby {
-            pool.ready.retain(|announced| {
+            pool.retain(|announced| {
                 let picked = which(announced.0, announced.1.segment_id);
                 if picked {
                     pooled.push((*remote, *announced));

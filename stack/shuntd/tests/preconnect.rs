@@ -218,3 +218,38 @@ fn standby_sessions_go_with_the_worker_that_held_them() {
         other => panic!("connect after the listening worker went: {other:?}"),
     }
 }
+
+#[test]
+fn standby_pools_fill_up_again_after_shuntd_restarts() {
+    let mut d = Daemon::start("");
+    let remote = ep("127.0.0.1:7603");
+    let server = d.attach("server");
+    let listener = server.listen(remote).unwrap();
+    let client = attach_preconnecting(&d, 2);
+    one_exchange(&client, &listener, remote, 1);
+    wait_standby(&client, remote, 2);
+
+    // A connect served while shuntd is stopped sends a refill that shuntd never answers: it
+    // is killed before it runs again.
+    let pid = rustix::process::Pid::from_child(&d.child);
+    rustix::process::kill_process(pid, rustix::process::Signal::STOP).unwrap();
+    let stopped = rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::UNTRACED)
+        .unwrap()
+        .expect("shuntd reported");
+    assert!(stopped.1.stopped(), "shuntd did not stop: {stopped:?}");
+    let c = client.connect(remote).unwrap();
+    let s = listener.accept().unwrap();
+    assert_eq!(client.standby_ready(remote).unwrap(), 1);
+    drop((c, s));
+    d.kill();
+    d.restart();
+
+    // The lost refill does not count against the pool at the new shuntd.
+    assert!(eventually(WAIT, || {
+        server.dispatch().unwrap();
+        !server.is_attached()
+    }));
+    server.reattach().unwrap();
+    one_exchange(&client, &listener, remote, 2);
+    wait_standby(&client, remote, 2);
+}
