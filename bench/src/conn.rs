@@ -81,8 +81,8 @@ impl Acceptor {
             }
             Transport::TcpLoopback => {
                 let l = TcpListener::bind("127.0.0.1:0")?;
-                // Non-blocking, so that of several threads woken for one connection the ones
-                // that lose the race go back to waiting instead of blocking in accept(2).
+                // Non-blocking, so that `try_accept` never blocks: `accept_within` tries first
+                // and waits after, for every transport alike.
                 l.set_nonblocking(true)?;
                 let target = l.local_addr()?.to_string();
                 Ok((Acceptor::Tcp(l, busy_poll), target))

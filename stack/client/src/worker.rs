@@ -156,6 +156,27 @@ pub(crate) struct State {
     local_address: SocketAddr,
 }
 
+impl State {
+    /// The epoch that names segments granted now: the attached shuntd's, or the last one's
+    /// while none is attached.
+    fn segment_epoch(&self) -> u32 {
+        self.daemon.as_ref().map_or(self.epoch, |d| d.epoch)
+    }
+
+    /// Whether `epoch` is the attached shuntd's.
+    fn is_current_epoch(&self, epoch: u32) -> bool {
+        self.daemon.as_ref().is_some_and(|d| d.epoch == epoch)
+    }
+
+    /// Has the pool of standby sessions to `remote` topped up at the next dispatch or sleep:
+    /// then the request to shuntd costs the connect nothing, and overlaps with the peer's work.
+    fn plan_refill(&mut self, remote: SocketAddr) {
+        if !self.refills_due.contains(&remote) {
+            self.refills_due.push(remote);
+        }
+    }
+}
+
 pub(crate) struct Inner {
     pub(crate) state: Mutex<State>,
     epoll: OwnedFd,
@@ -519,7 +540,7 @@ impl Worker {
     pub fn standby_ready(&self, remote: SocketAddr) -> Result<usize, Error> {
         self.dispatch()?;
         let st = self.lock();
-        let epoch = st.daemon.as_ref().map_or(st.epoch, |d| d.epoch);
+        let epoch = st.segment_epoch();
         let alive = |a: &&Announced| {
             st.peers
                 .get(&(epoch, a.1.segment_id))
@@ -555,14 +576,6 @@ impl Worker {
                 return Some(index);
             }
             self.finish_session(st, index, true);
-        }
-    }
-
-    /// Has the pool of standby sessions to `remote` topped up at the next dispatch or sleep:
-    /// then the request to shuntd costs the connect nothing, and overlaps with the peer's work.
-    fn refill_standby(&self, st: &mut State, remote: SocketAddr) {
-        if !st.refills_due.contains(&remote) {
-            st.refills_due.push(remote);
         }
     }
 
@@ -682,7 +695,7 @@ impl Worker {
                 let Some(ConnectState::Opened(index)) = st.connects.remove(&pending.id) else {
                     unreachable!()
                 };
-                self.refill_standby(&mut st, pending.remote);
+                st.plan_refill(pending.remote);
                 Ok(Some(Session::new(self.clone(), index)))
             }
             Some(ConnectState::Done(_)) => {
@@ -699,7 +712,7 @@ impl Worker {
                     pending.is_client,
                 )?;
                 if pending.refill {
-                    self.refill_standby(&mut st, pending.remote);
+                    st.plan_refill(pending.remote);
                 }
                 Ok(Some(s))
             }
@@ -749,7 +762,7 @@ impl Worker {
         remote: SocketAddr,
         is_client: bool,
     ) -> Result<usize, Error> {
-        let epoch = st.daemon.as_ref().map_or(st.epoch, |d| d.epoch);
+        let epoch = st.segment_epoch();
         let key = (epoch, fifos.segment_id);
         let peer = st.peers.get_mut(&key).ok_or_else(|| {
             Error::Protocol(format!("session in unknown segment {}", fifos.segment_id))
@@ -1001,7 +1014,7 @@ impl Worker {
         let liveness = fds.pop().expect("3");
         let doorbell = fds.pop().expect("3");
         let seg = fds.pop().expect("3");
-        let epoch = st.daemon.as_ref().map_or(st.epoch, |d| d.epoch);
+        let epoch = st.segment_epoch();
         match PeerSegment::open(seg, doorbell, liveness, is_client) {
             Ok(peer) => {
                 let token = TOKEN_LIVENESS + ((u64::from(epoch) << 32) | u64::from(segment_id));
@@ -1187,23 +1200,24 @@ impl Worker {
     }
 
     /// A peer event about a slot with no open session here: if it is a standby session a
-    /// listener holds, `Opened` moves it to the backlog and a close drops it. Returns whether
-    /// the slot was such a session.
-    fn standby_event(&self, st: &mut State, key: SegmentKey, event: Event, slot: u32) -> bool {
-        let current = st.daemon.as_ref().map(|d| d.epoch);
-        if current != Some(key.0) {
-            return false;
+    /// listener holds, `Opened` moves it to the backlog and a close drops it.
+    fn standby_event(&self, st: &mut State, key: SegmentKey, event: Event, slot: u32) {
+        if !st.is_current_epoch(key.0) {
+            return;
         }
-        let Some(l) = st
+        let held = (key.1, slot);
+        let Some(listener_id) = st
             .listeners
-            .values_mut()
-            .find(|l| l.standby.contains_key(&(key.1, slot)))
+            .iter()
+            .find(|(_, l)| l.standby.contains_key(&held))
+            .map(|(id, _)| *id)
         else {
-            return false;
+            return;
         };
+        let l = st.listeners.get_mut(&listener_id).expect("found");
         match event {
             Event::Opened { .. } => {
-                let announced = l.standby.remove(&(key.1, slot)).expect("found");
+                let announced = l.standby.remove(&held).expect("found");
                 l.backlog.push_back(announced);
                 if let Some(w) = l.waker.take() {
                     w.wake();
@@ -1213,26 +1227,24 @@ impl Worker {
                 // The event may be older than this session: meant for the slot's previous
                 // session, whose peer closed it after this side had. The FIFOs, made afresh for
                 // this session, say whether its peer really went.
-                let (session_id, fifos, peer) = l.standby[&(key.1, slot)];
+                let (session_id, fifos, peer) = l.standby[&held];
                 let endpoint = l.endpoint;
                 let Ok(index) =
                     Self::open_session_state(st, session_id, fifos, endpoint, peer, false)
                 else {
-                    return true;
+                    return;
                 };
                 if st.sessions[index].as_ref().is_some_and(|s| s.is_usable()) {
                     Self::unmap_session(st, index);
                 } else {
                     self.finish_session(st, index, false);
-                    for l in st.listeners.values_mut() {
-                        l.standby.remove(&(key.1, slot));
-                    }
+                    let l = st.listeners.get_mut(&listener_id).expect("found");
+                    l.standby.remove(&held);
                 }
             }
             // Data waits in the FIFO for whoever accepts the session.
             _ => {}
         }
-        true
     }
 
     fn drain_peer(&self, st: &mut State, key: SegmentKey) {
@@ -1299,7 +1311,7 @@ impl Worker {
                 s.peer_died();
             }
         }
-        if st.daemon.as_ref().map(|d| d.epoch) == Some(key.0) {
+        if st.is_current_epoch(key.0) {
             self.drop_pooled_standby(st, |_, segment| segment == key.1, true);
             self.drop_held_standby(st, |_, segment| segment == key.1);
         }
@@ -1309,11 +1321,11 @@ impl Worker {
     /// Unmaps a segment nobody uses any more: no sessions, and the peer is dead or the shuntd
     /// that could put new sessions in it is gone.
     pub(crate) fn gc_peer(&self, st: &mut State, key: SegmentKey) {
-        let current = st.daemon.as_ref().map(|d| d.epoch);
+        let current = st.is_current_epoch(key.0);
         let Some(peer) = st.peers.get(&key) else {
             return;
         };
-        if peer.slots.is_empty() && (peer.dead || current != Some(key.0)) {
+        if peer.slots.is_empty() && (peer.dead || !current) {
             let _ = epoll::delete(&self.inner.epoll, peer.liveness.as_fd());
             st.peers.remove(&key);
         }

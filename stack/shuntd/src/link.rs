@@ -27,6 +27,15 @@ struct Queue {
     ring_owed: bool,
 }
 
+impl Queue {
+    fn push(&mut self, event: &Event) -> Result<Wake, LinkError> {
+        self.producer.push(&event.encode()).map_err(|e| match e {
+            ring::RingError::Full => LinkError::QueueFull,
+            _ => LinkError::Gone,
+        })
+    }
+}
+
 impl DaemonLink {
     /// Makes the worker's event queue. `socket` is a duplicate of the worker's connection.
     pub fn new(
@@ -63,15 +72,6 @@ impl DaemonLink {
     }
 }
 
-impl DaemonLink {
-    fn push(q: &mut Queue, event: &Event) -> Result<Wake, LinkError> {
-        q.producer.push(&event.encode()).map_err(|e| match e {
-            ring::RingError::Full => LinkError::QueueFull,
-            _ => LinkError::Gone,
-        })
-    }
-}
-
 impl WorkerLink for DaemonLink {
     fn grant_segment(&self, grant: SegmentGrant) -> Result<(), LinkError> {
         let msg = DaemonReply::SegmentAdded {
@@ -90,7 +90,7 @@ impl WorkerLink for DaemonLink {
 
     fn post(&self, event: &Event) -> Result<(), LinkError> {
         let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-        let wake = Self::push(&mut q, event)?;
+        let wake = q.push(event)?;
         if wake == Wake::Needed || q.ring_owed {
             q.ring_owed = false;
             self.doorbell.ring()?;
@@ -100,7 +100,7 @@ impl WorkerLink for DaemonLink {
 
     fn post_quietly(&self, event: &Event) -> Result<(), LinkError> {
         let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-        if Self::push(&mut q, event)? == Wake::Needed {
+        if q.push(event)? == Wake::Needed {
             q.ring_owed = true;
         }
         Ok(())
