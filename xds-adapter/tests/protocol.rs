@@ -18,7 +18,7 @@ use shunt_xds::tables::{Tables, TlsMode};
 use shunt_xds::testing::mesh::{self, any};
 use shunt_xds::translate::Context;
 use shunt_xds::xds::{self, Api, Protocol, State, StreamConfig, Target};
-use support::scripted_ads::ScriptedAds;
+use support::scripted_ads::{ScriptedAds, SotwConnection};
 
 const ECHO: &str = "outbound|8080||echo.default.svc.cluster.local";
 const OTHER: &str = "outbound|9090||other.default.svc.cluster.local";
@@ -311,14 +311,20 @@ fn sotw_response(
     }
 }
 
-#[tokio::test]
-async fn sotw_versions_nonces_and_implicit_removal() {
-    let mut server = ScriptedAds::start().await;
-    let state = start(&server, Protocol::Sotw);
+/// A fresh client's SotW stream, past its initial requests (CDS, LDS and the secrets).
+async fn sotw_subscribed(server: &mut ScriptedAds) -> (Arc<State>, SotwConnection) {
+    let state = start(server, Protocol::Sotw);
     let mut conn = server.next_sotw().await;
     for _ in 0..3 {
         conn.next().await;
     }
+    (state, conn)
+}
+
+#[tokio::test]
+async fn sotw_versions_nonces_and_implicit_removal() {
+    let mut server = ScriptedAds::start().await;
+    let (state, mut conn) = sotw_subscribed(&mut server).await;
     conn.send(sotw_response(
         ResourceType::Cluster,
         "v1",
@@ -464,11 +470,7 @@ fn nack_detail_is_bounded() {
 #[tokio::test]
 async fn sotw_forgets_the_endpoints_of_a_removed_cluster() {
     let mut server = ScriptedAds::start().await;
-    let state = start(&server, Protocol::Sotw);
-    let mut conn = server.next_sotw().await;
-    for _ in 0..3 {
-        conn.next().await;
-    }
+    let (state, mut conn) = sotw_subscribed(&mut server).await;
     conn.send(sotw_response(
         ResourceType::Cluster,
         "c1",

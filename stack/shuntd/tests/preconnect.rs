@@ -64,18 +64,56 @@ fn one_exchange(client: &Worker, listener: &Listener, remote: SocketAddr, byte: 
     );
 }
 
-#[test]
-fn a_connect_served_from_standby_needs_no_shuntd_and_carries_bytes_intact() {
+/// A listening worker, and a preconnecting worker that connected to it once and whose pool of
+/// standby sessions to it is full.
+struct Warm {
+    d: Daemon,
+    remote: SocketAddr,
+    server: Worker,
+    listener: Listener,
+    client: Worker,
+}
+
+fn warm(remote: &str, depth: u16) -> Warm {
     let d = Daemon::start("");
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let remote = ep("127.0.0.1:7600");
+    let remote = ep(remote);
     let server = d.attach("server");
     let listener = server.listen(remote).unwrap();
-    let client = attach_preconnecting(&d, 2);
-
-    // The first connect asks shuntd, and sends for two more in standby.
+    let client = attach_preconnecting(&d, depth);
+    // The first connect asks shuntd, and sends for `depth` more in standby.
     one_exchange(&client, &listener, remote, 1);
-    wait_standby(&client, remote, 2);
+    wait_standby(&client, remote, depth.into());
+    Warm {
+        d,
+        remote,
+        server,
+        listener,
+        client,
+    }
+}
+
+/// SIGSTOPs shuntd and waits until it has stopped: the signal takes effect asynchronously, and
+/// the parent learns when it has.
+fn stop(d: &Daemon) -> rustix::process::Pid {
+    let pid = rustix::process::Pid::from_child(&d.child);
+    rustix::process::kill_process(pid, rustix::process::Signal::STOP).unwrap();
+    let stopped = rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::UNTRACED)
+        .unwrap()
+        .expect("shuntd reported");
+    assert!(stopped.1.stopped(), "shuntd did not stop: {stopped:?}");
+    pid
+}
+
+#[test]
+fn a_connect_served_from_standby_needs_no_shuntd_and_carries_bytes_intact() {
+    let Warm {
+        d,
+        remote,
+        server: _server,
+        listener,
+        client,
+    } = warm("127.0.0.1:7600", 2);
+    let rt = tokio::runtime::Runtime::new().unwrap();
     // Two standby sessions, each known to shuntd as a client and a server half, and none of
     // them visible to the listening app.
     assert!(eventually(WAIT, || sessions_at_shuntd(&rt, &d) == 4));
@@ -83,13 +121,7 @@ fn a_connect_served_from_standby_needs_no_shuntd_and_carries_bytes_intact() {
 
     // With shuntd stopped, a connect still completes: it opens a standby session through the
     // ring the two workers share.
-    let pid = rustix::process::Pid::from_child(&d.child);
-    rustix::process::kill_process(pid, rustix::process::Signal::STOP).unwrap();
-    // The signal takes effect asynchronously; the parent learns when it has.
-    let stopped = rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::UNTRACED)
-        .unwrap()
-        .expect("shuntd reported");
-    assert!(stopped.1.stopped(), "shuntd did not stop: {stopped:?}");
+    let pid = stop(&d);
     let mut c = client.connect(remote).unwrap();
     let mut s = listener.accept().unwrap();
     let server_side = thread::spawn(move || {
@@ -118,14 +150,14 @@ fn a_connect_served_from_standby_needs_no_shuntd_and_carries_bytes_intact() {
 
 #[test]
 fn a_policy_change_revokes_standby_sessions_before_the_next_connect() {
-    let d = Daemon::start("");
+    let Warm {
+        d,
+        remote,
+        server,
+        listener,
+        client,
+    } = warm("127.0.0.1:7601", 3);
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let remote = ep("127.0.0.1:7601");
-    let server = d.attach("server");
-    let listener = server.listen(remote).unwrap();
-    let client = attach_preconnecting(&d, 3);
-    one_exchange(&client, &listener, remote, 1);
-    wait_standby(&client, remote, 3);
 
     let deny = pb::Rule {
         scope: pb::RuleScope::Local as i32,
@@ -180,14 +212,14 @@ fn a_policy_change_revokes_standby_sessions_before_the_next_connect() {
 
 #[test]
 fn standby_sessions_go_with_the_worker_that_held_them() {
-    let d = Daemon::start("");
+    let Warm {
+        d,
+        remote,
+        server,
+        listener,
+        client,
+    } = warm("127.0.0.1:7602", 2);
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let remote = ep("127.0.0.1:7602");
-    let server = d.attach("server");
-    let listener = server.listen(remote).unwrap();
-    let client = attach_preconnecting(&d, 2);
-    one_exchange(&client, &listener, remote, 1);
-    wait_standby(&client, remote, 2);
 
     // The connecting app goes: the listener's held halves are dropped, never accepted.
     drop(client);
@@ -221,22 +253,17 @@ fn standby_sessions_go_with_the_worker_that_held_them() {
 
 #[test]
 fn standby_pools_fill_up_again_after_shuntd_restarts() {
-    let mut d = Daemon::start("");
-    let remote = ep("127.0.0.1:7603");
-    let server = d.attach("server");
-    let listener = server.listen(remote).unwrap();
-    let client = attach_preconnecting(&d, 2);
-    one_exchange(&client, &listener, remote, 1);
-    wait_standby(&client, remote, 2);
+    let Warm {
+        mut d,
+        remote,
+        server,
+        listener,
+        client,
+    } = warm("127.0.0.1:7603", 2);
 
     // A connect served while shuntd is stopped sends a refill that shuntd never answers: it
     // is killed before it runs again.
-    let pid = rustix::process::Pid::from_child(&d.child);
-    rustix::process::kill_process(pid, rustix::process::Signal::STOP).unwrap();
-    let stopped = rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::UNTRACED)
-        .unwrap()
-        .expect("shuntd reported");
-    assert!(stopped.1.stopped(), "shuntd did not stop: {stopped:?}");
+    stop(&d);
     let c = client.connect(remote).unwrap();
     let s = listener.accept().unwrap();
     assert_eq!(client.standby_ready(remote).unwrap(), 1);
