@@ -11,8 +11,8 @@ use rustix::event::epoll;
 use rustix::net::{self, AddressFamily, SocketFlags, SocketType};
 use shunt_sapi::event::{Event, FifoPair};
 use shunt_sapi::message::{
-    CertificateMaterial, DaemonReply, MAX_MESSAGE_LEN, PairOffer, PairRole, Request, Resume,
-    ResumedSession, Scope,
+    CertificateMaterial, DaemonReply, MAX_BATCH, MAX_MESSAGE_LEN, PairOffer, PairRole, Request,
+    Resume, ResumedSession, Scope,
 };
 use shunt_sapi::{ErrorCode, UsageReport, layout};
 use shunt_shm::doorbell::Doorbell;
@@ -152,6 +152,9 @@ pub(crate) struct State {
     /// dispatch in between drains events the peer sent to an earlier session in the same slot,
     /// which would otherwise land on this one.
     standby: HashMap<SocketAddr, VecDeque<Announced>>,
+    /// Requests that want no answer soon (standby refills), sent in one datagram with the next
+    /// request or at the next flush (see [`Worker::flush`]).
+    outbox: Vec<(u32, Request)>,
     replies: HashMap<u32, DaemonReply>,
     local_address: SocketAddr,
 }
@@ -270,7 +273,10 @@ impl Worker {
             &epoll,
             doorbell.as_fd(),
             epoll::EventData::new_u64(TOKEN_DOORBELL),
-            epoll::EventFlags::IN,
+            // Edge-triggered: every ring is an edge, so the counter never needs the read system
+            // call that draining it would cost each wake-up. It cannot overflow in practice
+            // (2^64 rings).
+            epoll::EventFlags::IN | epoll::EventFlags::ET,
         )
         .map_err(std::io::Error::from)?;
         let (busy_poll, preconnect) = (options.busy_poll, options.preconnect);
@@ -286,6 +292,7 @@ impl Worker {
             standby_requests: HashMap::new(),
             refills_due: Vec::new(),
             standby: HashMap::new(),
+            outbox: Vec::new(),
             replies: HashMap::new(),
             local_address: "0.0.0.0:0".parse().expect("literal"),
         };
@@ -417,14 +424,43 @@ impl Worker {
         id
     }
 
+    /// Sends a request now, in one datagram with any queued ones.
     fn send(&self, st: &mut State, id: u32, req: &Request) -> Result<(), Error> {
+        if st.daemon.is_none() {
+            return Err(Error::DaemonGone);
+        }
+        st.outbox.push((id, req.clone()));
+        self.flush(st)
+    }
+
+    /// Queues a request that wants no answer soon; see [`Worker::flush`].
+    fn defer(st: &mut State, id: u32, req: Request) {
+        if st.daemon.is_some() {
+            st.outbox.push((id, req));
+        }
+    }
+
+    /// Sends the queued requests, as one datagram when they fit. A worker flushes before it
+    /// sleeps or polls, when the app dispatches, and with any request sent at once; so the
+    /// refills a burst of connects leaves due cost shuntd one message, not one each.
+    fn flush(&self, st: &mut State) -> Result<(), Error> {
+        if st.outbox.is_empty() {
+            return Ok(());
+        }
+        let queued = std::mem::take(&mut st.outbox);
         let Some(d) = st.daemon.as_ref() else {
             return Err(Error::DaemonGone);
         };
-        fdpass::send_with_fds(d.socket.as_fd(), &req.encode(id), &[]).map_err(|e| {
-            tracing::debug!(error = %e, "shuntd socket failed");
-            Error::DaemonGone
-        })?;
+        for chunk in queued.chunks(MAX_BATCH) {
+            let msg = match chunk {
+                [(id, req)] => req.encode(*id),
+                _ => Request::Batch(chunk.to_vec()).encode(0),
+            };
+            fdpass::send_with_fds(d.socket.as_fd(), &msg, &[]).map_err(|e| {
+                tracing::debug!(error = %e, "shuntd socket failed");
+                Error::DaemonGone
+            })?;
+        }
         Ok(())
     }
 
@@ -561,7 +597,7 @@ impl Worker {
                 Ok(index) => index,
                 Err(e) => {
                     tracing::warn!(%remote, error = %e, "cannot open a standby session");
-                    Self::give_back(st, session_id);
+                    self.give_back(st, session_id);
                     continue;
                 }
             };
@@ -579,10 +615,10 @@ impl Worker {
         }
     }
 
-    /// Sends standby connects until each pool due for a refill has
+    /// Queues standby connects until each pool due for a refill has
     /// [`AttachOptions::preconnect`] sessions ready or coming. Errors are left for the next
     /// connect, which asks shuntd itself.
-    fn send_refills(&self, st: &mut State) {
+    fn queue_refills(&self, st: &mut State) {
         let depth = usize::from(self.inner.preconnect);
         for remote in std::mem::take(&mut st.refills_due) {
             let ready = st.standby.get(&remote).map_or(0, VecDeque::len);
@@ -597,9 +633,7 @@ impl Worker {
                     remote,
                     standby: true,
                 };
-                if self.send(st, id, &req).is_err() {
-                    return;
-                }
+                Self::defer(st, id, req);
                 st.standby_requests.insert(id, remote);
             }
         }
@@ -640,7 +674,7 @@ impl Worker {
     pub fn abandon_connect(&self, pending: PendingConnect) {
         let mut st = self.lock();
         match st.connects.remove(&pending.id) {
-            Some(ConnectState::Done(Ok((session_id, ..)))) => Self::give_back(&st, session_id),
+            Some(ConnectState::Done(Ok((session_id, ..)))) => self.give_back(&mut st, session_id),
             Some(ConnectState::Opened(index)) => self.finish_session(&mut st, index, true),
             _ => {}
         }
@@ -654,18 +688,9 @@ impl Worker {
     }
 
     /// Tells shuntd that a session nobody will open is reset.
-    fn give_back(st: &State, session_id: u64) {
-        if let Some(d) = &st.daemon {
-            let _ = fdpass::send_with_fds(
-                d.socket.as_fd(),
-                &Request::SessionClosed {
-                    session_id,
-                    reset: true,
-                }
-                .encode(0),
-                &[],
-            );
-        }
+    fn give_back(&self, st: &mut State, session_id: u64) {
+        let epoch = st.segment_epoch();
+        self.report_closed(st, epoch, session_id, true);
     }
 
     /// Finishes a connect if shuntd has answered; `Ok(None)` means not yet.
@@ -794,6 +819,7 @@ impl Worker {
         let start = Instant::now();
         let budget = timeout.map_or(self.inner.busy_poll, |t| t.min(self.inner.busy_poll));
         if !budget.is_zero() {
+            self.flush_all(&mut self.lock())?;
             loop {
                 if self.dispatch_within(Some(&ZERO_TIMEOUT))? {
                     self.handled_outside_sleep()?;
@@ -817,12 +843,7 @@ impl Worker {
     /// look at their own sessions again. Were several threads in `epoll_wait`, the one the
     /// kernel woke could take another's notification, and that other would sleep on.
     pub(crate) fn sleep(&self, timeout: Option<Duration>) -> Result<(), Error> {
-        {
-            let mut st = self.lock();
-            if !st.refills_due.is_empty() {
-                self.send_refills(&mut st);
-            }
-        }
+        self.flush_all(&mut self.lock())?;
         let mut sleeper = self.sleeper();
         if sleeper.leading {
             let generation = sleeper.generation;
@@ -884,7 +905,19 @@ impl Worker {
         if handled {
             self.handled_outside_sleep()?;
         }
-        Ok(())
+        self.flush_all(&mut self.lock())
+    }
+
+    /// Queues the refills due and sends everything queued. Gone shuntd is not an error here:
+    /// refills are optional, and the app learns of it from its sessions and connects.
+    fn flush_all(&self, st: &mut State) -> Result<(), Error> {
+        if !st.refills_due.is_empty() {
+            self.queue_refills(st);
+        }
+        match self.flush(st) {
+            Err(Error::DaemonGone) => Ok(()),
+            other => other,
+        }
     }
 
     /// A dispatch outside [`Worker::sleep`] may have taken what a sleeping leader waits for:
@@ -916,9 +949,7 @@ impl Worker {
         let mut socket_ready = false;
         for ev in &events {
             match ev.data.u64() {
-                TOKEN_DOORBELL => {
-                    self.inner.doorbell.drain()?;
-                }
+                TOKEN_DOORBELL => {}
                 TOKEN_SOCKET => socket_ready = true,
                 t if t >= TOKEN_LIVENESS => hung_up.push(t - TOKEN_LIVENESS),
                 _ => {}
@@ -935,9 +966,6 @@ impl Worker {
         for packed in hung_up {
             let key = ((packed >> 32) as u32, packed as u32);
             self.peer_died(&mut st, key);
-        }
-        if !st.refills_due.is_empty() {
-            self.send_refills(&mut st);
         }
         Ok(!events.is_empty())
     }
@@ -992,6 +1020,7 @@ impl Worker {
         // Standby sessions are shuntd's promises; a new shuntd would not know them.
         self.drop_standby(st);
         st.standby_requests.clear();
+        st.outbox.clear();
         for c in st.connects.values_mut() {
             if let ConnectState::Waiting(w) = c {
                 if let Some(w) = w.take() {
@@ -1113,7 +1142,7 @@ impl Worker {
             st.connects.insert(request_id, ConnectState::Done(result));
         } else if let Ok((session_id, ..)) = result {
             // Nobody waits any more (timed out): give the session back.
-            Self::give_back(st, session_id);
+            self.give_back(st, session_id);
         }
     }
 
@@ -1195,7 +1224,7 @@ impl Worker {
     ) {
         match Self::open_session_state(st, session_id, fifos, local, remote, is_client) {
             Ok(index) => self.finish_session(st, index, reset),
-            Err(_) => Self::give_back(st, session_id),
+            Err(_) => self.give_back(st, session_id),
         }
     }
 
@@ -1331,13 +1360,12 @@ impl Worker {
         }
     }
 
-    /// Tells shuntd a session is closed, if it is reachable and still knows the session.
+    /// Tells shuntd a session is closed, if it is reachable and still knows the session. The
+    /// report goes at once, with any queued requests: an app may close and then leave the
+    /// worker alone for good, and shuntd must not go on holding the session.
     pub(crate) fn report_closed(&self, st: &mut State, epoch: u32, session_id: u64, reset: bool) {
-        if let Some(d) = &st.daemon
-            && d.epoch == epoch
-        {
-            let msg = Request::SessionClosed { session_id, reset }.encode(0);
-            let _ = fdpass::send_with_fds(d.socket.as_fd(), &msg, &[]);
+        if st.is_current_epoch(epoch) {
+            let _ = self.send(st, 0, &Request::SessionClosed { session_id, reset });
         }
     }
 

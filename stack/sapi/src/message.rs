@@ -20,6 +20,8 @@ pub const MAX_NAME_LEN: usize = 128;
 pub const MAX_SECRET_LEN: usize = 256;
 /// Most listeners or sessions replayed on one re-attach.
 pub const MAX_RESUMED: usize = 4096;
+/// Most requests in one [`Request::Batch`].
+pub const MAX_BATCH: usize = 256;
 /// Longest peer identity a pairing offer may carry: the SPIFFE specification's limit on an id.
 pub const MAX_PEER_IDENTITY_LEN: usize = 2048;
 
@@ -121,6 +123,9 @@ pub enum Request {
     GetCertificate {
         name: String,
     },
+    /// Requests sent in one datagram, each with its own request id, handled in order. Never
+    /// holds attaches (their fds could not be told apart) nor batches.
+    Batch(Vec<(u32, Request)>),
 }
 
 /// Bytes in a pairing token.
@@ -286,6 +291,25 @@ impl TryFrom<pb::AppRequest> for Request {
             Body::GetCertificate(g) => Request::GetCertificate {
                 name: bounded_string("name", g.name, MAX_NAME_LEN)?,
             },
+            Body::Batch(b) => {
+                if b.requests.len() > MAX_BATCH {
+                    return Err(DecodeError::TooMany("batch"));
+                }
+                let mut requests = Vec::with_capacity(b.requests.len());
+                for r in b.requests {
+                    // Checked before decoding, so nesting never recurses.
+                    if matches!(r.body, Some(Body::Batch(_))) {
+                        return Err(DecodeError::Invalid("batch"));
+                    }
+                    let id = r.request_id;
+                    let r = Request::try_from(r)?;
+                    if !r.may_be_batched() {
+                        return Err(DecodeError::Invalid("batch"));
+                    }
+                    requests.push((id, r));
+                }
+                Request::Batch(requests)
+            }
             Body::Pair(p) => Request::Pair(PairOffer {
                 token: p
                     .token
@@ -324,6 +348,18 @@ impl Request {
     }
 
     pub fn encode(&self, request_id: u32) -> Vec<u8> {
+        self.to_wire(request_id).encode_to_vec()
+    }
+
+    /// Whether the request may travel in a [`Request::Batch`].
+    pub fn may_be_batched(&self) -> bool {
+        !matches!(
+            self,
+            Request::Attach { .. } | Request::AttachWorker { .. } | Request::Batch(_)
+        )
+    }
+
+    fn to_wire(&self, request_id: u32) -> pb::AppRequest {
         use pb::app_request::Body;
         let body = match self {
             Request::Attach {
@@ -391,12 +427,14 @@ impl Request {
                 fifo_size: offer.fifo_size.unwrap_or(0),
                 peer_identity: offer.peer_identity.clone().unwrap_or_default(),
             }),
+            Request::Batch(requests) => Body::Batch(pb::Batch {
+                requests: requests.iter().map(|(id, r)| r.to_wire(*id)).collect(),
+            }),
         };
         pb::AppRequest {
             request_id,
             body: Some(body),
         }
-        .encode_to_vec()
     }
 }
 
@@ -605,9 +643,45 @@ mod tests {
                 peer_identity: None,
             }),
         ];
-        for req in reqs {
+        for req in reqs.clone() {
             assert_eq!(Request::decode(&req.encode(5)), Ok((5, req)));
         }
+        let batchable: Vec<(u32, Request)> = reqs
+            .into_iter()
+            .filter(Request::may_be_batched)
+            .zip(10..)
+            .map(|(r, id)| (id, r))
+            .collect();
+        assert_eq!(batchable.len(), 8);
+        let batch = Request::Batch(batchable);
+        assert_eq!(Request::decode(&batch.encode(0)), Ok((0, batch)));
+    }
+
+    #[test]
+    fn batches_refuse_attaches_nesting_and_excess() {
+        let closed = |id| Request::SessionClosed {
+            session_id: id,
+            reset: false,
+        };
+        let attach = Request::AttachWorker {
+            app_id: 1,
+            app_token: vec![1],
+            event_queue_len: 64,
+            resume: Resume::default(),
+        };
+        let nested = Request::Batch(vec![(1, Request::Batch(vec![(2, closed(1))]))]);
+        let with_attach = Request::Batch(vec![(1, closed(1)), (2, attach)]);
+        let too_many = Request::Batch((0..=MAX_BATCH as u64).map(|i| (0, closed(i))).collect());
+        for bad in [nested, with_attach] {
+            assert_eq!(
+                Request::decode(&bad.encode(0)),
+                Err(DecodeError::Invalid("batch"))
+            );
+        }
+        assert_eq!(
+            Request::decode(&too_many.encode(0)),
+            Err(DecodeError::TooMany("batch"))
+        );
     }
 
     #[test]

@@ -265,6 +265,23 @@ impl Connection {
                 return Step::Close;
             }
         };
+        let Request::Batch(requests) = request else {
+            return self.handle_request(request_id, request, fds).await;
+        };
+        for (id, request) in requests {
+            if let Step::Close = self.handle_request(id, request, Vec::new()).await {
+                return Step::Close;
+            }
+        }
+        Step::Continue
+    }
+
+    async fn handle_request(
+        &mut self,
+        request_id: u32,
+        request: Request,
+        fds: Vec<OwnedFd>,
+    ) -> Step {
         let worker = self.worker.as_ref().map(|(w, _)| *w);
         match (request, worker) {
             (
@@ -339,6 +356,12 @@ impl Connection {
                         Step::Close
                     }
                 }
+            }
+            (Request::Batch(_), _) => {
+                // Request::decode never nests batches.
+                self.fail(request_id, ErrorCode::InvalidRequest, "nested batch".into())
+                    .await;
+                Step::Close
             }
             (Request::Attach { .. } | Request::AttachWorker { .. }, Some(_)) => {
                 self.fail(
