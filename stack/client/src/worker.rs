@@ -425,11 +425,11 @@ impl Worker {
     }
 
     /// Sends a request now, in one datagram with any queued ones.
-    fn send(&self, st: &mut State, id: u32, req: &Request) -> Result<(), Error> {
+    fn send(&self, st: &mut State, id: u32, req: Request) -> Result<(), Error> {
         if st.daemon.is_none() {
             return Err(Error::DaemonGone);
         }
-        st.outbox.push((id, req.clone()));
+        st.outbox.push((id, req));
         self.flush(st)
     }
 
@@ -469,7 +469,7 @@ impl Worker {
         let id = {
             let mut st = self.lock();
             let id = Self::next_request(&mut st);
-            self.send(&mut st, id, &req)?;
+            self.send(&mut st, id, req)?;
             id
         };
         let deadline = Instant::now() + DAEMON_TIMEOUT;
@@ -650,7 +650,7 @@ impl Worker {
         let mut st = self.lock();
         let id = Self::next_request(&mut st);
         st.connects.insert(id, ConnectState::Waiting(None));
-        if let Err(e) = self.send(&mut st, id, &req) {
+        if let Err(e) = self.send(&mut st, id, req) {
             st.connects.remove(&id);
             return Err(e);
         }
@@ -684,7 +684,7 @@ impl Worker {
     /// error means shuntd is gone and the report was not delivered.
     pub fn report_usage(&self, report: UsageReport) -> Result<(), Error> {
         let mut st = self.lock();
-        self.send(&mut st, 0, &Request::Usage(report))
+        self.send(&mut st, 0, Request::Usage(report))
     }
 
     /// Tells shuntd that a session nobody will open is reset.
@@ -1080,23 +1080,19 @@ impl Worker {
                     session_id,
                     fifos,
                     peer,
+                    standby,
                 }) => {
-                    if let Some(l) = st.listeners.get_mut(&listener_id) {
+                    let Some(l) = st.listeners.get_mut(&listener_id) else {
+                        continue;
+                    };
+                    if standby {
+                        l.standby
+                            .insert((fifos.segment_id, fifos.slot), (session_id, fifos, peer));
+                    } else {
                         l.backlog.push_back((session_id, fifos, peer));
                         if let Some(w) = l.waker.take() {
                             w.wake();
                         }
-                    }
-                }
-                Ok(Event::AcceptedStandby {
-                    listener_id,
-                    session_id,
-                    fifos,
-                    peer,
-                }) => {
-                    if let Some(l) = st.listeners.get_mut(&listener_id) {
-                        l.standby
-                            .insert((fifos.segment_id, fifos.slot), (session_id, fifos, peer));
                     }
                 }
                 Ok(Event::StandbyRevoked) => self.drop_standby(st),
@@ -1365,7 +1361,7 @@ impl Worker {
     /// worker alone for good, and shuntd must not go on holding the session.
     pub(crate) fn report_closed(&self, st: &mut State, epoch: u32, session_id: u64, reset: bool) {
         if st.is_current_epoch(epoch) {
-            let _ = self.send(st, 0, &Request::SessionClosed { session_id, reset });
+            let _ = self.send(st, 0, Request::SessionClosed { session_id, reset });
         }
     }
 

@@ -32,12 +32,14 @@ pub struct FifoPair {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {
-    /// shuntd: a connect reached one of this worker's listeners.
+    /// shuntd: a connect reached one of this worker's listeners. A session in `standby` is
+    /// held back from accept until the peer sends [`Event::Opened`] for its slot.
     Accepted {
         listener_id: u64,
         session_id: u64,
         fifos: FifoPair,
         peer: SocketAddr,
+        standby: bool,
     },
     /// shuntd: the connect with this request id is established.
     Connected {
@@ -48,14 +50,6 @@ pub enum Event {
     },
     /// shuntd: the connect with this request id failed.
     ConnectFailed { request_id: u32, code: ErrorCode },
-    /// shuntd: a connect reached one of this worker's listeners in standby. The worker holds
-    /// the session back from accept until the peer sends [`Event::Opened`] for its slot.
-    AcceptedStandby {
-        listener_id: u64,
-        session_id: u64,
-        fifos: FifoPair,
-        peer: SocketAddr,
-    },
     /// shuntd: the session was torn down by the node (its peer died, or policy changed).
     Reset { session_id: u64 },
     /// shuntd: policy changed; drop every standby session that has not been opened, since
@@ -178,18 +172,13 @@ impl Event {
                 session_id,
                 fifos,
                 peer,
+                standby,
             } => {
-                let mut w = Writer::new(kind::ACCEPTED);
-                w.u64(listener_id).u64(session_id).fifos(&fifos).addr(peer);
-                w
-            }
-            Event::AcceptedStandby {
-                listener_id,
-                session_id,
-                fifos,
-                peer,
-            } => {
-                let mut w = Writer::new(kind::ACCEPTED_STANDBY);
+                let mut w = Writer::new(if standby {
+                    kind::ACCEPTED_STANDBY
+                } else {
+                    kind::ACCEPTED
+                });
                 w.u64(listener_id).u64(session_id).fifos(&fifos).addr(peer);
                 w
             }
@@ -238,17 +227,12 @@ impl Event {
             at: HEADER_LEN,
         };
         Ok(match buf[0] {
-            kind::ACCEPTED => Event::Accepted {
+            k @ (kind::ACCEPTED | kind::ACCEPTED_STANDBY) => Event::Accepted {
                 listener_id: r.u64(),
                 session_id: r.u64(),
                 fifos: r.fifos(),
                 peer: r.addr()?,
-            },
-            kind::ACCEPTED_STANDBY => Event::AcceptedStandby {
-                listener_id: r.u64(),
-                session_id: r.u64(),
-                fifos: r.fifos(),
-                peer: r.addr()?,
+                standby: k == kind::ACCEPTED_STANDBY,
             },
             kind::CONNECTED => Event::Connected {
                 request_id: r.u32(),
@@ -298,6 +282,7 @@ mod tests {
                 session_id: 1 << 40,
                 fifos: fifos(),
                 peer: v6,
+                standby: false,
             },
             Event::Connected {
                 request_id: u32::MAX,
@@ -309,11 +294,12 @@ mod tests {
                 request_id: 9,
                 code: ErrorCode::Denied,
             },
-            Event::AcceptedStandby {
+            Event::Accepted {
                 listener_id: 2,
                 session_id: u64::MAX,
                 fifos: fifos(),
                 peer: v4,
+                standby: true,
             },
             Event::Reset { session_id: 5 },
             Event::StandbyRevoked,

@@ -109,7 +109,7 @@ pub enum Request {
     },
     Connect {
         remote: SocketAddr,
-        /// Establish in standby (see `Event::AcceptedStandby`).
+        /// Establish in standby (see `Event::Accepted`).
         standby: bool,
     },
     SessionClosed {

@@ -1215,17 +1215,12 @@ impl SessionLayer {
                     .map_err(|e| SessionError::Link(server, e))?;
             }
             let event = match server_notice {
-                ServerNotice::Accepted(lid) => Event::Accepted {
+                ServerNotice::Accepted(lid) | ServerNotice::Standby(lid) => Event::Accepted {
                     listener_id: lid.0,
                     session_id: server_id.0,
                     fifos: connected.server_fifos,
                     peer: local,
-                },
-                ServerNotice::Standby(lid) => Event::AcceptedStandby {
-                    listener_id: lid.0,
-                    session_id: server_id.0,
-                    fifos: connected.server_fifos,
-                    peer: local,
+                    standby: matches!(server_notice, ServerNotice::Standby(_)),
                 },
                 ServerNotice::Connected(request_id) => Event::Connected {
                     request_id,

@@ -49,6 +49,23 @@ fn sessions_at_shuntd(rt: &tokio::runtime::Runtime, d: &Daemon) -> usize {
     })
 }
 
+/// Waits until shuntd holds no session, while `server` dispatches (and so drops the standby
+/// sessions it is told to).
+fn wait_no_sessions_at_shuntd(
+    rt: &tokio::runtime::Runtime,
+    d: &Daemon,
+    server: &Worker,
+    why: &str,
+) {
+    assert!(
+        eventually(WAIT, || {
+            server.dispatch().unwrap();
+            sessions_at_shuntd(rt, d) == 0
+        }),
+        "{why}"
+    );
+}
+
 fn one_exchange(client: &Worker, listener: &Listener, remote: SocketAddr, byte: u8) {
     let mut c = client.connect(remote).unwrap();
     let mut s = listener.accept().unwrap();
@@ -187,13 +204,7 @@ fn a_policy_change_revokes_standby_sessions_before_the_next_connect() {
     }
     assert_eq!(client.standby_ready(remote).unwrap(), 0);
     // Both halves of every standby session are gone at shuntd, and none reached the listener.
-    assert!(
-        eventually(WAIT, || {
-            server.dispatch().unwrap();
-            sessions_at_shuntd(&rt, &d) == 0
-        }),
-        "standby sessions left at shuntd"
-    );
+    wait_no_sessions_at_shuntd(&rt, &d, &server, "standby sessions left at shuntd");
     assert!(listener.try_accept().unwrap().is_none());
 
     rt.block_on(async {
@@ -223,12 +234,11 @@ fn standby_sessions_go_with_the_worker_that_held_them() {
 
     // The connecting app goes: the listener's held halves are dropped, never accepted.
     drop(client);
-    assert!(
-        eventually(WAIT, || {
-            server.dispatch().unwrap();
-            sessions_at_shuntd(&rt, &d) == 0
-        }),
-        "standby sessions outlived their connecting worker"
+    wait_no_sessions_at_shuntd(
+        &rt,
+        &d,
+        &server,
+        "standby sessions outlived their connecting worker",
     );
     assert!(listener.try_accept().unwrap().is_none());
 

@@ -278,7 +278,7 @@ fn standby_connects_wake_nobody_and_policy_changes_revoke_them_everywhere() {
     layer.connect_standby(client, 7, remote).unwrap();
     let server_saw = server_events.events.lock().unwrap().clone();
     assert!(
-        matches!(server_saw[..], [Event::AcceptedStandby { .. }]),
+        matches!(server_saw[..], [Event::Accepted { standby: true, .. }]),
         "{server_saw:?}"
     );
     let client_saw = client_events.events.lock().unwrap().clone();
