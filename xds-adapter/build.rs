@@ -12,10 +12,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=build.rs");
     let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?);
     let cargo = std::env::var("CARGO")?;
-    let output = Command::new(cargo)
-        .args(["metadata", "--format-version", "1", "--offline"])
-        .current_dir(&manifest_dir)
-        .output()?;
+    // Offline first: the build already resolved envoy-types. `--offline` fails, though, when a
+    // locked package this build never needs (another platform's, a dev-dependency) was never
+    // downloaded, so a fresh machine falls back to letting cargo fetch the lockfile's packages.
+    let metadata = |mode: &str| {
+        Command::new(&cargo)
+            .args(["metadata", "--format-version", "1", mode])
+            .current_dir(&manifest_dir)
+            .output()
+    };
+    let mut output = metadata("--offline")?;
+    if !output.status.success() {
+        output = metadata("--locked")?;
+    }
     if !output.status.success() {
         return Err(format!(
             "cargo metadata failed: {}",
