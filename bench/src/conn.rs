@@ -95,7 +95,9 @@ impl Acceptor {
                 let target = path.display().to_string();
                 Ok((Acceptor::Unix(l, path, busy_poll), target))
             }
-            Transport::Memcpy => anyhow::bail!("memcpy has no connections"),
+            Transport::Memcpy | Transport::Eventfd => {
+                anyhow::bail!("{} has no connections", transport.name())
+            }
         }
     }
 
@@ -195,7 +197,9 @@ impl Conn {
                 Conn::Tcp(Polled::new(s, busy_poll)?)
             }
             Transport::Unix => Conn::Unix(Polled::new(UnixStream::connect(target)?, busy_poll)?),
-            Transport::Memcpy => anyhow::bail!("memcpy has no connections"),
+            Transport::Memcpy | Transport::Eventfd => {
+                anyhow::bail!("{} has no connections", transport.name())
+            }
         })
     }
 

@@ -15,9 +15,11 @@ mod pattern;
 mod peer;
 mod pingpong;
 mod pki;
+mod placement;
 mod polled;
 mod report;
 mod sidecar;
+mod wake;
 mod xds;
 
 use std::path::PathBuf;
@@ -64,6 +66,9 @@ enum Command {
     /// The child side of a two-process measurement.
     #[command(hide = true)]
     Peer(peer::PeerArgs),
+    /// The child side of the wake-up floor: echoes eventfd signals on stdin to stdout.
+    #[command(hide = true)]
+    WakeEcho,
 }
 
 #[derive(Args, Debug)]
@@ -165,6 +170,8 @@ pub(crate) enum Transport {
     TcpLoopback,
     Unix,
     Memcpy,
+    /// Two eventfds and no payload: the wake-up floor of any sleeping transport.
+    Eventfd,
 }
 
 impl Transport {
@@ -180,6 +187,7 @@ impl Transport {
             Transport::TcpLoopback => "tcp-loopback",
             Transport::Unix => "unix",
             Transport::Memcpy => "memcpy",
+            Transport::Eventfd => "eventfd",
         }
     }
 }
@@ -212,6 +220,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Peer(args) => peer::run(args),
+        Command::WakeEcho => wake::echo(),
         Command::Fifo(a) => {
             let mut r = Reporter::new(a.common.json);
             let opts = fifo::Options {

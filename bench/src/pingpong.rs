@@ -4,6 +4,10 @@
 //! spinning on the FIFOs (the floor of what shared memory can do), sleeping on the eventfd
 //! doorbells at once (what an ordinary blocking app gets), and adaptive: blocking calls that
 //! poll for a short budget before they sleep (`AttachOptions::busy_poll`).
+//!
+//! Sleeping transports are also measured against the wake-up floor (two eventfds, no payload)
+//! and a second time with both processes on one CPU, which shows how much of their latency is
+//! waking a peer on another CPU rather than moving bytes.
 
 use std::time::{Duration, Instant};
 
@@ -13,7 +17,9 @@ use crate::Transport;
 use crate::conn::{Acceptor, Conn, Mode};
 use crate::daemon::Daemon;
 use crate::peer::{PeerProcess, Role, Spec};
+use crate::placement::Placement;
 use crate::report::{self, RatiosHeader, Reporter};
+use crate::wake;
 
 const BUSY_POLL_TARGET: f64 = 0.1;
 const EVENT_TARGET: f64 = 0.5;
@@ -31,6 +37,7 @@ struct Latency {
     bench: &'static str,
     transport: Transport,
     mode: Mode,
+    placement: Placement,
     msg_size: usize,
     /// The numbers are full round trips, not halves.
     latency: &'static str,
@@ -62,33 +69,62 @@ struct Ratios {
     /// (`event_ratio`), never on this.
     adaptive_ratio: f64,
     adaptive_busy_poll_us: u128,
+    /// The eventfd ping-pong's p50: no sleeping transport can go below it.
+    wake_floor_p50_us: f64,
+    /// cut-through event-driven p50 over the wake-up floor's.
+    event_over_wake_floor: f64,
+    /// cut-through event-driven p50 over tcp-loopback p50, both pairs of processes on one
+    /// CPU. Informational: the target is judged where the scheduler places them.
+    one_cpu_event_ratio: f64,
+    one_cpu_tcp_p50_us: f64,
     targets_met: bool,
 }
 
 pub(crate) fn run(opts: &Options, r: &mut Reporter) -> anyhow::Result<()> {
     let daemon = Daemon::start()?;
+    let any = Placement::AnyCpu;
+    let one = Placement::OneCpu;
     let cases = [
-        (Transport::CutThrough, Mode::BusyPoll),
-        (Transport::CutThrough, Mode::Event),
-        (Transport::CutThrough, Mode::Adaptive),
-        (Transport::TcpLoopback, Mode::Blocking),
-        (Transport::TcpLoopback, Mode::Adaptive),
-        (Transport::Unix, Mode::Blocking),
-        (Transport::Unix, Mode::Adaptive),
+        (Transport::CutThrough, Mode::BusyPoll, any),
+        (Transport::CutThrough, Mode::Event, any),
+        (Transport::CutThrough, Mode::Adaptive, any),
+        (Transport::TcpLoopback, Mode::Blocking, any),
+        (Transport::TcpLoopback, Mode::Adaptive, any),
+        (Transport::Unix, Mode::Blocking, any),
+        (Transport::Unix, Mode::Adaptive, any),
+        (Transport::Eventfd, Mode::Blocking, any),
+        // Only sleeping modes share a CPU: two spinners on one CPU measure the time slice.
+        (Transport::CutThrough, Mode::Event, one),
+        (Transport::TcpLoopback, Mode::Blocking, one),
+        (Transport::Unix, Mode::Blocking, one),
+        (Transport::Eventfd, Mode::Blocking, one),
     ];
     let worker = daemon.attach("shunt-bench-pinger")?;
     let polling_worker = daemon.attach_polling("shunt-bench-pinger-adaptive", opts.busy_poll)?;
     let results = report::measure_each(
         r,
         cases,
-        |(t, mode)| format!("pingpong {} {}", t.name(), mode.name()),
-        |&(t, mode)| {
-            let worker = if mode == Mode::Adaptive {
-                &polling_worker
+        |(t, mode, placement)| {
+            format!(
+                "pingpong {} {} on {}",
+                t.name(),
+                mode.name(),
+                placement.name()
+            )
+        },
+        |&(t, mode, placement)| {
+            let _placed = placement.apply()?;
+            let samples = if t == Transport::Eventfd {
+                wake::round_trips(opts.iters, opts.warmup)?
             } else {
-                &worker
+                let worker = if mode == Mode::Adaptive {
+                    &polling_worker
+                } else {
+                    &worker
+                };
+                round_trips(t, mode, opts, &daemon, worker)?
             };
-            measure(t, mode, opts, &daemon, worker)
+            Ok(Latency::new(t, mode, placement, opts, samples))
         },
     )?;
 
@@ -96,7 +132,12 @@ pub(crate) fn run(opts: &Options, r: &mut Reporter) -> anyhow::Result<()> {
         .iter()
         .map(|m| {
             vec![
-                format!("{} ({})", m.transport.name(), m.mode.name()),
+                format!(
+                    "{} ({}, {})",
+                    m.transport.name(),
+                    m.mode.name(),
+                    m.placement.name()
+                ),
                 format!("{:.2}", m.p50_us),
                 format!("{:.2}", m.p99_us),
                 format!("{:.2}", m.min_us),
@@ -113,13 +154,14 @@ pub(crate) fn run(opts: &Options, r: &mut Reporter) -> anyhow::Result<()> {
         &rows,
     );
 
-    let p50 = |t, mode| {
+    let p50_on = |t, mode, placement| {
         results
             .iter()
-            .find(|m| m.transport == t && m.mode == mode)
+            .find(|m| m.transport == t && m.mode == mode && m.placement == placement)
             .map(|m| m.p50_us)
             .expect("every case ran")
     };
+    let p50 = |t, mode| p50_on(t, mode, any);
     let tcp = p50(Transport::TcpLoopback, Mode::Blocking);
     let busy = p50(Transport::CutThrough, Mode::BusyPoll) / tcp;
     let event = p50(Transport::CutThrough, Mode::Event) / tcp;
@@ -137,6 +179,12 @@ pub(crate) fn run(opts: &Options, r: &mut Reporter) -> anyhow::Result<()> {
         adaptive_ratio: p50(Transport::CutThrough, Mode::Adaptive)
             / p50(Transport::TcpLoopback, Mode::Adaptive),
         adaptive_busy_poll_us: opts.busy_poll.as_micros(),
+        wake_floor_p50_us: p50(Transport::Eventfd, Mode::Blocking),
+        event_over_wake_floor: p50(Transport::CutThrough, Mode::Event)
+            / p50(Transport::Eventfd, Mode::Blocking),
+        one_cpu_event_ratio: p50_on(Transport::CutThrough, Mode::Event, one)
+            / p50_on(Transport::TcpLoopback, Mode::Blocking, one),
+        one_cpu_tcp_p50_us: p50_on(Transport::TcpLoopback, Mode::Blocking, one),
         targets_met: busy <= BUSY_POLL_TARGET && event <= EVENT_TARGET,
     };
     r.verdict(
@@ -156,16 +204,20 @@ pub(crate) fn run(opts: &Options, r: &mut Reporter) -> anyhow::Result<()> {
         opts.busy_poll.as_micros(),
         ratios.adaptive_ratio
     ));
+    r.human(&format!(
+        "event p50 / wake-up floor p50: {:.2}; on one CPU, event p50 / tcp-loopback p50: {:.2}",
+        ratios.event_over_wake_floor, ratios.one_cpu_event_ratio
+    ));
     r.emit(&ratios)
 }
 
-fn measure(
+fn round_trips(
     transport: Transport,
     mode: Mode,
     opts: &Options,
     daemon: &Daemon,
     worker: &shunt_client::Worker,
-) -> anyhow::Result<Latency> {
+) -> anyhow::Result<Vec<Duration>> {
     let spin = mode == Mode::BusyPoll;
     let busy_poll = mode.busy_poll(opts.busy_poll);
     let (acceptor, target) = Acceptor::bind(transport, daemon, worker, busy_poll)?;
@@ -203,23 +255,7 @@ fn measure(
     conn.close();
     peer.finish()?;
 
-    samples.sort_unstable();
-    let us = |d: Duration| d.as_secs_f64() * 1e6;
-    let at = |q: usize| samples[(samples.len() * q / 100).min(samples.len() - 1)];
-    let mean = samples.iter().sum::<Duration>() / samples.len() as u32;
-    Ok(Latency {
-        bench: "pingpong",
-        transport,
-        mode,
-        msg_size: opts.msg_size,
-        latency: "rtt",
-        p50_us: us(at(50)),
-        p99_us: us(at(99)),
-        min_us: us(samples[0]),
-        mean_us: us(mean),
-        samples: samples.len(),
-        warmup: opts.warmup,
-    })
+    Ok(samples)
 }
 
 fn round_trip(conn: &mut Conn, spin: bool, ping: &[u8], pong: &mut [u8]) -> std::io::Result<()> {
@@ -230,5 +266,39 @@ fn round_trip(conn: &mut Conn, spin: bool, ping: &[u8], pong: &mut [u8]) -> std:
     } else {
         conn.write_all(ping)?;
         conn.read_exact(pong)
+    }
+}
+
+impl Latency {
+    fn new(
+        transport: Transport,
+        mode: Mode,
+        placement: Placement,
+        opts: &Options,
+        mut samples: Vec<Duration>,
+    ) -> Latency {
+        samples.sort_unstable();
+        let us = |d: Duration| d.as_secs_f64() * 1e6;
+        let at = |q: usize| samples[(samples.len() * q / 100).min(samples.len() - 1)];
+        let mean = samples.iter().sum::<Duration>() / samples.len() as u32;
+        Latency {
+            bench: "pingpong",
+            transport,
+            mode,
+            placement,
+            // The wake-up floor moves an eventfd's 8-byte count, not a message.
+            msg_size: if transport == Transport::Eventfd {
+                size_of::<u64>()
+            } else {
+                opts.msg_size
+            },
+            latency: "rtt",
+            p50_us: us(at(50)),
+            p99_us: us(at(99)),
+            min_us: us(samples[0]),
+            mean_us: us(mean),
+            samples: samples.len(),
+            warmup: opts.warmup,
+        }
     }
 }

@@ -65,7 +65,8 @@ fn split<'a>(lines: &'a [Value], bench: &str) -> (Vec<&'a Value>, &'a Value) {
     (results, ratios[0])
 }
 
-const TRANSPORTS: [&str; 4] = ["cut-through", "tcp-loopback", "unix", "memcpy"];
+/// The transports of the results, and `eventfd`: pingpong's wake-up floor.
+const TRANSPORTS: [&str; 5] = ["cut-through", "tcp-loopback", "unix", "memcpy", "eventfd"];
 
 /// Whether kernel TCP was also measured polling, the baseline the adaptive mode compares with.
 fn has_polled_kernel_baseline(results: &[&Value]) -> bool {
@@ -126,10 +127,25 @@ fn pingpong_reports_every_cut_through_mode_and_the_kernel() {
                 "p99_us",
                 "latency",
                 "mode",
+                "placement",
             ],
         );
         assert_eq!(v["latency"], "rtt");
     }
+    let one_cpu: BTreeSet<String> = results
+        .iter()
+        .filter(|v| v["placement"] == "one-cpu")
+        .map(|v| v["transport"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        one_cpu,
+        BTreeSet::from([
+            "cut-through".into(),
+            "tcp-loopback".into(),
+            "unix".into(),
+            "eventfd".into()
+        ])
+    );
     let modes: BTreeSet<String> = results
         .iter()
         .filter(|v| v["transport"] == "cut-through")
@@ -149,6 +165,9 @@ fn pingpong_reports_every_cut_through_mode_and_the_kernel() {
             "event_ratio",
             "adaptive_ratio",
             "adaptive_busy_poll_us",
+            "wake_floor_p50_us",
+            "event_over_wake_floor",
+            "one_cpu_event_ratio",
             "targets_met",
         ],
     );
