@@ -62,7 +62,7 @@ impl Pairing {
             role,
             local,
             remote,
-            fifo_size: config.fifo_size,
+            fifo_size: Some(config.fifo_size),
             peer_identity: peer_identity.map(str::to_owned),
         };
         match worker.start_pair(offer) {
