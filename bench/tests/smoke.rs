@@ -132,28 +132,20 @@ fn pingpong_reports_every_cut_through_mode_and_the_kernel() {
         );
         assert_eq!(v["latency"], "rtt");
     }
-    let one_cpu: BTreeSet<String> = results
-        .iter()
-        .filter(|v| v["placement"] == "one-cpu")
-        .map(|v| v["transport"].as_str().unwrap().to_owned())
-        .collect();
+    let values_of = |key: &str, (field, value): (&str, &str)| -> BTreeSet<&str> {
+        results
+            .iter()
+            .filter(|v| v[field] == value)
+            .map(|v| v[key].as_str().expect("a string"))
+            .collect()
+    };
     assert_eq!(
-        one_cpu,
-        BTreeSet::from([
-            "cut-through".into(),
-            "tcp-loopback".into(),
-            "unix".into(),
-            "eventfd".into()
-        ])
+        values_of("transport", ("placement", "one-cpu")),
+        BTreeSet::from(["cut-through", "tcp-loopback", "unix", "eventfd"])
     );
-    let modes: BTreeSet<String> = results
-        .iter()
-        .filter(|v| v["transport"] == "cut-through")
-        .map(|v| v["mode"].as_str().unwrap().to_owned())
-        .collect();
     assert_eq!(
-        modes,
-        BTreeSet::from(["busy-poll".into(), "event".into(), "adaptive".into()])
+        values_of("mode", ("transport", "cut-through")),
+        BTreeSet::from(["busy-poll", "event", "adaptive"])
     );
     let t = transports(&results);
     assert!(t.contains("tcp-loopback") && t.contains("unix"));
