@@ -338,16 +338,13 @@ fn measure_chain(
         .with_context(|| format!("request/response on {connections} connections"))?;
         let mut samples = run.samples;
         samples.sort_unstable();
-        let us = |q: usize| {
-            samples[(samples.len() * q / 100).min(samples.len() - 1)].as_secs_f64() * 1e6
-        };
         rr.push(RrResult {
             connections,
             requests: samples.len(),
             secs: run.secs,
             rps: samples.len() as f64 / run.secs,
-            p50_us: us(50),
-            p99_us: us(99),
+            p50_us: report::percentile_us(&samples, 50),
+            p99_us: report::percentile_us(&samples, 99),
         });
     }
 

@@ -114,17 +114,20 @@ pub(crate) fn run(opts: &Options, r: &mut Reporter) -> anyhow::Result<()> {
         },
         |&(t, mode, placement)| {
             let _placed = placement.apply()?;
-            let samples = if t == Transport::Eventfd {
-                wake::round_trips(opts.iters, opts.warmup)?
+            let (samples, msg_size) = if t == Transport::Eventfd {
+                // The wake-up floor moves an eventfd's 8-byte count, not a message.
+                let samples = wake::round_trips(opts.iters, opts.warmup)?;
+                (samples, size_of::<u64>())
             } else {
                 let worker = if mode == Mode::Adaptive {
                     &polling_worker
                 } else {
                     &worker
                 };
-                round_trips(t, mode, opts, &daemon, worker)?
+                let samples = round_trips(t, mode, opts, &daemon, worker)?;
+                (samples, opts.msg_size)
             };
-            Ok(Latency::new(t, mode, placement, opts, samples))
+            Ok(Latency::new(t, mode, placement, msg_size, opts, samples))
         },
     )?;
 
@@ -274,27 +277,22 @@ impl Latency {
         transport: Transport,
         mode: Mode,
         placement: Placement,
+        msg_size: usize,
         opts: &Options,
         mut samples: Vec<Duration>,
     ) -> Latency {
         samples.sort_unstable();
         let us = |d: Duration| d.as_secs_f64() * 1e6;
-        let at = |q: usize| samples[(samples.len() * q / 100).min(samples.len() - 1)];
         let mean = samples.iter().sum::<Duration>() / samples.len() as u32;
         Latency {
             bench: "pingpong",
             transport,
             mode,
             placement,
-            // The wake-up floor moves an eventfd's 8-byte count, not a message.
-            msg_size: if transport == Transport::Eventfd {
-                size_of::<u64>()
-            } else {
-                opts.msg_size
-            },
+            msg_size,
             latency: "rtt",
-            p50_us: us(at(50)),
-            p99_us: us(at(99)),
+            p50_us: report::percentile_us(&samples, 50),
+            p99_us: report::percentile_us(&samples, 99),
             min_us: us(samples[0]),
             mean_us: us(mean),
             samples: samples.len(),

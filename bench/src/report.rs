@@ -5,6 +5,7 @@
 
 use std::io::Write;
 use std::path::Path;
+use std::time::Duration;
 
 use plotters::prelude::*;
 use serde::Serialize;
@@ -186,6 +187,12 @@ impl RatiosHeader {
             baseline: Transport::TcpLoopback,
         }
     }
+}
+
+/// The `q`th percentile of `sorted` (ascending), in microseconds: the sample at index
+/// `len * q / 100`, so p50 of an even count is the upper middle.
+pub(crate) fn percentile_us(sorted: &[Duration], q: usize) -> f64 {
+    sorted[(sorted.len() * q / 100).min(sorted.len() - 1)].as_secs_f64() * 1e6
 }
 
 /// Measures each case in turn, saying which one runs, and emits each result as soon as it
