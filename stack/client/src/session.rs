@@ -12,6 +12,9 @@ use crate::Error;
 use crate::peer::SegmentKey;
 use crate::worker::{State, Worker};
 
+/// A writer blocked on a full FIFO is woken once this fraction (1/n) of it is free.
+const TX_SPACE_WAKE_DIVISOR: u32 = 4;
+
 pub(crate) struct SessionState {
     pub(crate) session_id: u64,
     pub(crate) segment: SegmentKey,
@@ -48,7 +51,7 @@ impl SessionState {
         session_id: u64,
         segment: SegmentKey,
         slot: u32,
-        rx: Consumer,
+        mut rx: Consumer,
         tx: Producer,
         local: SocketAddr,
         remote: SocketAddr,
@@ -60,6 +63,10 @@ impl SessionState {
         // take the state from the FIFOs, and clear the data event before the first read:
         // otherwise has_event stays set and the peer never notifies again.
         rx.clear_event();
+        // A writer waiting for space wakes to a quarter of the FIFO, not to every small read:
+        // fewer wake-ups, each followed by a worthwhile write (kernel TCP likewise wakes a
+        // blocked sender only once a good part of its buffer is free).
+        rx.set_tx_space_threshold(rx.capacity() / TX_SPACE_WAKE_DIVISOR);
         let peer_closed = tx.is_reader_closed();
         let peer_reset = rx.is_reset() || tx.is_reset();
         let mut state = Self {
@@ -90,6 +97,17 @@ impl SessionState {
     /// closed, reset nor died.
     pub(crate) fn is_usable(&self) -> bool {
         !self.peer_closed && !self.peer_reset
+    }
+
+    /// With external wake-ups, a read that found the FIFO empty asks the peer's next write
+    /// to wake us, and then says whether the FIFO must be looked at again: bytes written
+    /// before the request may not have rung.
+    fn arm_rx_event(&self) -> bool {
+        if !self.external_wakeups {
+            return false;
+        }
+        self.rx.clear_event();
+        true
     }
 
     pub(crate) fn on_rx_data(&mut self) {
@@ -231,6 +249,10 @@ impl Session {
     /// sockets have their TCP connection). From now on a read or write that must wake the peer
     /// only records it: [`Session::take_peer_wakeup`] says when to send one, and the receiving
     /// side calls [`Session::on_peer_wakeup`] before reading. Closes travel on that channel too.
+    ///
+    /// The peer is asked for a data wake-up only by a read that finds the FIFO empty, so a
+    /// reader that keeps up costs its writer nothing: the caller must go on reading (or
+    /// reschedule itself) until a read says `WouldBlock` or end of stream.
     pub fn use_external_wakeups(&mut self) {
         self.with(|_, s| s.external_wakeups = true);
     }
@@ -241,13 +263,10 @@ impl Session {
         self.with(|_, s| std::mem::take(&mut s.peer_wakeup_due))
     }
 
-    /// The peer woke us (with external wake-ups): re-arm both directions before reading and
-    /// writing, so the peer's next write or freed space wakes us again.
+    /// The peer woke us (with external wake-ups): its next freed space wakes us again. The
+    /// data direction re-arms itself when a read finds the FIFO empty.
     pub fn on_peer_wakeup(&mut self) {
-        self.with(|_, s| {
-            s.rx.clear_event();
-            s.tx_space_pending = false;
-        });
+        self.with(|_, s| s.tx_space_pending = false);
     }
 
     /// The peer woke us, and we only look for space now (with external wake-ups): its next
@@ -263,7 +282,10 @@ impl Session {
             if s.peer_reset {
                 return Err(SessionState::reset_error());
             }
-            let n = s.rx.dequeue_vectored(bufs).map_err(SessionState::corrupt)?;
+            let mut n = s.rx.dequeue_vectored(bufs).map_err(SessionState::corrupt)?;
+            if n == 0 && s.arm_rx_event() {
+                n = s.rx.dequeue_vectored(bufs).map_err(SessionState::corrupt)?;
+            }
             if n > 0 {
                 if s.rx.take_tx_space_request() {
                     Self::notify(st, s, Notify::TxSpace)?;
@@ -290,7 +312,10 @@ impl Session {
             if s.peer_reset {
                 return Err(SessionState::reset_error());
             }
-            let slices = s.rx.read_slices().map_err(SessionState::corrupt)?;
+            let mut slices = s.rx.read_slices().map_err(SessionState::corrupt)?;
+            if slices.is_empty() && s.arm_rx_event() {
+                slices = s.rx.read_slices().map_err(SessionState::corrupt)?;
+            }
             let first = &slices.first[..slices.first.len().min(max)];
             let second = &slices.second[..slices.second.len().min(max - first.len())];
             let n = first.len() + second.len();

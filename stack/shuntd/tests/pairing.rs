@@ -79,6 +79,67 @@ fn both_orders_pair_and_carry_data_with_external_wakeups() {
     }
 }
 
+/// With external wake-ups, what the callers must carry is only what a sleeping side needs: a
+/// reader is asked for again only once a read found nothing, and a writer blocked on a full
+/// FIFO only once a quarter of it is free.
+#[test]
+fn external_wakeups_are_due_only_for_a_sleeping_side() {
+    const FIFO: usize = 64 << 10;
+    let d = Daemon::start("");
+    let (a, b) = (d.attach("envoy-a"), d.attach("envoy-b"));
+    let sized = |role| PairOffer {
+        fifo_size: Some(FIFO as u32),
+        ..offer(7, role)
+    };
+    let p1 = a.start_pair(sized(PairRole::Initiator)).unwrap();
+    let p2 = b.start_pair(sized(PairRole::Responder)).unwrap();
+    let mut rx = finish(&b, &p2).unwrap();
+    let mut tx = finish(&a, &p1).unwrap();
+    tx.use_external_wakeups();
+    rx.use_external_wakeups();
+    let mut buf = vec![0u8; FIFO];
+
+    // Data: the reader starts armed; it stays busy, and so unrung, until a read finds nothing.
+    assert_eq!(tx.try_write(&[1; 1000]).unwrap(), 1000);
+    assert!(tx.take_peer_wakeup(), "the first bytes wake an idle reader");
+    assert_eq!(tx.try_write(&[2; 1000]).unwrap(), 1000);
+    assert!(!tx.take_peer_wakeup(), "already rung");
+    rx.on_peer_wakeup();
+    assert_eq!(rx.try_read(&mut buf[..1500]).unwrap(), 1500);
+    assert_eq!(tx.try_write(&[3; 1000]).unwrap(), 1000);
+    assert!(!tx.take_peer_wakeup(), "the reader has not run dry");
+    assert_eq!(rx.try_read(&mut buf).unwrap(), 1500);
+    let err = rx.try_read(&mut buf).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::WouldBlock);
+    assert_eq!(tx.try_write(&[4; 1000]).unwrap(), 1000);
+    assert!(
+        tx.take_peer_wakeup(),
+        "a read found nothing: the reader sleeps"
+    );
+    assert_eq!(rx.try_read(&mut buf).unwrap(), 1000);
+
+    // Space: fill the FIFO, then read less than a quarter of it, then the rest of that quarter.
+    let mut filled = 0;
+    loop {
+        match tx.try_write(&buf) {
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+            Err(e) => panic!("write: {e}"),
+        }
+    }
+    assert_eq!(filled, FIFO);
+    tx.take_peer_wakeup();
+    assert_eq!(rx.try_read(&mut buf[..FIFO / 8]).unwrap(), FIFO / 8);
+    assert!(
+        !rx.take_peer_wakeup(),
+        "an eighth free is not worth waking the writer"
+    );
+    assert_eq!(rx.try_read(&mut buf[..FIFO / 8]).unwrap(), FIFO / 8);
+    assert!(rx.take_peer_wakeup(), "a quarter free wakes it");
+    tx.on_peer_wakeup();
+    assert_eq!(tx.try_write(&buf).unwrap(), FIFO / 4);
+}
+
 /// Moves `len` bytes through FIFOs smaller than `len`, waking the other side only when the
 /// session says a wake-up is due, as a caller with its own channel would.
 fn stream_with_external_wakeups(tx: &mut Session, rx: &mut Session, len: u64) {

@@ -73,6 +73,14 @@
 //! This is why the consumer must swap unconditionally rather than test the flag with a plain
 //! load first.
 //!
+//! A consumer may hold the swap back until a threshold of free space is reached (VPP's
+//! dequeue-notification threshold), as long as it keeps reading while data is left. A producer
+//! asleep found the FIFO full after its request R, so the consumer still has bytes to read
+//! and swaps again, at the latest once it has read everything (all of the capacity free).
+//! Take its swap T after the bytes written before R: if T is before R, the producer's
+//! re-check would have seen the FIFO empty, so it did not sleep; if after, T (or an earlier
+//! consumer swap after R) reads 1 and notifies.
+//!
 //! These arguments are model-checked in `tests/loom.rs`.
 
 mod ooo;
@@ -690,6 +698,8 @@ pub struct Consumer {
     fifo: Fifo,
     /// Private head; the shared one is only ever stored to.
     head: u32,
+    /// Free bytes below which a space request is left for a later release.
+    tx_space_threshold: u32,
 }
 
 impl std::fmt::Debug for Consumer {
@@ -717,7 +727,11 @@ impl Consumer {
             .map(|w| w.load(Ordering::Acquire))
             .ok_or(FifoError::Corrupt)?;
         fifo.used(Some(head), None)?;
-        Ok(Consumer { fifo, head })
+        Ok(Consumer {
+            fifo,
+            head,
+            tx_space_threshold: 0,
+        })
     }
 
     /// Capacity in bytes (the private copy).
@@ -857,11 +871,26 @@ impl Consumer {
     }
 
     /// After a dequeue that freed space: if the producer asked for space, clears the request
-    /// and returns `true`; the caller then notifies the producer.
+    /// and returns `true`; the caller then notifies the producer. Below the threshold (see
+    /// [`Consumer::set_tx_space_threshold`]) the request stays for a later release.
     pub fn take_tx_space_request(&self) -> bool {
+        if self.tx_space_threshold > 0 {
+            match self.len() {
+                Ok(used) if self.fifo.capacity - used < self.tx_space_threshold => return false,
+                // A corrupt FIFO wakes the producer, which then finds out itself.
+                _ => {}
+            }
+        }
         self.fifo
             .swap_flag(OFF_WANT_TX_SPACE, 0)
             .is_some_and(|v| v != 0)
+    }
+
+    /// Wakes a producer that asked for space only once at least `bytes` are free (clamped to
+    /// the capacity), so that it wakes to write a worthwhile amount rather than after every
+    /// small read. 0, the default, wakes it as soon as any byte is freed.
+    pub fn set_tx_space_threshold(&mut self, bytes: u32) {
+        self.tx_space_threshold = bytes.min(self.fifo.capacity);
     }
 
     /// Tells the producer that nothing will be read any more.

@@ -545,6 +545,33 @@ fn tx_space_request_protocol() {
 }
 
 #[test]
+fn tx_space_threshold_holds_the_request_until_enough_is_free() {
+    let (_r, mut p, mut c) = pair(CAP, 0);
+    c.set_tx_space_threshold(1024);
+    assert_eq!(p.enqueue(&vec![0u8; CAP as usize]), CAP as usize);
+    p.request_tx_space();
+    let mut buf = [0u8; 1000];
+    assert_eq!(c.dequeue(&mut buf).unwrap(), 1000);
+    assert!(!c.take_tx_space_request(), "1000 free, below the threshold");
+    assert_eq!(c.dequeue(&mut buf[..24]).unwrap(), 24);
+    assert!(c.take_tx_space_request(), "1024 free reaches it");
+    assert!(!c.take_tx_space_request(), "request is one-shot");
+
+    // Space the producer takes back counts: the threshold is on what is free now.
+    p.request_tx_space();
+    assert_eq!(p.enqueue(&[1u8; 500]), 500);
+    assert!(!c.take_tx_space_request(), "524 free");
+
+    // Larger than the FIFO means "all of it".
+    c.set_tx_space_threshold(u32::MAX);
+    let mut rest = vec![0u8; 3571];
+    assert_eq!(c.dequeue(&mut rest).unwrap(), 3571);
+    assert!(!c.take_tx_space_request(), "one byte still unread");
+    assert_eq!(c.dequeue(&mut rest).unwrap(), 1);
+    assert!(c.take_tx_space_request(), "empty");
+}
+
+#[test]
 fn shutdown_and_eof() {
     let (_r, mut p, mut c) = pair(CAP, 0);
     assert_eq!(p.enqueue(b"last"), 4);
