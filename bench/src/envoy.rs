@@ -10,22 +10,23 @@
 //! - `shunt`: the Shunt module as the transport socket on the client's cluster and the server's
 //!   listener, both attached to one shuntd, with the same certificates as `envoy-tls`: a TLS
 //!   handshake proves both identities, then payload moves through shared memory. The run fails
-//!   unless shuntd paired every connection and carried the bulk bytes. With `--shunt-plain`,
-//!   `shunt-plain` instead: the module's mode for meshes without mTLS.
+//!   unless shuntd paired every connection and carried the bulk bytes.
+//! - `shunt-plain`, on request (`--modes`): the module's mode for meshes without mTLS.
 //!
 //! Each mode starts fresh sidecars (`--concurrency 1`); the backend and the load are threads of
-//! this process on kernel TCP with `TCP_NODELAY`.
+//! this process on kernel TCP with `TCP_NODELAY`. With `--rounds N` every mode is measured N
+//! times, the modes taking turns, and reports the median of each figure.
 //!
 //! # Output
 //!
-//! With `--json`, one line per mode, in the order above, then one ratios line:
+//! With `--json`, one line per mode, in the order measured, then one ratios line:
 //!
 //! ```json
 //! {"bench":"envoy","mode":"plain","bulk_bytes":4294967296,"bulk_secs":2.1,"gbps":16.3,
 //!  "envoy_cpu_s":3.4,"cpu_s_per_gb":0.79,"msg_size":100,
 //!  "rr":[{"connections":1,"requests":52000,"secs":3.0,"rps":17300,"p50_us":55.1,"p99_us":80.2},
 //!        {"connections":16,...}],
-//!  "connections":18,"paired_connections":0}
+//!  "connections":18,"paired_connections":0,"rounds":1,"gbps_each_round":[16.3]}
 //! {"bench":"envoy-ratios","shunt_mode":"shunt","gbps_vs_envoy_tls":2.1,"gbps_vs_plain":1.4,
 //!  "cpu_s_per_gb_vs_envoy_tls":0.3,"p50_us_1conn_vs_plain":0.8}
 //! ```
@@ -49,6 +50,8 @@ use crate::sidecar::{self, Side, Sidecar};
 const CONNECTIONS: [usize; 2] = [1, 16];
 const PAIRED: &str = "shunt_pairings_total{result=\"paired\"}";
 const CUT_THROUGH_BYTES: &str = "shunt_cut_through_bytes_total";
+const FIFO_FULL: &str = "shunt_fifo_full_events_total";
+const DATA_WAKEUPS: &str = "shunt_notifications_sent_total";
 
 pub(crate) struct Options {
     /// Bytes of the one bulk upload per mode.
@@ -59,12 +62,17 @@ pub(crate) struct Options {
     pub(crate) duration: Duration,
     /// Body bytes of each request and of each response.
     pub(crate) msg_size: usize,
-    /// Runs the module without TLS (`shunt-plain` instead of `shunt`).
-    pub(crate) shunt_plain: bool,
+    /// The modes to measure, in this order in every round.
+    pub(crate) modes: Vec<Mode>,
+    /// Extra lines of the module's YAML config (`fifo_size: 1048576`), for both sidecars.
+    pub(crate) module_settings: Vec<String>,
+    /// How many times each mode is measured. Rounds interleave the modes, so a slow spell of
+    /// a shared host lands on all of them rather than on one; each mode reports its medians.
+    pub(crate) rounds: usize,
 }
 
 /// How the two sidecars talk, if there are any.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub(crate) enum Mode {
     Direct,
@@ -83,6 +91,10 @@ impl Mode {
             Mode::Shunt => "shunt",
             Mode::ShuntPlain => "shunt-plain",
         }
+    }
+
+    fn uses_module(self) -> bool {
+        matches!(self, Mode::Shunt | Mode::ShuntPlain)
     }
 }
 
@@ -103,14 +115,75 @@ pub(crate) struct ModeResult {
     envoy_cpu_s: f64,
     /// `envoy_cpu_s` per 10^9 bytes uploaded; 0 for `direct`.
     cpu_s_per_gb: f64,
+    /// In the shunt modes, per MiB of the bulk upload: how often a sidecar found its FIFO full
+    /// and had to wait to be woken for space, and how often one woke the other for data. Each
+    /// wake-up is a doorbell on the sidecars' TCP connection, the cost cut-through keeps.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bulk_wakeups: Option<BulkWakeups>,
     /// Body bytes of each small request and of each answer.
     msg_size: usize,
     /// Keep-alive request/response traffic, one entry per connection count (1, then 16).
     rr: Vec<RrResult>,
-    /// Connections the load opened through the chain in this mode.
+    /// Connections the load opened through the chain in this mode, per round.
     connections: u64,
     /// Of those, how many shuntd paired for cut-through (all of them for `shunt`, else 0).
     paired_connections: u64,
+    /// Rounds measured. With more than one, every figure above is the median over them.
+    rounds: usize,
+    /// `gbps` of each round, in order: how much the host let the figures wander.
+    gbps_each_round: Vec<f64>,
+}
+
+impl ModeResult {
+    /// One result of several rounds of one mode: the median of each figure.
+    fn median_of(rounds: Vec<ModeResult>) -> ModeResult {
+        let median =
+            |f: &dyn Fn(&ModeResult) -> f64| report::median(rounds.iter().map(f).collect());
+        let rr = (0..rounds[0].rr.len())
+            .map(|i| {
+                let median = |f: &dyn Fn(&RrResult) -> f64| {
+                    report::median(rounds.iter().map(|m| f(&m.rr[i])).collect())
+                };
+                RrResult {
+                    connections: rounds[0].rr[i].connections,
+                    requests: median(&|r| r.requests as f64) as usize,
+                    secs: median(&|r| r.secs),
+                    rps: median(&|r| r.rps),
+                    p50_us: median(&|r| r.p50_us),
+                    p99_us: median(&|r| r.p99_us),
+                }
+            })
+            .collect();
+        let first = &rounds[0];
+        ModeResult {
+            bench: first.bench,
+            mode: first.mode,
+            bulk_bytes: first.bulk_bytes,
+            bulk_secs: median(&|m| m.bulk_secs),
+            gbps: median(&|m| m.gbps),
+            envoy_cpu_s: median(&|m| m.envoy_cpu_s),
+            cpu_s_per_gb: median(&|m| m.cpu_s_per_gb),
+            bulk_wakeups: first.bulk_wakeups.map(|_| {
+                let wakeups = |m: &ModeResult| m.bulk_wakeups.expect("every round of a mode");
+                BulkWakeups {
+                    fifo_full_per_mib: median(&|m| wakeups(m).fifo_full_per_mib),
+                    data_wakeups_per_mib: median(&|m| wakeups(m).data_wakeups_per_mib),
+                }
+            }),
+            msg_size: first.msg_size,
+            rr,
+            connections: first.connections,
+            paired_connections: first.paired_connections,
+            rounds: rounds.len(),
+            gbps_each_round: rounds.iter().map(|m| m.gbps).collect(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Clone, Copy)]
+pub(crate) struct BulkWakeups {
+    fifo_full_per_mib: f64,
+    data_wakeups_per_mib: f64,
 }
 
 /// Closed-loop HTTP/1.1 requests: each connection waits for an answer before its next request.
@@ -150,6 +223,8 @@ pub(crate) struct Ratios {
 /// What every mode shares.
 struct Parts {
     module_dir: PathBuf,
+    /// YAML appended to each sidecar's module config.
+    module_settings: String,
     daemon: Daemon,
     pki: Pki,
     backend: Backend,
@@ -158,48 +233,68 @@ struct Parts {
 
 pub(crate) fn run(opts: &Options, r: &mut Reporter) -> anyhow::Result<()> {
     anyhow::ensure!(opts.msg_size > 0, "--msg-size must be positive");
+    anyhow::ensure!(opts.rounds > 0, "--rounds must be positive");
+    anyhow::ensure!(!opts.modes.is_empty(), "--modes names no mode");
+    for (i, mode) in opts.modes.iter().enumerate() {
+        anyhow::ensure!(
+            !opts.modes[..i].contains(mode),
+            "--modes names {} twice",
+            mode.name()
+        );
+    }
     report::progress("envoy: fetching Envoy and building libshunt_envoy.so");
     // Fail now, before anything is measured, if Envoy cannot be had.
     sidecar::envoy_binary()?;
     let parts = Parts {
         module_dir: sidecar::build_module()?,
+        module_settings: opts
+            .module_settings
+            .iter()
+            .map(|l| format!("{l}\n"))
+            .collect(),
         daemon: Daemon::start()?,
         pki: Pki::generate()?,
         backend: Backend::start(opts.msg_size)?,
         exchange: Exchange::new(opts.msg_size),
     };
-    let shunt = if opts.shunt_plain {
-        Mode::ShuntPlain
-    } else {
-        Mode::Shunt
-    };
     // A module config Envoy rejects fails now rather than after the other modes ran.
-    drop(Chain::start(shunt, &parts).with_context(|| format!("envoy {}", shunt.name()))?);
-    let results = report::measure_each(
-        r,
-        [Mode::Direct, Mode::Plain, Mode::EnvoyTls, shunt],
-        |mode| format!("envoy {}", mode.name()),
-        |&mode| measure(mode, &parts, opts),
-    )?;
+    for &mode in opts.modes.iter().filter(|m| m.uses_module()) {
+        drop(Chain::start(mode, &parts).with_context(|| format!("envoy {}", mode.name()))?);
+    }
+
+    let mut by_mode: Vec<Vec<ModeResult>> = opts.modes.iter().map(|_| Vec::new()).collect();
+    for round in 1..=opts.rounds {
+        for (&mode, results) in opts.modes.iter().zip(&mut by_mode) {
+            let mut label = format!("envoy {}", mode.name());
+            if opts.rounds > 1 {
+                label += &format!(" (round {round} of {})", opts.rounds);
+            }
+            report::progress(&label);
+            results.push(measure(mode, &parts, opts).context(label)?);
+        }
+    }
+    let results: Vec<ModeResult> = by_mode.into_iter().map(ModeResult::median_of).collect();
+    for m in &results {
+        r.emit(m)?;
+    }
     table(r, &results);
 
-    let of = |mode| {
-        results
-            .iter()
-            .find(|m| m.mode == mode)
-            .expect("every mode ran")
+    let of = |mode| results.iter().find(|m| m.mode == mode);
+    let shunt = results.iter().find(|m| m.mode.uses_module());
+    let (Some(s), Some(tls), Some(plain)) = (shunt, of(Mode::EnvoyTls), of(Mode::Plain)) else {
+        r.human("\n(no ratios: they need plain, envoy-tls and a shunt mode)");
+        return Ok(());
     };
     let p50_1 = |m: &ModeResult| m.rr[0].p50_us;
-    let (s, tls, plain) = (of(shunt), of(Mode::EnvoyTls), of(Mode::Plain));
     let ratios = Ratios {
         bench: "envoy-ratios",
-        shunt_mode: shunt,
+        shunt_mode: s.mode,
         gbps_vs_envoy_tls: s.gbps / tls.gbps,
         gbps_vs_plain: s.gbps / plain.gbps,
         cpu_s_per_gb_vs_envoy_tls: s.cpu_s_per_gb / tls.cpu_s_per_gb,
         p50_us_1conn_vs_plain: p50_1(s) / p50_1(plain),
     };
-    let name = shunt.name();
+    let name = s.mode.name();
     r.human(&format!(
         "\n{name} / envoy-tls throughput: {:.2}x\n{name} / plain throughput: {:.2}x\n\
          {name} / envoy-tls Envoy CPU per GB: {:.2}\n{name} / plain p50 at 1 connection: {:.2}",
@@ -269,7 +364,8 @@ impl Chain {
             Mode::Shunt | Mode::ShuntPlain => {
                 let mtls = mode == Mode::Shunt;
                 let socket = parts.daemon.socket();
-                let config = |id| sidecar::shunt_module_config(&socket, id, mtls);
+                let config =
+                    |id| sidecar::shunt_module_config(&socket, id, mtls) + &parts.module_settings;
                 (
                     Some(sidecar::shunt_socket(config(&parts.pki.server))),
                     Some(sidecar::shunt_socket(config(&parts.pki.client))),
@@ -318,13 +414,24 @@ fn measure_chain(
     let paired_before = daemon.metric(PAIRED)?;
     let cut_through_before = daemon.metric(CUT_THROUGH_BYTES)?;
 
+    let wakeup_counts = || -> anyhow::Result<[f64; 2]> {
+        Ok([daemon.metric(FIFO_FULL)?, daemon.metric(DATA_WAKEUPS)?])
+    };
+
     let mut conn = HttpConn::connect(chain.entry).context("bulk connection")?;
+    let wakeups_before = wakeup_counts()?;
     let cpu_before = chain.cpu()?;
     let t0 = Instant::now();
     conn.upload(opts.bulk_bytes).context("bulk upload")?;
     let bulk = t0.elapsed();
     let cpu = chain.cpu()? - cpu_before;
+    let wakeups_after = wakeup_counts()?;
     drop(conn);
+    let mib = opts.bulk_bytes as f64 / (1 << 20) as f64;
+    let bulk_wakeups = mode.uses_module().then(|| BulkWakeups {
+        fifo_full_per_mib: (wakeups_after[0] - wakeups_before[0]) / mib,
+        data_wakeups_per_mib: (wakeups_after[1] - wakeups_before[1]) / mib,
+    });
 
     let mut rr = Vec::new();
     for connections in CONNECTIONS {
@@ -350,7 +457,7 @@ fn measure_chain(
 
     let connections = 1 + CONNECTIONS.iter().sum::<usize>() as u64;
     let paired = (daemon.metric(PAIRED)? - paired_before) as u64;
-    if matches!(mode, Mode::Shunt | Mode::ShuntPlain) {
+    if mode.uses_module() {
         anyhow::ensure!(
             paired >= connections,
             "shuntd paired {paired} of {connections} connections: cut-through did not apply"
@@ -365,17 +472,21 @@ fn measure_chain(
 
     let secs = bulk.as_secs_f64();
     let gb = opts.bulk_bytes as f64 / 1e9;
+    let gbps = gb * 8.0 / secs;
     Ok(ModeResult {
         bench: "envoy",
         mode,
         bulk_bytes: opts.bulk_bytes,
         bulk_secs: secs,
-        gbps: gb * 8.0 / secs,
+        gbps,
         envoy_cpu_s: cpu.as_secs_f64(),
         cpu_s_per_gb: cpu.as_secs_f64() / gb,
+        bulk_wakeups,
         msg_size: opts.msg_size,
         rr,
         connections,
         paired_connections: paired,
+        rounds: 1,
+        gbps_each_round: vec![gbps],
     })
 }

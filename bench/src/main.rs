@@ -139,9 +139,22 @@ struct EnvoyArgs {
     /// Body bytes of each request and each response.
     #[arg(long, default_value_t = 100)]
     msg_size: usize,
-    /// Runs the module in its plain mode, without TLS (mode `shunt-plain`).
-    #[arg(long)]
-    shunt_plain: bool,
+    /// The modes to measure, comma-separated. `shunt-plain` is the module's mode for meshes
+    /// without mTLS; the ratios need `plain`, `envoy-tls` and one of the two shunt modes.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "direct,plain,envoy-tls,shunt"
+    )]
+    modes: Vec<envoy::Mode>,
+    /// A line added to the module's YAML config in the shunt modes, such as
+    /// `--module-setting 'fifo_size: 1048576'`; repeatable.
+    #[arg(long = "module-setting", value_name = "YAML")]
+    module_settings: Vec<String>,
+    /// Measures every mode this many times, the modes interleaved, and reports medians.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=100))]
+    rounds: u16,
 }
 
 #[derive(Args, Debug)]
@@ -275,7 +288,9 @@ fn main() -> anyhow::Result<()> {
                 warmup: Duration::from_millis(if quick { 50 } else { 500 }),
                 duration: secs(a.duration, quick, 3.0, 0.2)?,
                 msg_size: a.msg_size,
-                shunt_plain: a.shunt_plain,
+                modes: a.modes,
+                module_settings: a.module_settings,
+                rounds: a.rounds.into(),
             };
             envoy::run(&opts, &mut r)
         }

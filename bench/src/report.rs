@@ -195,6 +195,12 @@ pub(crate) fn percentile_us(sorted: &[Duration], q: usize) -> f64 {
     sorted[(sorted.len() * q / 100).min(sorted.len() - 1)].as_secs_f64() * 1e6
 }
 
+/// The middle of `v` (the upper middle of an even count); `v` must not be empty.
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
 /// Measures each case in turn, saying which one runs, and emits each result as soon as it
 /// is known; an error names the case it happened in.
 pub(crate) fn measure_each<C, M: Serialize>(

@@ -20,7 +20,7 @@ use shunt_xds::translate::{self, Context};
 use shunt_xds::xds::State;
 use shunt_xds::xds::state::Change;
 
-use crate::report::Reporter;
+use crate::report::{self, Reporter};
 
 pub(crate) struct Options {
     pub(crate) clusters: usize,
@@ -224,11 +224,6 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 /// One measurement, printed as one JSON line: what `run` starts in a fresh process per run,
 /// because an allocator keeps freed memory and would hide the next run's peak.
 pub(crate) fn single(o: &Options) -> anyhow::Result<()> {
@@ -281,8 +276,8 @@ pub(crate) fn run(o: &Options, r: &mut Reporter) -> anyhow::Result<()> {
         ],
         &rows,
     );
-    let accept = median(runs.iter().map(|x| x.accept_ms).collect());
-    let translate_ms = median(runs.iter().map(|x| x.translate_ms).collect());
+    let accept = report::median(runs.iter().map(|x| x.accept_ms).collect());
+    let translate_ms = report::median(runs.iter().map(|x| x.translate_ms).collect());
     let peak = runs.iter().map(|x| x.peak_extra_mib).fold(0.0, f64::max);
     let met = accept < TARGET_MS && peak < TARGET_MIB;
     r.verdict("accept (median ms)", accept, "< 200 ms", accept < TARGET_MS);
