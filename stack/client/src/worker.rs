@@ -1082,6 +1082,7 @@ impl Worker {
                     peer,
                     standby,
                 }) => {
+                    self.learn_segment(st, fifos.segment_id);
                     let Some(l) = st.listeners.get_mut(&listener_id) else {
                         continue;
                     };
@@ -1102,6 +1103,7 @@ impl Worker {
                     fifos,
                     local,
                 }) => {
+                    self.learn_segment(st, fifos.segment_id);
                     self.finish_connect(st, request_id, Ok((session_id, fifos, local)));
                 }
                 Ok(Event::ConnectFailed { request_id, code }) => {
@@ -1125,6 +1127,15 @@ impl Worker {
                 }
                 Err(e) => tracing::warn!(error = %e, "malformed event from shuntd; ignored"),
             }
+        }
+    }
+
+    /// shuntd sends a segment's grant over the socket before it posts an event naming the
+    /// segment, but this dispatch may have looked at the socket before the grant came: then
+    /// it is waiting there now.
+    fn learn_segment(&self, st: &mut State, segment_id: u32) {
+        if !st.peers.contains_key(&(st.segment_epoch(), segment_id)) {
+            self.read_socket(st);
         }
     }
 

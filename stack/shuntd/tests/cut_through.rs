@@ -283,6 +283,38 @@ fn zero_copy_reads_hand_over_bytes_in_order_up_to_the_limit() {
     assert!(got == writer.join().unwrap(), "bytes differ");
 }
 
+#[test]
+fn an_accept_racing_its_segment_grant_still_finds_the_segment() {
+    // shuntd grants a new segment's fds over the worker's socket, then posts the accept into
+    // its event queue. A listener spinning on try_accept drains the queue on every call, so it
+    // keeps finding accepts whose grant arrived after it last looked at the socket.
+    const CLIENTS: usize = 48;
+    let d = Daemon::start("");
+    let server = d.attach("server");
+    let listener = server.listen(ep("127.0.0.1:7003")).unwrap();
+    let acceptor = thread::spawn(move || {
+        let mut accepted = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while accepted.len() < CLIENTS {
+            assert!(Instant::now() < deadline, "accepted {}", accepted.len());
+            if let Some(s) = listener.try_accept().expect("accept") {
+                accepted.push(s);
+            }
+        }
+        accepted.len()
+    });
+    // Each client is its own worker, so each connect brings the listener a new segment.
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            let w = d.attach(&format!("client-{i}"));
+            let c = w.connect(ep("127.0.0.1:7003")).unwrap();
+            (w, c)
+        })
+        .collect();
+    assert_eq!(acceptor.join().unwrap(), CLIENTS);
+    drop(clients);
+}
+
 fn attach_polling(d: &Daemon, name: &str, budget: Duration) -> Worker {
     Worker::attach(
         AttachOptions::new(d.socket())
