@@ -180,9 +180,12 @@ impl ModeResult {
     }
 }
 
+/// shuntd's FIFO counters over one bulk upload, per MiB uploaded.
 #[derive(Debug, Serialize, Clone, Copy)]
 pub(crate) struct BulkWakeups {
+    /// Writes that found a FIFO full (`shunt_fifo_full_events_total`).
     fifo_full_per_mib: f64,
+    /// Data wake-ups one sidecar sent the other (`shunt_notifications_sent_total`).
     data_wakeups_per_mib: f64,
 }
 
