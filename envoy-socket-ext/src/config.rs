@@ -13,6 +13,8 @@ use crate::tls_source::TlsSource;
 
 /// Where `shuntd` listens for apps unless the config says otherwise.
 pub const DEFAULT_SHUNTD_SOCKET: &str = "/run/shunt/shuntd.sock";
+/// Longest `busy_poll_us`: past a millisecond, polling costs more than any wake-up it saves.
+pub const MAX_BUSY_POLL_US: u32 = 1000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -77,6 +79,12 @@ pub struct SocketConfig {
     /// small connection does not touch its 4 MiB.
     #[serde(default = "default_fifo_size")]
     pub fifo_size: u32,
+    /// Microseconds a cut-through connection keeps looking for the peer's bytes by itself
+    /// after it last moved any, before it sleeps until a doorbell. While it looks, the peer
+    /// writes without ringing, so a request and its answer skip the two wake-ups between
+    /// sidecars; the worker spins for that long after each exchange. 0 always sleeps.
+    #[serde(default = "default_busy_poll_us")]
+    pub busy_poll_us: u32,
     /// Mutual TLS. Without it, the module runs in plain mode (no TLS; pairing keyed by the
     /// namespace secret).
     #[serde(default)]
@@ -206,6 +214,9 @@ fn default_read_chunk() -> usize {
 fn default_fifo_size() -> u32 {
     4 << 20
 }
+fn default_busy_poll_us() -> u32 {
+    0
+}
 
 impl SocketConfig {
     /// Parses the config Envoy passes: an empty string means all defaults.
@@ -244,6 +255,12 @@ impl SocketConfig {
                 reason: format!("{size} is not a power of two of at least {MIN_FIFO_SIZE}"),
             });
         }
+        if self.busy_poll_us > MAX_BUSY_POLL_US {
+            return Err(ConfigError::Invalid {
+                field: "busy_poll_us",
+                reason: format!("{} is above {MAX_BUSY_POLL_US}", self.busy_poll_us),
+            });
+        }
         if self.namespace.id.is_empty() {
             return Err(ConfigError::Invalid {
                 field: "namespace.id",
@@ -262,6 +279,10 @@ impl SocketConfig {
     pub fn pairing_timeout(&self) -> Duration {
         Duration::from_millis(self.pairing_timeout_ms)
     }
+
+    pub fn busy_poll(&self) -> Duration {
+        Duration::from_micros(self.busy_poll_us.into())
+    }
 }
 
 #[cfg(test)]
@@ -276,13 +297,14 @@ mod tests {
         assert_eq!(c.peers, PeerPolicy::Permissive);
         assert_eq!(c.pairing_timeout(), Duration::from_millis(200));
         assert_eq!(c.fifo_size, 4 << 20);
+        assert_eq!(c.busy_poll(), Duration::ZERO);
     }
 
     #[test]
     fn reads_every_field() {
         let c = SocketConfig::parse(
             b"",
-            b"shuntd_socket: /tmp/s.sock\nnamespace: {id: mesh, secret: s3}\npeers: strict\npairing_timeout_ms: 50\nmax_read_per_event: 65536\nfifo_size: 65536\n",
+            b"shuntd_socket: /tmp/s.sock\nnamespace: {id: mesh, secret: s3}\npeers: strict\npairing_timeout_ms: 50\nmax_read_per_event: 65536\nfifo_size: 65536\nbusy_poll_us: 80\n",
         )
         .unwrap();
         assert_eq!(c.shuntd_socket, PathBuf::from("/tmp/s.sock"));
@@ -290,6 +312,7 @@ mod tests {
         assert_eq!(c.peers, PeerPolicy::Strict);
         assert_eq!(c.max_read_per_event, 65536);
         assert_eq!(c.fifo_size, 65536);
+        assert_eq!(c.busy_poll(), Duration::from_micros(80));
     }
 
     #[test]
@@ -302,6 +325,8 @@ mod tests {
             ("namespace: {id: ''}", "namespace.id"),
             ("fifo_size: 5000", "fifo_size"),
             ("fifo_size: 2048", "fifo_size"),
+            ("busy_poll_us: 1001", "busy_poll_us"),
+            ("busy_poll_us: -1", "busy_poll_us"),
         ] {
             let e = SocketConfig::parse(b"shunt", yaml.as_bytes())
                 .unwrap_err()

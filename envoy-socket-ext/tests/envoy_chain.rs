@@ -6,6 +6,10 @@
 
 mod common;
 
+use std::io::Write;
+use std::net::TcpStream;
+use std::time::Duration;
+
 use common::{
     Backend, Shuntd, chain, exchange, free_port, module_socket, shuntd_at, start_envoy, tcp_sidecar,
 };
@@ -34,6 +38,41 @@ fn co_located_sidecars_move_payload_through_shared_memory() {
     );
     assert_eq!(d.metric("shunt_pairings_total{result=\"paired\"}"), 3.0);
     assert!(d.metric("shunt_cut_through_bytes_total") >= payload as f64);
+}
+
+/// CPU clock ticks (user + system) process `pid` has used.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The fields after the parenthesised name; utime and stime are the 14th and 15th.
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+#[test]
+fn busy_polling_sidecars_move_payload_intact_and_rest_when_idle() {
+    let d = Shuntd::start();
+    let cfg = format!("{}busy_poll_us: 200\n", shunt_config(&d));
+    let c = chain(&module_socket(&cfg), &module_socket(&cfg));
+    for (up, down) in [(16 * MIB, 16 * MIB), (0, 3), (5, 0), (1, 1)] {
+        c.exchange(up, down);
+    }
+    assert_eq!(d.metric("shunt_pairings_total{result=\"paired\"}"), 4.0);
+
+    // A connection that moved bytes and then went quiet: each worker polls for 200 µs after
+    // the bytes, then must sleep. Over a second of quiet, a worker still polling would use
+    // the whole second; sleeping ones use next to nothing.
+    let mut quiet = TcpStream::connect(("127.0.0.1", c.entry)).unwrap();
+    quiet.write_all(&[7; 1000]).unwrap();
+    std::thread::sleep(Duration::from_millis(300)); // the measurement starts after the windows
+    let ticks = || cpu_ticks(c.a.pid()) + cpu_ticks(c.b.pid());
+    let before = ticks();
+    std::thread::sleep(Duration::from_secs(1)); // the measured second of quiet
+    let spent = ticks() - before;
+    assert!(
+        spent < 25,
+        "the sidecars used {spent} ticks of CPU in a quiet second: still polling"
+    );
+    drop(quiet);
 }
 
 #[test]

@@ -1,12 +1,17 @@
 //! Cut-through: payload through the FIFO pair shuntd set up, one-byte doorbells on the TCP
 //! connection.
 //!
+//! With `busy_poll_us`, a connection that just moved bytes keeps looking for the peer's next
+//! ones for that long (Envoy calls `do_read` again on its next loop turn) before it arms the
+//! data wake-up and sleeps; meanwhile the peer writes without ringing.
+//!
 //! A half-close is the FIFO's writer-shutdown flag plus a doorbell, not a TCP FIN: the peer's
 //! reads must still be able to wake us for space after our writes end, and a shut TCP write
 //! side could no longer carry that doorbell back. The TCP connection closes when the
 //! connection does; a close that arrives before the FIFO's end of stream means the peer died.
 
 use std::io::{ErrorKind, IoSlice};
+use std::time::Instant;
 
 use shunt_client::Session;
 
@@ -24,6 +29,10 @@ pub(super) struct CutThrough {
     write_shut: bool,
     /// A doorbell could not be written yet.
     doorbell_owed: bool,
+    /// Looking for the peer's bytes without a wake-up until then (`busy_poll_us`).
+    polling_until: Option<Instant>,
+    /// The peer's stream has ended: nothing more to look for.
+    rx_ended: bool,
 }
 
 impl CutThrough {
@@ -46,7 +55,45 @@ impl Connection {
             tcp_closed: false,
             write_shut: false,
             doorbell_owed: false,
+            polling_until: None,
+            rx_ended: false,
         });
+    }
+
+    /// Bytes just moved: the peer's next ones are likely close behind, so look for them by
+    /// ourselves for a while, from the next loop turn on.
+    fn keep_polling(&mut self, host: &mut dyn Host) {
+        let budget = self.settings.config.busy_poll();
+        let State::CutThrough(ct) = &mut self.state else {
+            return;
+        };
+        if budget.is_zero() || ct.rx_ended {
+            return;
+        }
+        if ct.polling_until.is_none() {
+            ct.session.set_rx_polling(true);
+        }
+        ct.polling_until = Some(Instant::now() + budget);
+        host.set_readable();
+    }
+
+    /// The FIFO was empty: go on polling while the window lasts, then arm the wake-up, and come
+    /// back at once if bytes came as it was armed.
+    fn poll_or_sleep(&mut self, host: &mut dyn Host) {
+        let State::CutThrough(ct) = &mut self.state else {
+            return;
+        };
+        let Some(until) = ct.polling_until else {
+            return;
+        };
+        if Instant::now() < until {
+            host.set_readable();
+            return;
+        }
+        ct.polling_until = None;
+        if ct.session.set_rx_polling(false) {
+            host.set_readable();
+        }
     }
 
     pub(super) fn cut_through_read(&mut self, host: &mut dyn Host) -> IoResult {
@@ -81,6 +128,7 @@ impl Connection {
             {
                 Ok(0) => {
                     end_stream = true;
+                    ct.rx_ended = true;
                     break;
                 }
                 Ok(n) => total += n,
@@ -105,6 +153,11 @@ impl Connection {
         if !end_stream && !fifo_empty {
             // Stopped at the limit: come back for the rest.
             host.set_readable();
+        }
+        if total > 0 {
+            self.keep_polling(host);
+        } else if fifo_empty && !end_stream {
+            self.poll_or_sleep(host);
         }
         self.ring_if_due(host);
         if tcp_closed && fifo_empty {
@@ -178,6 +231,10 @@ impl Connection {
                 return IoResult::closed();
             }
             ct.write_shut = true;
+        }
+        if total > 0 {
+            // An answer may follow what was just sent.
+            self.keep_polling(host);
         }
         self.ring_if_due(host);
         IoResult::keep(total, false)

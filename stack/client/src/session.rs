@@ -33,6 +33,8 @@ pub(crate) struct SessionState {
     write_shut: bool,
     /// The caller wakes the peer itself (see [`Session::use_external_wakeups`]).
     external_wakeups: bool,
+    /// The caller looks for data by itself for now (see [`Session::set_rx_polling`]).
+    rx_polling: bool,
     /// With external wake-ups: the peer must be told to look at the FIFOs.
     peer_wakeup_due: bool,
     pub(crate) read_waker: Option<Waker>,
@@ -83,6 +85,7 @@ impl SessionState {
             tx_space_pending: false,
             write_shut: false,
             external_wakeups: false,
+            rx_polling: false,
             peer_wakeup_due: false,
             read_waker: None,
             write_waker: None,
@@ -103,7 +106,7 @@ impl SessionState {
     /// to wake us, and then says whether the FIFO must be looked at again: bytes written
     /// before the request may not have rung.
     fn arm_rx_event(&self) -> bool {
-        if !self.external_wakeups {
+        if !self.external_wakeups || self.rx_polling {
             return false;
         }
         self.rx.clear_event();
@@ -261,6 +264,22 @@ impl Session {
     /// no new wake-up is due until the peer has taken the last one.
     pub fn take_peer_wakeup(&mut self) -> bool {
         self.with(|_, s| std::mem::take(&mut s.peer_wakeup_due))
+    }
+
+    /// With external wake-ups: while polling, a read that finds the FIFO empty leaves the
+    /// peer's data wake-up unarmed, so the peer writes without waking us and the caller must
+    /// look again by itself, soon. Stopping arms the wake-up and returns whether bytes came
+    /// in the meantime; if so the caller must read them, as no wake-up will announce them.
+    pub fn set_rx_polling(&mut self, polling: bool) -> bool {
+        self.with(|_, s| {
+            let was_polling = std::mem::replace(&mut s.rx_polling, polling);
+            if polling || !was_polling {
+                return false;
+            }
+            s.rx.clear_event();
+            // A corrupt FIFO counts as readable: the read reports it.
+            !s.rx.is_empty().unwrap_or(false)
+        })
     }
 
     /// The peer woke us (with external wake-ups): its next freed space wakes us again. The

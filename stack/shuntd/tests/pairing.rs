@@ -140,6 +140,59 @@ fn external_wakeups_are_due_only_for_a_sleeping_side() {
     assert_eq!(tx.try_write(&buf).unwrap(), FIFO / 4);
 }
 
+/// A reader that polls takes no data wake-ups; when it stops, it learns whether bytes came
+/// that no wake-up will announce, and from then on an empty read arms the wake-up again.
+#[test]
+fn a_polling_reader_is_not_rung_and_rearms_when_it_stops() {
+    let d = Daemon::start("");
+    let (a, b) = (d.attach("envoy-a"), d.attach("envoy-b"));
+    let p1 = a.start_pair(offer(9, PairRole::Initiator)).unwrap();
+    let p2 = b.start_pair(offer(9, PairRole::Responder)).unwrap();
+    let mut rx = finish(&b, &p2).unwrap();
+    let mut tx = finish(&a, &p1).unwrap();
+    tx.use_external_wakeups();
+    rx.use_external_wakeups();
+    let mut buf = [0u8; 100];
+
+    assert!(!rx.set_rx_polling(true));
+    assert_eq!(
+        rx.try_read(&mut buf).unwrap_err().kind(),
+        ErrorKind::WouldBlock
+    );
+    assert_eq!(tx.try_write(&[1; 10]).unwrap(), 10);
+    // The reader starts armed, so the first bytes ring once; polling does not re-arm it.
+    assert!(tx.take_peer_wakeup());
+    assert_eq!(rx.try_read(&mut buf).unwrap(), 10);
+    assert_eq!(
+        rx.try_read(&mut buf).unwrap_err().kind(),
+        ErrorKind::WouldBlock
+    );
+    assert_eq!(tx.try_write(&[2; 10]).unwrap(), 10);
+    assert!(!tx.take_peer_wakeup(), "a polling reader is not rung");
+
+    // Stopping with bytes waiting says so; they must be read.
+    assert!(rx.set_rx_polling(false), "bytes came while polling");
+    assert_eq!(rx.try_read(&mut buf).unwrap(), 10);
+    assert!(!rx.set_rx_polling(false), "not polling any more");
+    assert_eq!(
+        rx.try_read(&mut buf).unwrap_err().kind(),
+        ErrorKind::WouldBlock
+    );
+    assert_eq!(tx.try_write(&[3; 10]).unwrap(), 10);
+    assert!(tx.take_peer_wakeup(), "a sleeping reader is rung again");
+
+    // Stopping with nothing waiting arms at once.
+    assert_eq!(rx.try_read(&mut buf).unwrap(), 10);
+    rx.set_rx_polling(true);
+    assert_eq!(
+        rx.try_read(&mut buf).unwrap_err().kind(),
+        ErrorKind::WouldBlock
+    );
+    assert!(!rx.set_rx_polling(false));
+    assert_eq!(tx.try_write(&[4; 10]).unwrap(), 10);
+    assert!(tx.take_peer_wakeup());
+}
+
 /// Moves `len` bytes through FIFOs smaller than `len`, waking the other side only when the
 /// session says a wake-up is due, as a caller with its own channel would.
 fn stream_with_external_wakeups(tx: &mut Session, rx: &mut Session, len: u64) {
