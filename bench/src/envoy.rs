@@ -11,6 +11,8 @@
 //!   listener, both attached to one shuntd, with the same certificates as `envoy-tls`: a TLS
 //!   handshake proves both identities, then payload moves through shared memory. The run fails
 //!   unless shuntd paired every connection and carried the bulk bytes.
+//! - `shunt-busy-poll`: `shunt` with `busy_poll_us` set, so a sidecar that just moved bytes
+//!   looks for the next ones by itself for a while instead of waiting for a doorbell.
 //! - `shunt-plain`, on request (`--modes`): the module's mode for meshes without mTLS.
 //!
 //! Each mode starts fresh sidecars (`--concurrency 1`); the backend and the load are threads of
@@ -24,11 +26,13 @@
 //! ```json
 //! {"bench":"envoy","mode":"plain","bulk_bytes":4294967296,"bulk_secs":2.1,"gbps":16.3,
 //!  "envoy_cpu_s":3.4,"cpu_s_per_gb":0.79,"msg_size":100,
-//!  "rr":[{"connections":1,"requests":52000,"secs":3.0,"rps":17300,"p50_us":55.1,"p99_us":80.2},
+//!  "rr":[{"connections":1,"requests":52000,"secs":3.0,"rps":17300,"p50_us":55.1,"p99_us":80.2,
+//!         "envoy_cpu_us_per_request":41.0},
 //!        {"connections":16,...}],
 //!  "connections":18,"paired_connections":0,"rounds":1,"gbps_each_round":[16.3]}
 //! {"bench":"envoy-ratios","shunt_mode":"shunt","gbps_vs_envoy_tls":2.1,"gbps_vs_plain":1.4,
-//!  "cpu_s_per_gb_vs_envoy_tls":0.3,"p50_us_1conn_vs_plain":0.8}
+//!  "cpu_s_per_gb_vs_envoy_tls":0.3,"p50_us_1conn_vs_plain":0.8,
+//!  "busy_poll_p50_us_1conn_vs_plain":0.4,"busy_poll_cpu_per_request_1conn_vs_plain":1.0}
 //! ```
 //!
 //! [`ModeResult`], [`RrResult`] and [`Ratios`] document each field. GB and Gbit are 10^9.
@@ -79,8 +83,13 @@ pub(crate) enum Mode {
     Plain,
     EnvoyTls,
     Shunt,
+    ShuntBusyPoll,
     ShuntPlain,
 }
+
+/// `busy_poll_us` of the `shunt-busy-poll` mode: long enough to span the other sidecar's
+/// turnaround of a small request on this kind of machine.
+const BUSY_POLL_US: u32 = 100;
 
 impl Mode {
     fn name(self) -> &'static str {
@@ -89,12 +98,13 @@ impl Mode {
             Mode::Plain => "plain",
             Mode::EnvoyTls => "envoy-tls",
             Mode::Shunt => "shunt",
+            Mode::ShuntBusyPoll => "shunt-busy-poll",
             Mode::ShuntPlain => "shunt-plain",
         }
     }
 
     fn uses_module(self) -> bool {
-        matches!(self, Mode::Shunt | Mode::ShuntPlain)
+        matches!(self, Mode::Shunt | Mode::ShuntBusyPoll | Mode::ShuntPlain)
     }
 }
 
@@ -151,6 +161,7 @@ impl ModeResult {
                     rps: median(&|r| r.rps),
                     p50_us: median(&|r| r.p50_us),
                     p99_us: median(&|r| r.p99_us),
+                    envoy_cpu_us_per_request: median(&|r| r.envoy_cpu_us_per_request),
                 }
             })
             .collect();
@@ -203,13 +214,16 @@ pub(crate) struct RrResult {
     p50_us: f64,
     /// 99th percentile request-to-answer time, microseconds.
     p99_us: f64,
+    /// CPU time (user + system) of both Envoys per request, microseconds, warm-up included;
+    /// 0 for `direct`. Shows what `busy_poll_us` spends for its latency.
+    envoy_cpu_us_per_request: f64,
 }
 
 /// What Shunt changes (`"bench": "envoy-ratios"`), printed last.
 #[derive(Debug, Serialize)]
 pub(crate) struct Ratios {
     bench: &'static str,
-    /// The mode the ratios are about: `shunt`, or `shunt-plain`.
+    /// The mode the ratios are about: the first shunt mode measured, `shunt` by default.
     shunt_mode: Mode,
     /// Shunt's bulk Gbit/s over envoy-tls's; above 1 is faster.
     gbps_vs_envoy_tls: f64,
@@ -221,6 +235,13 @@ pub(crate) struct Ratios {
     cpu_s_per_gb_vs_envoy_tls: f64,
     /// Shunt's p50 at one connection over plain's; below 1 is faster.
     p50_us_1conn_vs_plain: f64,
+    /// The same for `shunt-busy-poll`, when it ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    busy_poll_p50_us_1conn_vs_plain: Option<f64>,
+    /// `shunt-busy-poll`'s Envoy CPU per request at one connection over plain's: what the
+    /// polling costs for its latency.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    busy_poll_cpu_per_request_1conn_vs_plain: Option<f64>,
 }
 
 /// What every mode shares.
@@ -289,6 +310,8 @@ pub(crate) fn run(opts: &Options, r: &mut Reporter) -> anyhow::Result<()> {
         return Ok(());
     };
     let p50_1 = |m: &ModeResult| m.rr[0].p50_us;
+    let cpu_1 = |m: &ModeResult| m.rr[0].envoy_cpu_us_per_request;
+    let polled = of(Mode::ShuntBusyPoll);
     let ratios = Ratios {
         bench: "envoy-ratios",
         shunt_mode: s.mode,
@@ -296,16 +319,27 @@ pub(crate) fn run(opts: &Options, r: &mut Reporter) -> anyhow::Result<()> {
         gbps_vs_plain: s.gbps / plain.gbps,
         cpu_s_per_gb_vs_envoy_tls: s.cpu_s_per_gb / tls.cpu_s_per_gb,
         p50_us_1conn_vs_plain: p50_1(s) / p50_1(plain),
+        busy_poll_p50_us_1conn_vs_plain: polled.map(|p| p50_1(p) / p50_1(plain)),
+        busy_poll_cpu_per_request_1conn_vs_plain: polled.map(|p| cpu_1(p) / cpu_1(plain)),
     };
     let name = s.mode.name();
-    r.human(&format!(
+    let mut text = format!(
         "\n{name} / envoy-tls throughput: {:.2}x\n{name} / plain throughput: {:.2}x\n\
          {name} / envoy-tls Envoy CPU per GB: {:.2}\n{name} / plain p50 at 1 connection: {:.2}",
         ratios.gbps_vs_envoy_tls,
         ratios.gbps_vs_plain,
         ratios.cpu_s_per_gb_vs_envoy_tls,
         ratios.p50_us_1conn_vs_plain
-    ));
+    );
+    if let (Some(p50), Some(cpu)) = (
+        ratios.busy_poll_p50_us_1conn_vs_plain,
+        ratios.busy_poll_cpu_per_request_1conn_vs_plain,
+    ) {
+        text += &format!(
+            "\nshunt-busy-poll / plain p50 at 1 connection: {p50:.2}, Envoy CPU per request: {cpu:.2}"
+        );
+    }
+    r.human(&text);
     r.emit(&ratios)
 }
 
@@ -313,7 +347,14 @@ fn table(r: &mut Reporter, results: &[ModeResult]) {
     let mut headers = vec!["mode", "Gbit/s", "CPU s/GB"];
     let labels: Vec<String> = CONNECTIONS
         .iter()
-        .flat_map(|c| [format!("rps@{c}"), format!("p50@{c}"), format!("p99@{c}")])
+        .flat_map(|c| {
+            [
+                format!("rps@{c}"),
+                format!("p50@{c}"),
+                format!("p99@{c}"),
+                format!("cpu@{c}"),
+            ]
+        })
         .collect();
     headers.extend(labels.iter().map(String::as_str));
     let rows: Vec<Vec<String>> = results
@@ -328,6 +369,7 @@ fn table(r: &mut Reporter, results: &[ModeResult]) {
                 row.push(format!("{:.0}", rr.rps));
                 row.push(format!("{:.1}", rr.p50_us));
                 row.push(format!("{:.1}", rr.p99_us));
+                row.push(format!("{:.1}", rr.envoy_cpu_us_per_request));
             }
             row
         })
@@ -336,7 +378,7 @@ fn table(r: &mut Reporter, results: &[ModeResult]) {
     let size = results.first().map_or(0, |m| m.msg_size);
     r.table(
         &format!(
-            "envoy: bulk upload of {}, HTTP/1.1 {size} B request/response (latency in us)",
+            "envoy: bulk upload of {}, HTTP/1.1 {size} B request/response (latency and Envoy CPU per request in us)",
             report::size_label(bulk as usize)
         ),
         &headers,
@@ -364,11 +406,14 @@ impl Chain {
                 Some(sidecar::istio_tls(Side::Downstream, &parts.pki.server)),
                 Some(sidecar::istio_tls(Side::Upstream, &parts.pki.client)),
             ),
-            Mode::Shunt | Mode::ShuntPlain => {
-                let mtls = mode == Mode::Shunt;
+            Mode::Shunt | Mode::ShuntBusyPoll | Mode::ShuntPlain => {
+                let mtls = mode != Mode::ShuntPlain;
                 let socket = parts.daemon.socket();
-                let config =
-                    |id| sidecar::shunt_module_config(&socket, id, mtls) + &parts.module_settings;
+                let mut settings = parts.module_settings.clone();
+                if mode == Mode::ShuntBusyPoll {
+                    settings += &format!("busy_poll_us: {BUSY_POLL_US}\n");
+                }
+                let config = |id| sidecar::shunt_module_config(&socket, id, mtls) + &settings;
                 (
                     Some(sidecar::shunt_socket(config(&parts.pki.server))),
                     Some(sidecar::shunt_socket(config(&parts.pki.client))),
@@ -438,6 +483,7 @@ fn measure_chain(
 
     let mut rr = Vec::new();
     for connections in CONNECTIONS {
+        let cpu_before = chain.cpu()?;
         let run = http::request_response(
             chain.entry,
             &parts.exchange,
@@ -446,6 +492,7 @@ fn measure_chain(
             opts.duration,
         )
         .with_context(|| format!("request/response on {connections} connections"))?;
+        let cpu = chain.cpu()? - cpu_before;
         let mut samples = run.samples;
         samples.sort_unstable();
         rr.push(RrResult {
@@ -455,6 +502,7 @@ fn measure_chain(
             rps: samples.len() as f64 / run.secs,
             p50_us: report::percentile_us(&samples, 50),
             p99_us: report::percentile_us(&samples, 99),
+            envoy_cpu_us_per_request: cpu.as_secs_f64() * 1e6 / run.requests_made as f64,
         });
     }
 

@@ -380,6 +380,8 @@ pub(crate) struct RrRun {
     /// One per request that started after the warm-up and finished before the end.
     pub(crate) samples: Vec<Duration>,
     pub(crate) secs: f64,
+    /// Every request made, warm-up included: what the proxies' CPU time was spent on.
+    pub(crate) requests_made: usize,
 }
 
 /// Each connection sends a request, waits for its answer, and repeats, for `warmup` and then
@@ -405,14 +407,17 @@ pub(crate) fn request_response(
         let workers: Vec<_> = conns
             .into_iter()
             .map(|mut c| {
-                s.spawn(move || -> anyhow::Result<Vec<Duration>> {
+                s.spawn(move || -> anyhow::Result<(Vec<Duration>, usize)> {
                     let mut samples = Vec::new();
+                    // The set-up request above counts too.
+                    let mut made = 1;
                     loop {
                         let t0 = Instant::now();
                         if t0 >= until {
-                            return Ok(samples);
+                            return Ok((samples, made));
                         }
                         c.round_trip(&exchange.request, &exchange.response_body)?;
+                        made += 1;
                         let t1 = Instant::now();
                         if t0 >= from && t1 <= until {
                             samples.push(t1 - t0);
@@ -422,19 +427,23 @@ pub(crate) fn request_response(
             })
             .collect();
         let mut all = Vec::new();
+        let mut made = 0;
         for (i, w) in workers.into_iter().enumerate() {
-            let got = w
+            let (got, n) = w
                 .join()
                 .map_err(|_| anyhow::anyhow!("connection {i} panicked"))?
                 .with_context(|| format!("connection {i}"))?;
             all.extend(got);
+            made += n;
         }
-        anyhow::Ok(all)
+        anyhow::Ok((all, made))
     })?;
+    let (samples, requests_made) = samples;
     anyhow::ensure!(!samples.is_empty(), "no request completed in the window");
     Ok(RrRun {
         samples,
         secs: duration.as_secs_f64(),
+        requests_made,
     })
 }
 

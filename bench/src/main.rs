@@ -145,7 +145,7 @@ struct EnvoyArgs {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "direct,plain,envoy-tls,shunt"
+        default_value = "direct,plain,envoy-tls,shunt,shunt-busy-poll"
     )]
     modes: Vec<envoy::Mode>,
     /// A line added to the module's YAML config in the shunt modes, such as

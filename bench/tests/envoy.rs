@@ -8,7 +8,7 @@ use std::process::Command;
 
 use serde_json::Value;
 
-const MODES: [&str; 4] = ["direct", "plain", "envoy-tls", "shunt"];
+const MODES: [&str; 5] = ["direct", "plain", "envoy-tls", "shunt", "shunt-busy-poll"];
 
 fn positive(v: &Value, key: &str, line: &Value) -> f64 {
     let x = v[key]
@@ -49,6 +49,8 @@ fn every_mode_moves_bytes_and_answers_requests() {
         "gbps_vs_plain",
         "cpu_s_per_gb_vs_envoy_tls",
         "p50_us_1conn_vs_plain",
+        "busy_poll_p50_us_1conn_vs_plain",
+        "busy_poll_cpu_per_request_1conn_vs_plain",
     ] {
         assert!(ratios.get(key).is_some(), "`{key}` missing from {ratios}");
     }
@@ -74,6 +76,12 @@ fn every_mode_moves_bytes_and_answers_requests() {
             positive(r, "rps", v);
             positive(r, "p50_us", v);
             positive(r, "p99_us", v);
+            let cpu = r["envoy_cpu_us_per_request"].as_f64().unwrap();
+            if v["mode"] == "direct" {
+                assert_eq!(cpu, 0.0, "no Envoy runs in direct mode: {v}");
+            } else {
+                assert!(cpu >= 0.0, "in {v}");
+            }
         }
         let cpu = v["cpu_s_per_gb"].as_f64().expect("cpu_s_per_gb");
         if v["mode"] == "direct" {
@@ -82,7 +90,7 @@ fn every_mode_moves_bytes_and_answers_requests() {
             assert!(cpu >= 0.0, "in {v}");
         }
         let paired = v["paired_connections"].as_u64().unwrap();
-        if v["mode"] == "shunt" {
+        if v["mode"].as_str().unwrap().starts_with("shunt") {
             assert_eq!(paired, v["connections"].as_u64().unwrap(), "in {v}");
             // The first bytes of the upload at least had to wake the server sidecar.
             positive(&v["bulk_wakeups"], "data_wakeups_per_mib", v);
