@@ -215,7 +215,7 @@ impl Connection {
             // FIFO has room. This only happens for the last bytes of a stream.
             let mut bells = Vec::new();
             ct.tcp_closed |= read_doorbells(host, &mut bells);
-            ct.session.on_peer_space_wakeup();
+            ct.session.on_peer_wakeup();
             if !bells.is_empty() {
                 // The bells taken here may also have announced data: let the read path look.
                 host.set_readable();

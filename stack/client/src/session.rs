@@ -288,13 +288,6 @@ impl Session {
         self.with(|_, s| s.tx_space_pending = false);
     }
 
-    /// The peer woke us, and we only look for space now (with external wake-ups): its next
-    /// freed space wakes us again. Receive stays as it was, so a wake-up for data is not
-    /// spent without the data being read.
-    pub fn on_peer_space_wakeup(&mut self) {
-        self.with(|_, s| s.tx_space_pending = false);
-    }
-
     /// Reads what is available without blocking; `WouldBlock` when nothing is.
     pub fn try_read_vectored(&mut self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
         self.with(|st, s| {
