@@ -83,7 +83,7 @@ pub struct SocketConfig {
     /// after it last moved any, before it sleeps until a doorbell. While it looks, the peer
     /// writes without ringing, so a request and its answer skip the two wake-ups between
     /// sidecars; the worker spins for that long after each exchange. 0 always sleeps.
-    #[serde(default = "default_busy_poll_us")]
+    #[serde(default)]
     pub busy_poll_us: u32,
     /// Mutual TLS. Without it, the module runs in plain mode (no TLS; pairing keyed by the
     /// namespace secret).
@@ -213,9 +213,6 @@ fn default_read_chunk() -> usize {
 }
 fn default_fifo_size() -> u32 {
     4 << 20
-}
-fn default_busy_poll_us() -> u32 {
-    0
 }
 
 impl SocketConfig {
