@@ -25,7 +25,14 @@ pub(crate) enum NamespacesCommand {
         /// trailing newline is removed). Without it the namespace has an empty secret.
         #[arg(long)]
         secret_file: Option<PathBuf>,
-        /// Replace the address and secret of an existing namespace.
+        /// A user that may attach (repeat for more). Without --uid and --gid only root and
+        /// the user shuntd runs as may; Istio's sidecars run as 1337.
+        #[arg(long = "uid", value_name = "UID")]
+        uids: Vec<u32>,
+        /// A primary group whose members may attach (repeat for more).
+        #[arg(long = "gid", value_name = "GID")]
+        gids: Vec<u32>,
+        /// Replace the address, secret and users of an existing namespace.
         #[arg(long)]
         replace: bool,
     },
@@ -42,13 +49,14 @@ pub(crate) async fn run(client: &mut Client, cmd: NamespacesCommand) -> anyhow::
                 .await
                 .map_err(rpc_error)?
                 .into_inner();
-            let mut t = Table::new(&["ID", "ADDRESS", "APPS", "LOCAL_RULES"]);
+            let mut t = Table::new(&["ID", "ADDRESS", "APPS", "LOCAL_RULES", "MAY_ATTACH"]);
             for ns in reply.namespaces {
                 t.row(vec![
                     ns.id,
                     ns.address,
                     ns.attached_apps.to_string(),
                     ns.local_rules.to_string(),
+                    may_attach(&ns.uids, &ns.gids),
                 ]);
             }
             Ok(t.render())
@@ -57,6 +65,8 @@ pub(crate) async fn run(client: &mut Client, cmd: NamespacesCommand) -> anyhow::
             id,
             address,
             secret_file,
+            uids,
+            gids,
             replace,
         } => {
             let secret = match secret_file {
@@ -76,6 +86,8 @@ pub(crate) async fn run(client: &mut Client, cmd: NamespacesCommand) -> anyhow::
                         id: id.clone(),
                         secret,
                         address,
+                        uids,
+                        gids,
                     }),
                     replace,
                 })
@@ -91,4 +103,14 @@ pub(crate) async fn run(client: &mut Client, cmd: NamespacesCommand) -> anyhow::
             Ok(format!("namespace {id} deleted\n"))
         }
     }
+}
+
+/// Who may attach, for the listing: `uid:1337,gid:2000`, or the default.
+fn may_attach(uids: &[u32], gids: &[u32]) -> String {
+    if uids.is_empty() && gids.is_empty() {
+        return "root,shuntd".into();
+    }
+    let uids = uids.iter().map(|u| format!("uid:{u}"));
+    let gids = gids.iter().map(|g| format!("gid:{g}"));
+    uids.chain(gids).collect::<Vec<_>>().join(",")
 }

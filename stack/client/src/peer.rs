@@ -1,5 +1,5 @@
-//! A cut-through segment shared with one peer worker: its rings, the peer's doorbell, and the
-//! socket whose hang-up says the peer died.
+//! A cut-through segment shared with one peer worker: its rings, and the socket through which
+//! the two wake each other and notice each other's death.
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
@@ -7,9 +7,9 @@ use std::sync::Arc;
 
 use shunt_sapi::event::Event;
 use shunt_sapi::layout;
-use shunt_shm::doorbell::Doorbell;
 use shunt_shm::ring::{RingConsumer, RingProducer, Wake};
 use shunt_shm::segment::Segment;
+use shunt_shm::wake::{WakeError, WakeSocket};
 
 use crate::Error;
 
@@ -20,8 +20,9 @@ pub(crate) struct PeerSegment {
     pub(crate) segment: Arc<Segment>,
     pub(crate) inbound: RingConsumer,
     pub(crate) outbound: RingProducer,
-    pub(crate) peer_doorbell: Doorbell,
-    pub(crate) liveness: OwnedFd,
+    /// Our end of the pair's socketpair: we ring the peer through it, the peer rings us on it,
+    /// and its end-of-file says the peer died.
+    pub(crate) link: WakeSocket,
     /// Slot -> local session index.
     pub(crate) slots: HashMap<u32, usize>,
     /// The peer hung up; nothing it had not closed will ever complete.
@@ -29,33 +30,31 @@ pub(crate) struct PeerSegment {
 }
 
 impl PeerSegment {
-    pub(crate) fn open(
-        segment: OwnedFd,
-        peer_doorbell: OwnedFd,
-        liveness: OwnedFd,
-        is_client: bool,
-    ) -> Result<Self, Error> {
+    pub(crate) fn open(segment: OwnedFd, link: OwnedFd, is_client: bool) -> Result<Self, Error> {
         let shm = |e: &dyn std::fmt::Display| Error::Shm(e.to_string());
         let segment = Arc::new(Segment::open(segment).map_err(|e| shm(&e))?);
         let (inbound, outbound) = layout::ct_rings(is_client);
         Ok(Self {
             inbound: RingConsumer::attach(segment.clone(), inbound).map_err(|e| shm(&e))?,
             outbound: RingProducer::attach(segment.clone(), outbound).map_err(|e| shm(&e))?,
-            peer_doorbell: Doorbell::from_fd(peer_doorbell).map_err(|e| shm(&e))?,
+            link: WakeSocket::from_fd(link).map_err(|e| shm(&e))?,
             segment,
-            liveness,
             slots: HashMap::new(),
             dead: false,
         })
     }
 
-    /// Tells the peer about `event`, ringing its doorbell only if its ring was empty.
+    /// Tells the peer about `event`, waking it only if its ring was empty.
     pub(crate) fn notify(&mut self, event: Event) -> std::io::Result<()> {
         if self.dead {
             return Ok(());
         }
         match self.outbound.push(&event.encode()) {
-            Ok(Wake::Needed) => self.peer_doorbell.ring(),
+            Ok(Wake::Needed) => match self.link.ring() {
+                // A peer that closed its end is dead; its hang-up on our end says so too.
+                Ok(_) | Err(WakeError::PeerGone) => Ok(()),
+                Err(WakeError::Io(e)) => Err(e),
+            },
             Ok(Wake::NotNeeded) => Ok(()),
             Err(e) => {
                 // Between well-behaved peers the ring cannot overflow (see layout::CT_MAX_SLOTS),

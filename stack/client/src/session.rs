@@ -5,20 +5,31 @@ use std::net::SocketAddr;
 use std::task::Waker;
 use std::time::Duration;
 
-use shunt_sapi::event::Event;
+use std::sync::atomic::Ordering;
+
+use shunt_sapi::event::{Event, FifoPair};
+use shunt_sapi::message::ResumedSession;
 use shunt_shm::fifo::{Consumer, Producer};
 
 use crate::Error;
 use crate::peer::SegmentKey;
-use crate::worker::{State, Worker};
+use crate::worker::{State, Woke, Worker};
 
 /// A writer blocked on a full FIFO is woken once this fraction (1/n) of it is free.
 const TX_SPACE_WAKE_DIVISOR: u32 = 4;
 
+/// How long a blocked read or write sleeps before it looks again without a wake-up. Never
+/// needed when wake-ups arrive; [`crate::WorkerStats::fallback_wakeups`] counts the times it
+/// was.
+const FALLBACK_RECHECK: Duration = Duration::from_secs(1);
+
 pub(crate) struct SessionState {
+    /// The session's id at the shuntd of epoch `daemon_epoch`, for close reports.
     pub(crate) session_id: u64,
+    pub(crate) daemon_epoch: u32,
     pub(crate) segment: SegmentKey,
     pub(crate) slot: u32,
+    fifos: FifoPair,
     rx: Consumer,
     tx: Producer,
     pub(crate) local: SocketAddr,
@@ -39,6 +50,8 @@ pub(crate) struct SessionState {
     peer_wakeup_due: bool,
     pub(crate) read_waker: Option<Waker>,
     pub(crate) write_waker: Option<Waker>,
+    /// Notifications taken for this session, to tell a late wake-up from a lost one.
+    wakeups: u64,
 }
 
 fn wake(w: &mut Option<Waker>) {
@@ -52,7 +65,7 @@ impl SessionState {
     pub(crate) fn new(
         session_id: u64,
         segment: SegmentKey,
-        slot: u32,
+        fifos: FifoPair,
         mut rx: Consumer,
         tx: Producer,
         local: SocketAddr,
@@ -73,8 +86,10 @@ impl SessionState {
         let peer_reset = rx.is_reset() || tx.is_reset();
         let mut state = Self {
             session_id,
+            daemon_epoch: segment.0,
             segment,
-            slot,
+            slot: fifos.slot,
+            fifos,
             rx,
             tx,
             local,
@@ -89,6 +104,7 @@ impl SessionState {
             peer_wakeup_due: false,
             read_waker: None,
             write_waker: None,
+            wakeups: 0,
         };
         if peer_dead {
             state.peer_died();
@@ -100,6 +116,18 @@ impl SessionState {
     /// closed, reset nor died.
     pub(crate) fn is_usable(&self) -> bool {
         !self.peer_closed && !self.peer_reset
+    }
+
+    /// The session as a restarted shuntd is told of it.
+    pub(crate) fn report(&self) -> ResumedSession {
+        ResumedSession {
+            local: self.local,
+            remote: self.remote,
+            is_client: self.is_client,
+            slot: self.slot,
+            rx_offset: self.fifos.rx_offset,
+            tx_offset: self.fifos.tx_offset,
+        }
     }
 
     /// With external wake-ups, a read that found the FIFO empty asks the peer's next write
@@ -114,23 +142,27 @@ impl SessionState {
     }
 
     pub(crate) fn on_rx_data(&mut self) {
+        self.wakeups += 1;
         // Clear before the app reads, so a write after this read signals again.
         self.rx.clear_event();
         wake(&mut self.read_waker);
     }
 
     pub(crate) fn on_tx_space(&mut self) {
+        self.wakeups += 1;
         self.tx_space_pending = false;
         wake(&mut self.write_waker);
     }
 
     pub(crate) fn peer_closed(&mut self) {
+        self.wakeups += 1;
         self.peer_closed = true;
         wake(&mut self.read_waker);
         wake(&mut self.write_waker);
     }
 
     pub(crate) fn peer_reset(&mut self) {
+        self.wakeups += 1;
         self.peer_reset = true;
         wake(&mut self.read_waker);
         wake(&mut self.write_waker);
@@ -138,6 +170,7 @@ impl SessionState {
 
     /// The peer's process is gone. A session it closed cleanly keeps its data and EOF.
     pub(crate) fn peer_died(&mut self) {
+        self.wakeups += 1;
         let clean_eof = self.peer_closed || self.rx.is_writer_shutdown();
         if !clean_eof {
             self.peer_reset = true;
@@ -375,7 +408,10 @@ impl Session {
             if want == 0 {
                 return Ok(0);
             }
-            let mut n = s.tx.enqueue_vectored(bufs);
+            // A peer that forges its head makes the FIFO corrupt, not full: fail, do not wait.
+            let mut n =
+                s.tx.try_enqueue_vectored(bufs)
+                    .map_err(SessionState::corrupt)?;
             if n == 0 {
                 // Full: ask to be told when the reader frees space, then look again so a
                 // dequeue that raced with the request is not missed.
@@ -383,7 +419,9 @@ impl Session {
                     s.tx.request_tx_space();
                     s.tx_space_pending = true;
                 }
-                n = s.tx.enqueue_vectored(bufs);
+                n =
+                    s.tx.try_enqueue_vectored(bufs)
+                        .map_err(SessionState::corrupt)?;
                 if n == 0 {
                     return Err(io::ErrorKind::WouldBlock.into());
                 }
@@ -410,11 +448,44 @@ impl Session {
             match op(self) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     // Polling, if any, is done: sleep.
-                    self.worker
-                        .sleep(Some(Duration::from_secs(1)))
+                    let woke = self
+                        .worker
+                        .sleep(Some(FALLBACK_RECHECK))
                         .map_err(io::Error::from)?;
+                    if woke == Woke::TimedOut
+                        && let Some(done) = self.recheck(&mut op)
+                    {
+                        return done;
+                    }
                 }
                 other => return other,
+            }
+        }
+    }
+
+    /// After a sleep that ran out: takes any wake-up that is only late, then tries again
+    /// (`None`: still blocked). If the call can go on and no wake-up said so, one was lost:
+    /// counted, never hidden.
+    fn recheck<T>(
+        &mut self,
+        op: &mut impl FnMut(&mut Self) -> io::Result<T>,
+    ) -> Option<io::Result<T>> {
+        let before = self.with(|_, s| s.wakeups);
+        if let Err(e) = self.worker.dispatch() {
+            return Some(Err(e.into()));
+        }
+        let announced = self.with(|_, s| s.wakeups) != before;
+        match op(self) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
+            other => {
+                if !announced {
+                    self.worker
+                        .inner
+                        .fallback_wakeups
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!("a blocked session went on without a wake-up");
+                }
+                Some(other)
             }
         }
     }
@@ -588,7 +659,7 @@ impl Worker {
             }
             peer.slots.remove(&s.slot);
         }
-        let (epoch, session_id) = (s.segment.0, s.session_id);
+        let (epoch, session_id) = (s.daemon_epoch, s.session_id);
         self.report_closed(st, epoch, session_id, reset);
         self.gc_peer(st, s.segment);
     }

@@ -4,6 +4,7 @@ use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -11,8 +12,8 @@ use rustix::event::epoll;
 use rustix::net::{self, AddressFamily, SocketFlags, SocketType};
 use shunt_sapi::event::{Event, FifoPair};
 use shunt_sapi::message::{
-    CertificateMaterial, DaemonReply, MAX_BATCH, MAX_MESSAGE_LEN, PairOffer, PairRole, Request,
-    Resume, ResumedSession, Scope,
+    CertificateMaterial, DaemonReply, MAX_BATCH, MAX_MESSAGE_LEN, MAX_RESUMED_PER_MESSAGE,
+    PairOffer, PairRole, Request, Resume, ResumedSession, Scope,
 };
 use shunt_sapi::{ErrorCode, UsageReport, layout};
 use shunt_shm::doorbell::Doorbell;
@@ -20,6 +21,7 @@ use shunt_shm::fdpass;
 use shunt_shm::fifo::{Consumer, Producer};
 use shunt_shm::ring::RingConsumer;
 use shunt_shm::segment::Segment;
+use shunt_shm::wake::{Drained, WakeSocket};
 
 use crate::Error;
 use crate::peer::{PeerSegment, SegmentKey};
@@ -28,14 +30,27 @@ use crate::session::{Session, SessionState};
 /// How long blocking calls wait for shuntd before giving up.
 const DAEMON_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The worker's own eventfd, which only its threads ring (never shared with another process:
+/// any holder of an eventfd can make its writers block).
 const TOKEN_DOORBELL: u64 = 0;
+/// The socket to shuntd.
 const TOKEN_SOCKET: u64 = 1;
+/// The wake-up socket shuntd rings when it posted events.
+const TOKEN_DAEMON_WAKE: u64 = 2;
 const ZERO_TIMEOUT: rustix::event::Timespec = rustix::event::Timespec {
     tv_sec: 0,
     tv_nsec: 0,
 };
-/// Liveness sockets use tokens from here: TOKEN_LIVENESS + (epoch << 32 | segment id).
-const TOKEN_LIVENESS: u64 = 1 << 63;
+/// Peers' sockets (wake-ups and liveness) use tokens from here: TOKEN_PEER + (epoch << 32 |
+/// segment id).
+const TOKEN_PEER: u64 = 1 << 63;
+/// Records taken from one peer's ring per dispatch. Well-behaved peers never have more
+/// outstanding (see `layout::CT_MAX_SLOTS`); a peer that keeps writing gets its turn at the
+/// next dispatch, after everyone else's.
+const PEER_RECORDS_PER_DISPATCH: usize = layout::CT_RING_RECORDS as usize;
+/// Re-attach attempts while shuntd is away start this often and slow down to once a second.
+const REATTACH_FIRST_RETRY: Duration = Duration::from_millis(20);
+const REATTACH_MAX_RETRY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone)]
 pub struct AttachOptions {
@@ -111,6 +126,14 @@ impl AttachOptions {
 /// A session shuntd announced to this worker: its id, FIFO pair, and the peer's address.
 type Announced = (u64, FifoPair, SocketAddr);
 
+/// Whether a peer's ring was emptied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Drain {
+    Done,
+    /// The per-dispatch budget ran out first.
+    Unfinished,
+}
+
 pub(crate) struct ListenerState {
     pub(crate) endpoint: SocketAddr,
     pub(crate) backlog: VecDeque<Announced>,
@@ -129,6 +152,8 @@ pub(crate) enum ConnectState {
 pub(crate) struct Daemon {
     pub(crate) socket: OwnedFd,
     pub(crate) queue: RingConsumer,
+    /// Readable when shuntd posted events this worker may be asleep on.
+    wake: WakeSocket,
     _queue_segment: Arc<Segment>,
     pub(crate) epoch: u32,
     worker_id: u32,
@@ -157,6 +182,9 @@ pub(crate) struct State {
     outbox: Vec<(u32, Request)>,
     replies: HashMap<u32, DaemonReply>,
     local_address: SocketAddr,
+    /// When to try attaching again while shuntd is away, and the wait after that.
+    next_reattach: Instant,
+    reattach_retry: Duration,
 }
 
 impl State {
@@ -189,6 +217,27 @@ pub(crate) struct Inner {
     /// Threads blocked on this worker (see [`Worker::sleep`]).
     sleeper: Mutex<Sleeper>,
     dispatched: Condvar,
+    /// Blocked calls that found they could go on only after their sleep's safety timeout ran
+    /// out, with no wake-up announcing it: each one a lost wake-up (see [`WorkerStats`]).
+    pub(crate) fallback_wakeups: AtomicU64,
+}
+
+/// How a sleep on a worker ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Woke {
+    /// Something was dispatched (by this thread, or by the thread that slept for it).
+    Dispatched,
+    /// The timeout ran out first.
+    TimedOut,
+}
+
+/// What a worker counted about itself.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WorkerStats {
+    /// Blocked reads and writes that could go on only after their one-second safety re-check,
+    /// with no wake-up announcing it. Zero unless a wake-up was lost: the re-check keeps an app
+    /// going, and this count keeps the loss from going unseen.
+    pub fallback_wakeups: u64,
 }
 
 /// Who sleeps in `epoll_wait` for a worker, and who waits for that sleeper's dispatch.
@@ -275,7 +324,7 @@ impl Worker {
             epoll::EventData::new_u64(TOKEN_DOORBELL),
             // Edge-triggered: every ring is an edge, so the counter never needs the read system
             // call that draining it would cost each wake-up. It cannot overflow in practice
-            // (2^64 rings).
+            // (2^64 rings), and no other process holds it.
             epoll::EventFlags::IN | epoll::EventFlags::ET,
         )
         .map_err(std::io::Error::from)?;
@@ -295,6 +344,8 @@ impl Worker {
             outbox: Vec::new(),
             replies: HashMap::new(),
             local_address: "0.0.0.0:0".parse().expect("literal"),
+            next_reattach: Instant::now(),
+            reattach_retry: REATTACH_FIRST_RETRY,
         };
         let inner = Arc::new(Inner {
             state: Mutex::new(state),
@@ -304,10 +355,18 @@ impl Worker {
             preconnect,
             sleeper: Mutex::new(Sleeper::default()),
             dispatched: Condvar::new(),
+            fallback_wakeups: AtomicU64::new(0),
         });
         let worker = Worker { inner };
         worker.reattach()?;
         Ok(worker)
+    }
+
+    /// What this worker counted about itself.
+    pub fn stats(&self) -> WorkerStats {
+        WorkerStats {
+            fallback_wakeups: self.inner.fallback_wakeups.load(Ordering::Relaxed),
+        }
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
@@ -326,19 +385,8 @@ impl Worker {
             return Ok(());
         }
         let socket = connect_socket(&st.options.socket)?;
-        let resume = Resume {
-            listeners: Vec::new(),
-            sessions: st
-                .sessions
-                .iter()
-                .flatten()
-                .map(|s| ResumedSession {
-                    local: s.local,
-                    remote: s.remote,
-                    is_client: s.is_client,
-                })
-                .collect(),
-        };
+        // Listeners are re-opened, and sessions reported, after the attach.
+        let resume = Resume::default();
         let req = Request::Attach {
             namespace_id: st.options.namespace.clone(),
             namespace_secret: st.options.secret.clone(),
@@ -347,8 +395,7 @@ impl Worker {
             event_queue_len: st.options.event_queue_len,
             resume,
         };
-        let (reply, mut fds) =
-            request_blocking(socket.as_fd(), &req, &[self.inner.doorbell.as_fd()])?;
+        let (reply, mut fds) = request_blocking(socket.as_fd(), &req, &[])?;
         let (worker_id, offset, ns_address) = match reply {
             DaemonReply::Attached {
                 worker_id,
@@ -363,32 +410,41 @@ impl Worker {
                 )));
             }
         };
-        if fds.len() != 1 || offset as usize != layout::event_queue_offset() {
+        if fds.len() != 2 || offset as usize != layout::event_queue_offset() {
             return Err(Error::Protocol(
-                "attach reply must carry one event-queue segment at the agreed offset".into(),
+                "attach reply must carry the event-queue segment, at the agreed offset, and a wake-up socket".into(),
             ));
         }
+        let wake = WakeSocket::from_fd(fds.pop().expect("two"))
+            .map_err(|e| Error::Protocol(format!("wake-up socket: {e}")))?;
         let seg = Arc::new(Segment::open(fds.remove(0)).map_err(|e| Error::Shm(e.to_string()))?);
         let queue = RingConsumer::attach(seg.clone(), offset as usize)
             .map_err(|e| Error::Shm(e.to_string()))?;
         set_nonblocking(socket.as_fd(), true)?;
-        epoll::add(
-            &self.inner.epoll,
-            socket.as_fd(),
-            epoll::EventData::new_u64(TOKEN_SOCKET),
-            epoll::EventFlags::IN,
-        )
-        .map_err(std::io::Error::from)?;
+        for (fd, token) in [
+            (socket.as_fd(), TOKEN_SOCKET),
+            (wake.as_fd(), TOKEN_DAEMON_WAKE),
+        ] {
+            epoll::add(
+                &self.inner.epoll,
+                fd,
+                epoll::EventData::new_u64(token),
+                epoll::EventFlags::IN,
+            )
+            .map_err(std::io::Error::from)?;
+        }
         st.epoch += 1;
         let epoch = st.epoch;
         st.local_address = ns_address;
         st.daemon = Some(Daemon {
             socket,
             queue,
+            wake,
             _queue_segment: seg,
             epoch,
             worker_id,
         });
+        st.reattach_retry = REATTACH_FIRST_RETRY;
         // Listeners belong to shuntd's tables, which a restart emptied: open them again.
         let listeners: Vec<(u64, SocketAddr)> = st
             .listeners
@@ -409,8 +465,62 @@ impl Worker {
                 }
             }
         }
+        self.resume_sessions(epoch);
         tracing::debug!(worker_id, epoch, "attached to shuntd");
         Ok(())
+    }
+
+    /// Reports the sessions that kept flowing while shuntd was away, one segment at a time
+    /// with the segment's memfd, so shuntd can check them; each learns its id at this shuntd.
+    fn resume_sessions(&self, epoch: u32) {
+        type Group = (OwnedFd, Vec<(usize, ResumedSession)>);
+        let groups: Vec<Group> = {
+            let st = self.lock();
+            let mut by_segment: HashMap<SegmentKey, Vec<(usize, ResumedSession)>> = HashMap::new();
+            for (index, s) in st.sessions.iter().enumerate() {
+                let Some(s) = s else { continue };
+                if s.daemon_epoch != epoch && s.is_usable() {
+                    by_segment
+                        .entry(s.segment)
+                        .or_default()
+                        .push((index, s.report()));
+                }
+            }
+            by_segment
+                .into_iter()
+                .filter_map(|(key, sessions)| {
+                    let fd = st.peers.get(&key)?.segment.try_clone_fd().ok()?;
+                    Some((fd, sessions))
+                })
+                .collect()
+        };
+        for (fd, sessions) in groups {
+            for chunk in sessions.chunks(MAX_RESUMED_PER_MESSAGE) {
+                let reports = chunk.iter().map(|(_, r)| *r).collect();
+                let outcomes = match self
+                    .request_with_fds(Request::ResumeSessions(reports), &[fd.as_fd()])
+                {
+                    Ok(DaemonReply::Resumed(outcomes)) if outcomes.len() == chunk.len() => outcomes,
+                    other => {
+                        tracing::warn!(result = ?other.err(), "shuntd did not take the resumed sessions");
+                        return;
+                    }
+                };
+                let mut st = self.lock();
+                for ((index, _), outcome) in chunk.iter().zip(outcomes) {
+                    match (st.sessions.get_mut(*index), outcome) {
+                        (Some(Some(s)), Ok(id)) => {
+                            s.session_id = id;
+                            s.daemon_epoch = epoch;
+                        }
+                        (_, Err(code)) => {
+                            tracing::warn!(%code, "shuntd refused a resumed session; it flows on unlisted")
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
     }
 
     /// The fd to watch for readability; when it is readable, call [`Worker::dispatch`].
@@ -466,10 +576,22 @@ impl Worker {
 
     /// Sends a request and waits for its reply, dispatching events meanwhile.
     fn request(&self, req: Request) -> Result<DaemonReply, Error> {
+        self.request_with_fds(req, &[])
+    }
+
+    /// Like [`Worker::request`], with fds riding along (never batched).
+    fn request_with_fds(&self, req: Request, fds: &[BorrowedFd<'_>]) -> Result<DaemonReply, Error> {
         let id = {
             let mut st = self.lock();
             let id = Self::next_request(&mut st);
-            self.send(&mut st, id, req)?;
+            if fds.is_empty() {
+                self.send(&mut st, id, req)?;
+            } else {
+                self.flush(&mut st)?;
+                let d = st.daemon.as_ref().ok_or(Error::DaemonGone)?;
+                fdpass::send_with_fds(d.socket.as_fd(), &req.encode(id), fds)
+                    .map_err(|_| Error::DaemonGone)?;
+            }
             id
         };
         let deadline = Instant::now() + DAEMON_TIMEOUT;
@@ -807,7 +929,7 @@ impl Worker {
             });
         peer.slots.insert(fifos.slot, index);
         st.sessions[index] = Some(SessionState::new(
-            session_id, key, fifos.slot, rx, tx, local, remote, is_client, peer.dead,
+            session_id, key, fifos, rx, tx, local, remote, is_client, peer.dead,
         ));
         Ok(index)
     }
@@ -816,6 +938,8 @@ impl Worker {
     /// [`AttachOptions::busy_poll`] budget, it polls first and sleeps only once the budget is
     /// spent.
     pub fn wait(&self, timeout: Option<Duration>) -> Result<(), Error> {
+        self.reattach_if_due();
+        let timeout = self.until_reattach(timeout);
         let start = Instant::now();
         let budget = timeout.map_or(self.inner.busy_poll, |t| t.min(self.inner.busy_poll));
         if !budget.is_zero() {
@@ -833,6 +957,38 @@ impl Worker {
             }
         }
         self.sleep(timeout.map(|t| t.saturating_sub(start.elapsed())))
+            .map(drop)
+    }
+
+    /// While shuntd is away, calls that dispatch or wait try to attach again, at most once per
+    /// retry interval (growing to a second): a restarted shuntd finds its apps back, listeners
+    /// and sessions included, without the app doing anything.
+    fn reattach_if_due(&self) {
+        {
+            let mut st = self.lock();
+            let now = Instant::now();
+            if st.daemon.is_some() || now < st.next_reattach {
+                return;
+            }
+            let retry = st.reattach_retry;
+            st.next_reattach = now + retry;
+            st.reattach_retry = (retry * 2).min(REATTACH_MAX_RETRY);
+        }
+        match self.reattach() {
+            Ok(()) => tracing::info!("attached to shuntd again"),
+            Err(e) => tracing::debug!(error = %e, "shuntd is still away"),
+        }
+    }
+
+    /// How long a wait may sleep: while shuntd is away, only until the next attempt to attach
+    /// again, since nothing would wake it when shuntd comes back.
+    fn until_reattach(&self, timeout: Option<Duration>) -> Option<Duration> {
+        let st = self.lock();
+        if st.daemon.is_some() {
+            return timeout;
+        }
+        let until = st.next_reattach.saturating_duration_since(Instant::now());
+        Some(timeout.map_or(until, |t| t.min(until)))
     }
 
     /// Sleeps until something happens or `timeout` passes (`None`: no limit), then dispatches
@@ -842,29 +998,37 @@ impl Worker {
     /// `epoll_wait` and dispatches for all, the others sleep until its dispatch is done and then
     /// look at their own sessions again. Were several threads in `epoll_wait`, the one the
     /// kernel woke could take another's notification, and that other would sleep on.
-    pub(crate) fn sleep(&self, timeout: Option<Duration>) -> Result<(), Error> {
+    pub(crate) fn sleep(&self, timeout: Option<Duration>) -> Result<Woke, Error> {
         self.flush_all(&mut self.lock())?;
         let mut sleeper = self.sleeper();
         if sleeper.leading {
             let generation = sleeper.generation;
             sleeper.followers += 1;
             let still = |s: &mut Sleeper| s.generation == generation;
-            let mut sleeper = match timeout {
-                None => self
-                    .inner
-                    .dispatched
-                    .wait_while(sleeper, still)
-                    .unwrap_or_else(|e| e.into_inner()),
-                Some(t) => {
+            let (mut sleeper, woke) = match timeout {
+                None => (
                     self.inner
                         .dispatched
+                        .wait_while(sleeper, still)
+                        .unwrap_or_else(|e| e.into_inner()),
+                    Woke::Dispatched,
+                ),
+                Some(t) => {
+                    let (sleeper, result) = self
+                        .inner
+                        .dispatched
                         .wait_timeout_while(sleeper, t, still)
-                        .unwrap_or_else(|e| e.into_inner())
-                        .0
+                        .unwrap_or_else(|e| e.into_inner());
+                    let woke = if result.timed_out() {
+                        Woke::TimedOut
+                    } else {
+                        Woke::Dispatched
+                    };
+                    (sleeper, woke)
                 }
             };
             sleeper.followers -= 1;
-            return Ok(());
+            return Ok(woke);
         }
         sleeper.leading = true;
         drop(sleeper);
@@ -883,7 +1047,12 @@ impl Worker {
             tv_sec: t.as_secs().try_into().unwrap_or(i64::MAX),
             tv_nsec: t.subsec_nanos().into(),
         });
-        self.dispatch_within(timeout.as_ref()).map(drop)
+        let woke = if self.dispatch_within(timeout.as_ref())? {
+            Woke::Dispatched
+        } else {
+            Woke::TimedOut
+        };
+        Ok(woke)
     }
 
     fn sleeper(&self) -> MutexGuard<'_, Sleeper> {
@@ -901,6 +1070,7 @@ impl Worker {
     /// Handles everything pending: shuntd messages and events, peer events and hang-ups.
     /// Never blocks.
     pub fn dispatch(&self) -> Result<(), Error> {
+        self.reattach_if_due();
         let handled = self.dispatch_within(Some(&ZERO_TIMEOUT))?;
         if handled {
             self.handled_outside_sleep()?;
@@ -947,12 +1117,36 @@ impl Worker {
         let mut st = self.lock();
         let mut hung_up = Vec::new();
         let mut socket_ready = false;
+        let mut daemon_rang = false;
+        let mut peers_rang = Vec::new();
         for ev in &events {
             match ev.data.u64() {
                 TOKEN_DOORBELL => {}
                 TOKEN_SOCKET => socket_ready = true,
-                t if t >= TOKEN_LIVENESS => hung_up.push(t - TOKEN_LIVENESS),
+                TOKEN_DAEMON_WAKE => daemon_rang = true,
+                t if t >= TOKEN_PEER => {
+                    let packed = t - TOKEN_PEER;
+                    let key = ((packed >> 32) as u32, packed as u32);
+                    let closed =
+                        epoll::EventFlags::RDHUP | epoll::EventFlags::HUP | epoll::EventFlags::ERR;
+                    let flags = ev.flags;
+                    if flags.intersects(closed) {
+                        hung_up.push(key);
+                    }
+                    peers_rang.push(key);
+                }
                 _ => {}
+            }
+        }
+        // Wake-ups are taken before what they announce is looked at, so one that comes while
+        // we look stays pending for the next wait.
+        if daemon_rang && let Some(d) = st.daemon.as_ref() {
+            let _ = d.wake.drain();
+        }
+        for key in peers_rang {
+            let drained = st.peers.get(&key).map(|p| p.link.drain());
+            if matches!(drained, Some(Ok(Drained::PeerGone(_)) | Err(_))) {
+                hung_up.push(key);
             }
         }
         if socket_ready {
@@ -960,12 +1154,16 @@ impl Worker {
         }
         self.drain_daemon_queue(&mut st);
         let keys: Vec<SegmentKey> = st.peers.keys().copied().collect();
+        let mut unfinished = false;
         for key in keys {
-            self.drain_peer(&mut st, key);
+            unfinished |= self.drain_peer(&mut st, key) == Drain::Unfinished;
         }
-        for packed in hung_up {
-            let key = ((packed >> 32) as u32, packed as u32);
+        for key in hung_up {
             self.peer_died(&mut st, key);
+        }
+        if unfinished {
+            // A peer wrote more than a dispatch takes: come back for the rest at once.
+            self.inner.doorbell.ring()?;
         }
         Ok(!events.is_empty())
     }
@@ -1032,29 +1230,30 @@ impl Worker {
     }
 
     fn add_segment(&self, st: &mut State, segment_id: u32, is_client: bool, mut fds: Vec<OwnedFd>) {
-        if fds.len() != 3 {
+        if fds.len() != 2 {
             tracing::warn!(
                 segment_id,
                 fds = fds.len(),
-                "segment grant without its three fds"
+                "segment grant without its two fds"
             );
             return;
         }
-        let liveness = fds.pop().expect("3");
-        let doorbell = fds.pop().expect("3");
-        let seg = fds.pop().expect("3");
+        let link = fds.pop().expect("2");
+        let seg = fds.pop().expect("2");
         let epoch = st.segment_epoch();
-        match PeerSegment::open(seg, doorbell, liveness, is_client) {
+        match PeerSegment::open(seg, link, is_client) {
             Ok(peer) => {
-                let token = TOKEN_LIVENESS + ((u64::from(epoch) << 32) | u64::from(segment_id));
+                let token = TOKEN_PEER + ((u64::from(epoch) << 32) | u64::from(segment_id));
+                // Level-triggered: readable while the peer's wake-ups are unread, and for good
+                // once it hangs up.
                 let watch = epoll::add(
                     &self.inner.epoll,
-                    peer.liveness.as_fd(),
+                    peer.link.as_fd(),
                     epoll::EventData::new_u64(token),
-                    epoll::EventFlags::RDHUP | epoll::EventFlags::HUP,
+                    epoll::EventFlags::IN | epoll::EventFlags::RDHUP,
                 );
                 if let Err(e) = watch {
-                    tracing::warn!(error = %e, "cannot watch peer liveness");
+                    tracing::warn!(error = %e, "cannot watch the peer");
                 }
                 st.peers.insert((epoch, segment_id), peer);
             }
@@ -1114,8 +1313,10 @@ impl Worker {
                     // shuntd resets sessions whose peer worker went away. A peer that shut its
                     // side down cleanly before going left complete data and an end-of-stream,
                     // which must stay readable, exactly as when its hang-up arrives first.
+                    let epoch = st.segment_epoch();
                     for s in st.sessions.iter_mut().flatten() {
-                        if s.session_id == session_id {
+                        // Ids are this shuntd's: a session another one named may share it.
+                        if s.session_id == session_id && s.daemon_epoch == epoch {
                             s.peer_died();
                         }
                     }
@@ -1283,18 +1484,19 @@ impl Worker {
         }
     }
 
-    fn drain_peer(&self, st: &mut State, key: SegmentKey) {
-        loop {
+    /// Handles what the peer of segment `key` posted, up to [`PEER_RECORDS_PER_DISPATCH`].
+    fn drain_peer(&self, st: &mut State, key: SegmentKey) -> Drain {
+        for _ in 0..PEER_RECORDS_PER_DISPATCH {
             let Some(peer) = st.peers.get_mut(&key) else {
-                return;
+                return Drain::Done;
             };
             let rec = match peer.inbound.pop() {
                 Ok(Some(rec)) => rec,
-                Ok(None) => return,
+                Ok(None) => return Drain::Done,
                 Err(e) => {
                     tracing::warn!(error = %e, "cut-through ring corrupt; resetting the peer's sessions");
                     self.peer_died(st, key);
-                    return;
+                    return Drain::Done;
                 }
             };
             let event = match Event::decode(&rec) {
@@ -1330,6 +1532,7 @@ impl Worker {
                 _ => {}
             }
         }
+        Drain::Unfinished
     }
 
     fn peer_died(&self, st: &mut State, key: SegmentKey) {
@@ -1340,7 +1543,7 @@ impl Worker {
             tracing::debug!(segment = key.1, "cut-through peer hung up");
         }
         peer.dead = true;
-        let _ = epoll::delete(&self.inner.epoll, peer.liveness.as_fd());
+        let _ = epoll::delete(&self.inner.epoll, peer.link.as_fd());
         let indexes: Vec<usize> = peer.slots.values().copied().collect();
         for i in indexes {
             if let Some(Some(s)) = st.sessions.get_mut(i) {
@@ -1362,7 +1565,7 @@ impl Worker {
             return;
         };
         if peer.slots.is_empty() && (peer.dead || !current) {
-            let _ = epoll::delete(&self.inner.epoll, peer.liveness.as_fd());
+            let _ = epoll::delete(&self.inner.epoll, peer.link.as_fd());
             st.peers.remove(&key);
         }
     }

@@ -33,6 +33,10 @@ pub enum ErrorCode {
     PairConflict,
     #[error("no certificate of that name in the namespace")]
     UnknownCertificate,
+    #[error("a limit of shuntd's was reached")]
+    LimitExceeded,
+    #[error("not permitted for this user")]
+    NotPermitted,
     #[error("unknown error code {0}")]
     Unknown(i32),
 }
@@ -55,6 +59,8 @@ impl ErrorCode {
             Self::PairTimeout => "pair_timeout",
             Self::PairConflict => "pair_conflict",
             Self::UnknownCertificate => "unknown_certificate",
+            Self::LimitExceeded => "limit_exceeded",
+            Self::NotPermitted => "not_permitted",
             Self::Unknown(_) => "unknown",
         }
     }
@@ -75,6 +81,8 @@ impl ErrorCode {
             Self::PairTimeout => pb::ErrorCode::PairTimeout,
             Self::PairConflict => pb::ErrorCode::PairConflict,
             Self::UnknownCertificate => pb::ErrorCode::UnknownCertificate,
+            Self::LimitExceeded => pb::ErrorCode::LimitExceeded,
+            Self::NotPermitted => pb::ErrorCode::NotPermitted,
             Self::Unknown(n) => return n,
         };
         code as i32
@@ -96,6 +104,8 @@ impl ErrorCode {
             Ok(pb::ErrorCode::PairTimeout) => Self::PairTimeout,
             Ok(pb::ErrorCode::PairConflict) => Self::PairConflict,
             Ok(pb::ErrorCode::UnknownCertificate) => Self::UnknownCertificate,
+            Ok(pb::ErrorCode::LimitExceeded) => Self::LimitExceeded,
+            Ok(pb::ErrorCode::NotPermitted) => Self::NotPermitted,
             Ok(pb::ErrorCode::Unspecified) | Err(_) => Self::Unknown(value),
         }
     }
@@ -115,6 +125,8 @@ mod tests {
             ErrorCode::PairTimeout,
             ErrorCode::PairConflict,
             ErrorCode::UnknownCertificate,
+            ErrorCode::LimitExceeded,
+            ErrorCode::NotPermitted,
             ErrorCode::Unknown(4242),
         ] {
             assert_eq!(ErrorCode::from_wire(code.to_wire()), code);

@@ -18,8 +18,11 @@ pub const MAX_MESSAGE_LEN: usize = 64 * 1024;
 pub const MAX_NAME_LEN: usize = 128;
 /// Longest namespace secret accepted.
 pub const MAX_SECRET_LEN: usize = 256;
-/// Most listeners or sessions replayed on one re-attach.
+/// Most listeners replayed on one re-attach.
 pub const MAX_RESUMED: usize = 4096;
+/// Most sessions in one [`Request::ResumeSessions`]: 512 of the largest fit a message with
+/// room to spare, and an app with more sends several.
+pub const MAX_RESUMED_PER_MESSAGE: usize = 512;
 /// Most requests in one [`Request::Batch`].
 pub const MAX_BATCH: usize = 256;
 /// Longest peer identity a pairing offer may carry: the SPIFFE specification's limit on an id.
@@ -71,19 +74,27 @@ impl Scope {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A session that kept flowing while shuntd was away, as its worker reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ResumedSession {
     pub local: SocketAddr,
     pub remote: SocketAddr,
     pub is_client: bool,
+    /// Its slot and FIFOs in the segment the report travels with.
+    pub slot: u32,
+    pub rx_offset: u32,
+    pub tx_offset: u32,
 }
 
-/// What a worker carries over from an earlier shuntd when it re-attaches.
+/// What a worker carries over from an earlier shuntd when it re-attaches. Its sessions follow
+/// in [`Request::ResumeSessions`], one segment at a time.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Resume {
     pub listeners: Vec<SocketAddr>,
-    pub sessions: Vec<ResumedSession>,
 }
+
+/// What became of one resumed session: its id at this shuntd, or why it was refused.
+pub type ResumeOutcome = Result<u64, ErrorCode>;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
@@ -124,8 +135,11 @@ pub enum Request {
         name: String,
     },
     /// Requests sent in one datagram, each with its own request id, handled in order. Never
-    /// holds attaches (their fds could not be told apart) nor batches.
+    /// holds attaches, session resumes (their fds could not be told apart) nor batches.
     Batch(Vec<(u32, Request)>),
+    /// Sessions of one segment, carried over from an earlier shuntd; travels with the
+    /// segment's memfd. At most [`MAX_RESUMED_PER_MESSAGE`].
+    ResumeSessions(Vec<ResumedSession>),
 }
 
 /// Bytes in a pairing token.
@@ -196,51 +210,53 @@ fn peer_identity(s: String) -> Result<Option<String>, DecodeError> {
     Ok(Some(s))
 }
 
-fn resume(
-    listeners: Vec<pb::ResumedListener>,
-    sessions: Vec<pb::ResumedSession>,
-) -> Result<Resume, DecodeError> {
+fn resume(listeners: Vec<pb::ResumedListener>) -> Result<Resume, DecodeError> {
     if listeners.len() > MAX_RESUMED {
         return Err(DecodeError::TooMany("listeners"));
-    }
-    if sessions.len() > MAX_RESUMED {
-        return Err(DecodeError::TooMany("sessions"));
     }
     Ok(Resume {
         listeners: listeners
             .iter()
             .map(|l| endpoint("listeners.endpoint", l.endpoint.as_ref()))
             .collect::<Result<_, _>>()?,
-        sessions: sessions
-            .iter()
-            .map(|s| {
-                Ok(ResumedSession {
-                    local: endpoint("sessions.local", s.local.as_ref())?,
-                    remote: endpoint("sessions.remote", s.remote.as_ref())?,
-                    is_client: s.is_client,
-                })
-            })
-            .collect::<Result<_, DecodeError>>()?,
     })
 }
 
-fn resume_to_wire(r: &Resume) -> (Vec<pb::ResumedListener>, Vec<pb::ResumedSession>) {
-    (
-        r.listeners
-            .iter()
-            .map(|l| pb::ResumedListener {
-                endpoint: Some(endpoint::to_proto(*l)),
-            })
-            .collect(),
-        r.sessions
-            .iter()
-            .map(|s| pb::ResumedSession {
-                local: Some(endpoint::to_proto(s.local)),
-                remote: Some(endpoint::to_proto(s.remote)),
-                is_client: s.is_client,
-            })
-            .collect(),
-    )
+fn resume_to_wire(r: &Resume) -> Vec<pb::ResumedListener> {
+    r.listeners
+        .iter()
+        .map(|l| pb::ResumedListener {
+            endpoint: Some(endpoint::to_proto(*l)),
+        })
+        .collect()
+}
+
+impl TryFrom<&pb::ResumedSession> for ResumedSession {
+    type Error = DecodeError;
+
+    fn try_from(s: &pb::ResumedSession) -> Result<Self, DecodeError> {
+        Ok(ResumedSession {
+            local: endpoint("sessions.local", s.local.as_ref())?,
+            remote: endpoint("sessions.remote", s.remote.as_ref())?,
+            is_client: s.is_client,
+            slot: s.slot,
+            rx_offset: s.rx_offset,
+            tx_offset: s.tx_offset,
+        })
+    }
+}
+
+impl From<&ResumedSession> for pb::ResumedSession {
+    fn from(s: &ResumedSession) -> Self {
+        pb::ResumedSession {
+            local: Some(endpoint::to_proto(s.local)),
+            remote: Some(endpoint::to_proto(s.remote)),
+            is_client: s.is_client,
+            slot: s.slot,
+            rx_offset: s.rx_offset,
+            tx_offset: s.tx_offset,
+        }
+    }
 }
 
 impl TryFrom<pb::AppRequest> for Request {
@@ -259,7 +275,7 @@ impl TryFrom<pb::AppRequest> for Request {
                     app_name: bounded_string("app_name", a.app_name, MAX_NAME_LEN)?,
                     scope: Scope::from_wire(a.scope)?,
                     event_queue_len: a.event_queue_len,
-                    resume: resume(a.listeners, a.sessions)?,
+                    resume: resume(a.listeners)?,
                 }
             }
             Body::AttachWorker(a) => {
@@ -270,8 +286,19 @@ impl TryFrom<pb::AppRequest> for Request {
                     app_id: a.app_id,
                     app_token: a.app_token,
                     event_queue_len: a.event_queue_len,
-                    resume: resume(a.listeners, a.sessions)?,
+                    resume: resume(a.listeners)?,
                 }
+            }
+            Body::ResumeSessions(r) => {
+                if r.sessions.len() > MAX_RESUMED_PER_MESSAGE {
+                    return Err(DecodeError::TooMany("sessions"));
+                }
+                Request::ResumeSessions(
+                    r.sessions
+                        .iter()
+                        .map(ResumedSession::try_from)
+                        .collect::<Result<_, _>>()?,
+                )
             }
             Body::Listen(l) => Request::Listen {
                 endpoint: endpoint("endpoint", l.endpoint.as_ref())?,
@@ -355,7 +382,10 @@ impl Request {
     pub fn may_be_batched(&self) -> bool {
         !matches!(
             self,
-            Request::Attach { .. } | Request::AttachWorker { .. } | Request::Batch(_)
+            Request::Attach { .. }
+                | Request::AttachWorker { .. }
+                | Request::ResumeSessions(_)
+                | Request::Batch(_)
         )
     }
 
@@ -369,33 +399,28 @@ impl Request {
                 scope,
                 event_queue_len,
                 resume,
-            } => {
-                let (listeners, sessions) = resume_to_wire(resume);
-                Body::Attach(pb::Attach {
-                    namespace_id: namespace_id.clone(),
-                    namespace_secret: namespace_secret.clone(),
-                    app_name: app_name.clone(),
-                    scope: scope.to_wire(),
-                    event_queue_len: *event_queue_len,
-                    listeners,
-                    sessions,
-                })
-            }
+            } => Body::Attach(pb::Attach {
+                namespace_id: namespace_id.clone(),
+                namespace_secret: namespace_secret.clone(),
+                app_name: app_name.clone(),
+                scope: scope.to_wire(),
+                event_queue_len: *event_queue_len,
+                listeners: resume_to_wire(resume),
+            }),
             Request::AttachWorker {
                 app_id,
                 app_token,
                 event_queue_len,
                 resume,
-            } => {
-                let (listeners, sessions) = resume_to_wire(resume);
-                Body::AttachWorker(pb::AttachWorker {
-                    app_id: *app_id,
-                    app_token: app_token.clone(),
-                    event_queue_len: *event_queue_len,
-                    listeners,
-                    sessions,
-                })
-            }
+            } => Body::AttachWorker(pb::AttachWorker {
+                app_id: *app_id,
+                app_token: app_token.clone(),
+                event_queue_len: *event_queue_len,
+                listeners: resume_to_wire(resume),
+            }),
+            Request::ResumeSessions(sessions) => Body::ResumeSessions(pb::ResumeSessions {
+                sessions: sessions.iter().map(pb::ResumedSession::from).collect(),
+            }),
             Request::Listen { endpoint: ep } => Body::Listen(pb::Listen {
                 endpoint: Some(endpoint::to_proto(*ep)),
             }),
@@ -441,7 +466,7 @@ impl Request {
 /// What shuntd sends an app worker.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DaemonReply {
-    /// Followed by one fd: the event-queue segment.
+    /// Followed by two fds: the event-queue segment and the worker's wake-up socket.
     Attached {
         app_id: u64,
         app_token: Vec<u8>,
@@ -458,12 +483,15 @@ pub enum DaemonReply {
         code: ErrorCode,
         message: String,
     },
-    /// Followed by three fds: segment memfd, peer doorbell, liveness socket.
+    /// Followed by two fds: segment memfd, and this side's end of the pair's wake-up and
+    /// liveness socket.
     SegmentAdded {
         segment_id: u32,
         is_client: bool,
     },
     Certificate(CertificateMaterial),
+    /// The answer to [`Request::ResumeSessions`]: one outcome per session, in order.
+    Resumed(Vec<ResumeOutcome>),
 }
 
 /// A workload certificate as PEM.
@@ -487,8 +515,8 @@ impl DaemonReply {
     /// How many fds travel with this message.
     pub fn fd_count(&self) -> usize {
         match self {
-            DaemonReply::Attached { .. } => 1,
-            DaemonReply::SegmentAdded { .. } => 3,
+            DaemonReply::Attached { .. } => 2,
+            DaemonReply::SegmentAdded { .. } => 2,
             _ => 0,
         }
     }
@@ -526,6 +554,21 @@ impl DaemonReply {
                 trust_bundle: c.trust_bundle,
                 version: c.version,
             }),
+            Body::ResumeReply(r) => {
+                if r.outcomes.len() > MAX_RESUMED_PER_MESSAGE {
+                    return Err(DecodeError::TooMany("outcomes"));
+                }
+                DaemonReply::Resumed(
+                    r.outcomes
+                        .iter()
+                        .map(|o| match (o.session_id, o.refused) {
+                            (id, 0) if id != 0 => Ok(Ok(id)),
+                            (0, code) if code != 0 => Ok(Err(ErrorCode::from_wire(code))),
+                            _ => Err(DecodeError::Invalid("outcomes")),
+                        })
+                        .collect::<Result<_, _>>()?,
+                )
+            }
         };
         Ok((msg.request_id, reply))
     }
@@ -571,6 +614,21 @@ impl DaemonReply {
                 trust_bundle: c.trust_bundle.clone(),
                 version: c.version,
             }),
+            DaemonReply::Resumed(outcomes) => Body::ResumeReply(pb::ResumeReply {
+                outcomes: outcomes
+                    .iter()
+                    .map(|o| match o {
+                        Ok(id) => pb::ResumeOutcome {
+                            session_id: *id,
+                            refused: 0,
+                        },
+                        Err(code) => pb::ResumeOutcome {
+                            session_id: 0,
+                            refused: code.to_wire(),
+                        },
+                    })
+                    .collect(),
+            }),
         };
         pb::DaemonMessage {
             request_id,
@@ -596,13 +654,16 @@ mod tests {
                 event_queue_len: 4096,
                 resume: Resume {
                     listeners: vec!["127.0.0.1:80".parse().unwrap()],
-                    sessions: vec![ResumedSession {
-                        local: "10.0.0.1:4000".parse().unwrap(),
-                        remote: "[::1]:80".parse().unwrap(),
-                        is_client: true,
-                    }],
                 },
             },
+            Request::ResumeSessions(vec![ResumedSession {
+                local: "10.0.0.1:4000".parse().unwrap(),
+                remote: "[::1]:80".parse().unwrap(),
+                is_client: true,
+                slot: 3,
+                rx_offset: 1 << 20,
+                tx_offset: 2 << 20,
+            }]),
             Request::Listen {
                 endpoint: "[::]:9000".parse().unwrap(),
             },
@@ -702,6 +763,7 @@ mod tests {
                 trust_bundle: "ca".into(),
                 version: 9,
             }),
+            DaemonReply::Resumed(vec![Ok(7), Err(ErrorCode::NotPermitted), Ok(9)]),
         ];
         for r in replies {
             assert_eq!(DaemonReply::decode(&r.encode(1)), Ok((1, r)));

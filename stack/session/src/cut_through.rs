@@ -4,28 +4,29 @@
 //! between the two processes that use it. A segment holds two event rings (one per direction)
 //! and up to [`CT_MAX_SLOTS`] FIFO pairs; when a pair's segments are full another is made.
 //! After the connect, shuntd is out of the data path: peers notify each other through the rings
-//! and each other's eventfds, and notice each other's death through a socketpair, so a session
-//! keeps flowing even if shuntd is killed.
+//! and a socketpair (each side ringing through its own end), and notice each other's death
+//! through the same socketpair, so a session keeps flowing even if shuntd is killed.
 //!
 //! The allocator state stays in shuntd's private memory: a peer can scribble on the segment but
 //! cannot make shuntd hand out overlapping FIFOs.
 
 use std::collections::{BTreeMap, HashMap};
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 
 use shunt_sapi::event::FifoPair;
 use shunt_sapi::layout::{self, CT_MAX_SLOTS, CT_RING_RECORDS};
 use shunt_shm::alloc::SegmentAllocator;
-use shunt_shm::fdpass;
 use shunt_shm::fifo::{self, FifoObserver};
 use shunt_shm::ring;
 use shunt_shm::segment::Segment;
+use shunt_shm::wake::WakeSocket;
 
-use crate::app::{SegmentGrant, WorkerId};
+use crate::app::WorkerId;
+use crate::link::SegmentGrant;
 use crate::transport::{
-    ConnectRequest, Connected, ConnectionId, ConnectionStats, ServiceType, Transport,
-    TransportError, TransportOptions, TxType,
+    ConnectRequest, Connected, ConnectionId, ConnectionStats, NewSegment, ServiceType, Transport,
+    TransportError, TransportOptions, TxType, WorkerGone,
 };
 
 #[derive(Debug, Clone, Copy)]
@@ -53,7 +54,8 @@ struct CtSegment {
     allocator: SegmentAllocator,
     slots: Vec<bool>,
     live: usize,
-    /// Liveness socket ends, handed out with the first grant to each side.
+    /// Ends of the pair's socketpair (wake-ups and liveness), handed out with the first grant
+    /// to each side; shuntd keeps neither, so each side's death closes the other's channel.
     client_end: Option<OwnedFd>,
     server_end: Option<OwnedFd>,
 }
@@ -132,7 +134,7 @@ impl CutThrough {
                 .map_err(|e| TransportError::Segment(e.to_string()))?;
         }
         let (client_end, server_end) =
-            fdpass::seqpacket_pair().map_err(|e| TransportError::Segment(e.to_string()))?;
+            WakeSocket::pair().map_err(|e| TransportError::Segment(e.to_string()))?;
         let mut allocator = SegmentAllocator::new(self.config.segment_size);
         // Reserve everything before the FIFO area so FIFOs never overlap the rings.
         allocator
@@ -151,8 +153,8 @@ impl CutThrough {
                 allocator,
                 slots: vec![false; CT_MAX_SLOTS as usize],
                 live: 0,
-                client_end: Some(client_end),
-                server_end: Some(server_end),
+                client_end: Some(client_end.into()),
+                server_end: Some(server_end.into()),
             },
         );
         st.pairs.entry((client, server)).or_default().push(id);
@@ -161,14 +163,14 @@ impl CutThrough {
 
     /// The FIFO size for a request: what the apps asked for, within a quarter of a segment
     /// (so that a segment always holds a pair), or the configured default.
-    fn fifo_size_for(&self, req: &ConnectRequest<'_>) -> u32 {
+    fn fifo_size_for(&self, req: &ConnectRequest) -> u32 {
         let most = u32::try_from(self.config.segment_size / 4).unwrap_or(u32::MAX);
         let most = 1u32 << most.max(4096).ilog2();
         req.fifo_size
             .map_or(self.config.fifo_size, |asked| asked.clamp(4096, most))
     }
 
-    fn connect_pair(&self, req: &ConnectRequest<'_>) -> Result<Connected, TransportError> {
+    fn connect_pair(&self, req: &ConnectRequest) -> Result<Connected, TransportError> {
         let fifo_size = self.fifo_size_for(req);
         let footprint = fifo::fifo_footprint(fifo_size);
         let mut st = self.lock();
@@ -185,9 +187,14 @@ impl CutThrough {
                 break;
             }
         }
-        let seg_id = match chosen {
-            Some(id) => id,
-            None => self.new_segment(&mut st, req.client, req.server)?,
+        let (seg_id, new_segment) = match chosen {
+            Some(id) => (id, None),
+            None if !req.may_create_segment => return Err(TransportError::NeedsSegment),
+            None => {
+                let id = self.new_segment(&mut st, req.client, req.server)?;
+                let bytes = self.config.segment_size as u64;
+                (id, Some(NewSegment { id, bytes }))
+            }
         };
         let conn_id = ConnectionId(st.next_connection);
         st.next_connection += 1;
@@ -217,8 +224,8 @@ impl CutThrough {
         }
         seg.slots[slot] = true;
         seg.live += 1;
-        let client_grant = grant(seg, true, req.server_doorbell)?;
-        let server_grant = grant(seg, false, req.client_doorbell)?;
+        let client_grant = grant(seg, true);
+        let server_grant = grant(seg, false);
         let (to_server, to_client) = (to_server as u32, to_client as u32);
         let slot = slot as u32;
         st.connections.insert(
@@ -248,6 +255,7 @@ impl CutThrough {
             },
             client_grant,
             server_grant,
+            new_segment,
         };
         Ok(connected)
     }
@@ -309,27 +317,19 @@ impl CutThrough {
     }
 }
 
-fn grant(
-    seg: &mut CtSegment,
-    is_client: bool,
-    peer_doorbell: BorrowedFd<'_>,
-) -> Result<Option<SegmentGrant>, TransportError> {
+fn grant(seg: &mut CtSegment, is_client: bool) -> Option<SegmentGrant> {
     let end = if is_client {
         &mut seg.client_end
     } else {
         &mut seg.server_end
     };
-    let Some(liveness) = end.take() else {
-        return Ok(None);
-    };
-    let io = |e: std::io::Error| TransportError::Segment(e.to_string());
-    Ok(Some(SegmentGrant {
+    let pair_socket = end.take()?;
+    Some(SegmentGrant {
         segment_id: seg.id,
         is_client,
-        segment: seg.segment.as_fd().try_clone_to_owned().map_err(io)?,
-        peer_doorbell: peer_doorbell.try_clone_to_owned().map_err(io)?,
-        liveness,
-    }))
+        segment: seg.segment.clone(),
+        pair_socket,
+    })
 }
 
 impl Transport for CutThrough {
@@ -349,7 +349,7 @@ impl Transport for CutThrough {
 
     fn stop_listen(&self, _endpoint: std::net::SocketAddr) {}
 
-    fn connect(&self, req: &ConnectRequest<'_>) -> Result<Connected, TransportError> {
+    fn connect(&self, req: &ConnectRequest) -> Result<Connected, TransportError> {
         self.connect_pair(req)
     }
 
@@ -398,7 +398,7 @@ impl Transport for CutThrough {
         Self::free_connection(&mut self.lock(), id);
     }
 
-    fn worker_gone(&self, worker: WorkerId) -> Vec<ConnectionId> {
+    fn worker_gone(&self, worker: WorkerId) -> WorkerGone {
         let mut st = self.lock();
         let dead: Vec<u32> = st
             .segments
@@ -438,14 +438,17 @@ impl Transport for CutThrough {
             Self::free_connection(&mut st, *id);
         }
         // The surviving peer keeps its own mapping; shuntd's copy of the segment goes.
-        for id in dead {
-            if let Some(seg) = st.segments.remove(&id)
+        for id in &dead {
+            if let Some(seg) = st.segments.remove(id)
                 && let Some(list) = st.pairs.get_mut(&(seg.client, seg.server))
             {
-                list.retain(|s| *s != id);
+                list.retain(|s| s != id);
             }
         }
-        gone
+        WorkerGone {
+            connections: gone,
+            segments: dead,
+        }
     }
 
     fn stats(&self, id: ConnectionId) -> Option<ConnectionStats> {

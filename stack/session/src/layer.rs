@@ -2,7 +2,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
@@ -12,23 +11,31 @@ use shunt_sapi::event::Event;
 use shunt_sapi::message::{PairOffer, Resume, Scope};
 use subtle::ConstantTimeEq;
 
-use crate::app::{
-    AppId, AppRecord, LinkError, ListenerId, PeerCred, WorkerId, WorkerLink, WorkerRecord,
-};
+use crate::app::{AppId, AppRecord, ListenerId, PeerCred, WorkerId, WorkerRecord};
 use crate::certificates::{Certificate, CertificateError};
 use crate::cut_through::{CutThrough, CutThroughConfig};
+use crate::limits::{Holder, Ledger, LimitExceeded, Limits, Owner, Resource};
+use crate::link::{Deliveries, LinkError, WorkerLink};
 use crate::namespace::{Namespace, NamespaceError, Namespaces};
 use crate::pairing::{DEFAULT_PAIR_TIMEOUT, Offer, OfferOutcome, PairingError, PairingTable};
+use crate::resume::{ResumeHalves, ResumeRefusal};
 use crate::rules::{Rule, RuleAction, RuleError, RulesTable};
 use crate::services::{Service, ServiceCounts, ServiceError, ServicesTable};
 use crate::tables::{FiveTuple, ListenerTable, SessionTable};
 use crate::transport::{ConnectRequest, ConnectionId, Transport, TransportError, TransportProto};
+
+mod resume;
 
 #[derive(Debug, Clone, Copy)]
 pub struct SessionLayerConfig {
     pub cut_through: CutThroughConfig,
     /// How long one end of a pairing waits for the other.
     pub pair_timeout: Duration,
+    /// Caps per user and per namespace.
+    pub limits: Limits,
+    /// The user shuntd runs as: with root, the only one who may attach to a namespace that
+    /// lists no users or groups.
+    pub daemon_uid: u32,
 }
 
 impl Default for SessionLayerConfig {
@@ -36,6 +43,8 @@ impl Default for SessionLayerConfig {
         Self {
             cut_through: CutThroughConfig::default(),
             pair_timeout: DEFAULT_PAIR_TIMEOUT,
+            limits: Limits::default(),
+            daemon_uid: rustix::process::geteuid().as_raw(),
         }
     }
 }
@@ -70,6 +79,10 @@ pub enum SessionError {
     Pairing(#[from] PairingError),
     #[error(transparent)]
     Certificate(#[from] CertificateError),
+    #[error(transparent)]
+    Limit(#[from] LimitExceeded),
+    #[error("resumed session refused: {0}")]
+    Resume(#[from] ResumeRefusal),
 }
 
 impl SessionError {
@@ -78,6 +91,7 @@ impl SessionError {
         match self {
             SessionError::Namespace(NamespaceError::WrongSecret(_)) => ErrorCode::WrongSecret,
             SessionError::Namespace(NamespaceError::Unknown(_)) => ErrorCode::UnknownNamespace,
+            SessionError::Namespace(NamespaceError::NotPermitted { .. }) => ErrorCode::NotPermitted,
             SessionError::Namespace(_) | SessionError::Rule(_) | SessionError::RulesOf { .. } => {
                 ErrorCode::InvalidRequest
             }
@@ -89,6 +103,7 @@ impl SessionError {
                 ErrorCode::InvalidRequest
             }
             SessionError::Transport(TransportError::SegmentFull) => ErrorCode::SegmentFull,
+            SessionError::Transport(TransportError::NeedsSegment) => ErrorCode::LimitExceeded,
             SessionError::Transport(_) => ErrorCode::Internal,
             SessionError::Link(_, LinkError::QueueFull) => ErrorCode::EventQueueFull,
             SessionError::Link(..) => ErrorCode::PeerGone,
@@ -98,6 +113,8 @@ impl SessionError {
                 ErrorCode::UnknownCertificate
             }
             SessionError::Certificate(_) => ErrorCode::InvalidRequest,
+            SessionError::Limit(_) => ErrorCode::LimitExceeded,
+            SessionError::Resume(r) => r.code(),
         }
     }
 }
@@ -137,8 +154,11 @@ impl SessionId {
 pub enum SessionState {
     Connecting,
     Ready,
-    /// Carried over from an earlier shuntd: flowing, but not set up by this one.
+    /// Carried over from an earlier shuntd: flowing, but not set up by this one. Both halves
+    /// were reported from the same segment, mirrored.
     Resumed,
+    /// Reported as carried over, but its other half has not been: listed, holding no 5-tuple.
+    Unconfirmed,
 }
 
 impl SessionState {
@@ -147,6 +167,7 @@ impl SessionState {
             SessionState::Connecting => "connecting",
             SessionState::Ready => "ready",
             SessionState::Resumed => "resumed",
+            SessionState::Unconfirmed => "unconfirmed",
         }
     }
 }
@@ -163,6 +184,8 @@ pub struct SessionRecord {
     pub is_client: bool,
     pub state: SessionState,
     pub peer: Option<SessionId>,
+    /// Whose session allowance this session takes, if anyone's (see [`crate::limits`]).
+    pub charged_to: Option<Owner>,
 }
 
 #[derive(Debug, Clone)]
@@ -174,6 +197,7 @@ pub struct ListenerRecord {
     pub scope: Scope,
     pub workers: Vec<WorkerId>,
     rotor: usize,
+    charged_to: Owner,
 }
 
 /// Who is attaching and how to reach them.
@@ -185,7 +209,6 @@ pub struct AttachRequest {
     pub cred: PeerCred,
     pub thread: usize,
     pub link: Arc<dyn WorkerLink>,
-    pub doorbell: OwnedFd,
     pub resume: Resume,
 }
 
@@ -264,9 +287,13 @@ struct Registry {
     global_listeners: ListenerTable<ListenerId>,
     sessions: BTreeMap<SessionId, SessionRecord>,
     table: SessionTable<SessionId>,
-    /// Next source port to try per namespace address.
-    port_cursor: HashMap<IpAddr, u16>,
     pairings: PairingTable,
+    /// What each user and namespace holds, against their caps.
+    ledger: Ledger,
+    /// Segment memory charged per segment, to give back when the segment goes.
+    segment_charges: HashMap<u32, (Owner, u64)>,
+    /// Resumed halves waiting for their other half.
+    resume_halves: ResumeHalves<SessionId>,
 }
 
 impl Registry {
@@ -276,31 +303,28 @@ impl Registry {
         SessionId(((thread as u64) << 40) | (*n & ((1 << 40) - 1)))
     }
 
-    fn alloc_local_port(
-        &mut self,
-        ip: IpAddr,
-        remote: SocketAddr,
-        proto: TransportProto,
-    ) -> Option<u16> {
-        const FIRST: u16 = 1024;
-        let cursor = self.port_cursor.entry(ip).or_insert(FIRST);
-        for _ in 0..(u16::MAX - FIRST) {
-            let port = *cursor;
-            *cursor = if *cursor == u16::MAX {
-                FIRST
-            } else {
-                *cursor + 1
-            };
-            let key = FiveTuple {
-                proto,
-                local: SocketAddr::new(ip, port),
-                remote,
-            };
-            if !self.table.local_in_use(&key) {
-                return Some(port);
+    /// Takes a session record out of the tables, giving back its charge and its port.
+    fn remove_session(&mut self, id: SessionId) -> Option<SessionRecord> {
+        let s = self.sessions.remove(&id)?;
+        if s.state != SessionState::Unconfirmed && self.table.lookup(&s.tuple) == Some(id) {
+            self.table.remove(&s.tuple);
+        }
+        if s.state == SessionState::Unconfirmed {
+            self.resume_halves.forget(|h| h.session == id);
+        }
+        if let Some(owner) = &s.charged_to {
+            self.ledger.release(owner, Resource::Sessions, 1);
+        }
+        Some(s)
+    }
+
+    /// Gives back the memory of segments a transport freed.
+    fn segments_freed(&mut self, segments: &[u32]) {
+        for id in segments {
+            if let Some((owner, bytes)) = self.segment_charges.remove(id) {
+                self.ledger.release(&owner, Resource::SegmentBytes, bytes);
             }
         }
-        None
     }
 }
 
@@ -320,6 +344,10 @@ pub struct LayerCounters {
     pub pairings: Mutex<HashMap<&'static str, u64>>,
     /// Certificates put so far; also the source of their versions.
     pub certificate_puts: AtomicU64,
+    /// Requests refused at a cap, by resource and holder.
+    pub limit_refusals: Mutex<HashMap<(Resource, Holder), u64>>,
+    /// Resumed sessions refused, by reason.
+    pub resume_refusals: Mutex<HashMap<&'static str, u64>>,
 }
 
 impl LayerCounters {
@@ -329,6 +357,20 @@ impl LayerCounters {
             .entry(key)
             .or_default() += 1;
     }
+
+    /// Counts a refusal if `result` is one at a cap.
+    fn count_limit<T>(&self, result: &Result<T, SessionError>) {
+        if let Err(e) = result {
+            self.count_refusal(e);
+        }
+    }
+
+    /// Counts `e` if it is a refusal at a cap.
+    fn count_refusal(&self, e: &SessionError) {
+        if let SessionError::Limit(l) = e {
+            Self::bump(&self.limit_refusals, (l.resource, l.holder));
+        }
+    }
 }
 
 pub struct SessionLayer {
@@ -337,6 +379,7 @@ pub struct SessionLayer {
     services: RwLock<ServicesTable>,
     registry: Mutex<Registry>,
     cut_through: CutThrough,
+    daemon_uid: u32,
     pub counters: LayerCounters,
 }
 
@@ -356,15 +399,43 @@ impl SessionLayer {
             services: RwLock::new(ServicesTable::default()),
             registry: Mutex::new(Registry {
                 pairings: PairingTable::new(config.pair_timeout),
+                ledger: Ledger::new(config.limits),
                 ..Registry::default()
             }),
             cut_through: CutThrough::new(config.cut_through),
+            daemon_uid: config.daemon_uid,
             counters: LayerCounters::default(),
         }
     }
 
+    /// The registry lock. Whoever holds it queues to workers through a [`Deliveries`] and
+    /// delivers only after letting go (see [`crate::link`]).
     fn registry(&self) -> MutexGuard<'_, Registry> {
         self.registry.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `f` under the registry lock, then delivers what it queued to workers.
+    fn locked<T>(&self, f: impl FnOnce(&mut Registry, &mut Deliveries) -> T) -> T {
+        let mut out = Deliveries::default();
+        let result = {
+            let mut reg = self.registry();
+            f(&mut reg, &mut out)
+        };
+        out.deliver();
+        result
+    }
+
+    /// The caps and what `uid` and `namespace` hold, for listings and tests.
+    pub fn usage(&self, uid: u32, namespace: &str, resource: Resource) -> (u64, u64) {
+        let reg = self.registry();
+        (
+            reg.ledger.used_by_uid(uid, resource),
+            reg.ledger.used_by_namespace(namespace, resource),
+        )
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.registry().ledger.limits()
     }
 
     fn transport(&self, proto: TransportProto) -> &dyn Transport {
@@ -489,16 +560,18 @@ impl SessionLayer {
     /// posted its events while holding it, so they reach each worker before this revocation;
     /// one that takes it later reads the new policy.
     pub fn revoke_standby(&self) {
-        let reg = self.registry();
-        let mut unreachable = 0;
-        for (id, w) in &reg.workers {
-            if let Err(e) = w.link.post(&Event::StandbyRevoked) {
-                // Its queue is full or its process gone; its standby sessions stay until its
-                // peers or shuntd reset them.
-                tracing::warn!(worker = %id, error = %e, "cannot revoke a worker's standby sessions");
-                unreachable += 1;
+        let unreachable = self.locked(|reg, out| {
+            let mut unreachable = 0;
+            for (id, w) in &reg.workers {
+                if let Err(e) = out.post(&w.link, &Event::StandbyRevoked) {
+                    // Its queue is full or its process gone; its standby sessions stay until
+                    // its peers or shuntd reset them.
+                    tracing::warn!(worker = %id, error = %e, "cannot revoke a worker's standby sessions");
+                    unreachable += 1;
+                }
             }
-        }
+            unreachable
+        });
         self.counters
             .standby_revocations
             .fetch_add(1, Ordering::Relaxed);
@@ -667,21 +740,47 @@ impl SessionLayer {
     // ---- apps ----
 
     pub fn attach(&self, req: AttachRequest) -> Result<Attached, SessionError> {
+        let result = self.try_attach(req);
+        if let Err(e) = &result {
+            let reason = match e {
+                SessionError::Namespace(NamespaceError::WrongSecret(_)) => "wrong_secret",
+                SessionError::Namespace(NamespaceError::NotPermitted { .. }) => "not_permitted",
+                SessionError::Limit(_) => "limit_exceeded",
+                _ => "unknown_namespace",
+            };
+            LayerCounters::bump(&self.counters.attach_failures, reason);
+            self.counters.count_limit(&result);
+        }
+        result
+    }
+
+    fn try_attach(&self, req: AttachRequest) -> Result<Attached, SessionError> {
         let address = {
             let nss = self.namespaces.read().unwrap_or_else(|e| e.into_inner());
-            match nss.authenticate(&req.namespace_id, &req.namespace_secret) {
-                Ok(ns) => ns.address,
-                Err(e) => {
-                    let reason = match e {
-                        NamespaceError::WrongSecret(_) => "wrong_secret",
-                        _ => "unknown_namespace",
-                    };
-                    LayerCounters::bump(&self.counters.attach_failures, reason);
-                    return Err(e.into());
+            let ns = nss.authenticate(&req.namespace_id, &req.namespace_secret)?;
+            // The secret is checked first, in constant time, whoever asks; then who asks.
+            if !ns
+                .access
+                .admits(req.cred.uid, req.cred.gid, self.daemon_uid)
+            {
+                return Err(NamespaceError::NotPermitted {
+                    namespace: ns.id.clone(),
+                    uid: req.cred.uid,
+                    gid: req.cred.gid,
                 }
+                .into());
             }
+            ns.address
+        };
+        let owner = Owner {
+            uid: req.cred.uid,
+            namespace: req.namespace_id.clone(),
         };
         let mut reg = self.registry();
+        reg.ledger.check(&owner, Resource::Apps, 1)?;
+        reg.ledger.check(&owner, Resource::Workers, 1)?;
+        reg.ledger.charge(&owner, Resource::Apps, 1)?;
+        reg.ledger.charge(&owner, Resource::Workers, 1)?;
         reg.next_app += 1;
         let app = AppId(reg.next_app);
         let token = random_token();
@@ -697,7 +796,7 @@ impl SessionLayer {
                 workers: Vec::new(),
             },
         );
-        let worker = Self::add_worker(&mut reg, app, req.thread, req.link, req.doorbell);
+        let worker = Self::add_worker(&mut reg, app, req.thread, req.link);
         drop(reg);
         self.resume(worker, &req.resume);
         Ok(Attached {
@@ -715,7 +814,19 @@ impl SessionLayer {
         token: &[u8],
         thread: usize,
         link: Arc<dyn WorkerLink>,
-        doorbell: OwnedFd,
+        resume: &Resume,
+    ) -> Result<Attached, SessionError> {
+        let result = self.try_attach_worker(app, token, thread, link, resume);
+        self.counters.count_limit(&result);
+        result
+    }
+
+    fn try_attach_worker(
+        &self,
+        app: AppId,
+        token: &[u8],
+        thread: usize,
+        link: Arc<dyn WorkerLink>,
         resume: &Resume,
     ) -> Result<Attached, SessionError> {
         let mut reg = self.registry();
@@ -733,7 +844,9 @@ impl SessionLayer {
         let address = self
             .with_namespaces(|n| n.get(&ns).map(|n| n.address))
             .ok_or(NamespaceError::Unknown(ns))?;
-        let worker = Self::add_worker(&mut reg, app, thread, link, doorbell);
+        let owner = reg.apps[&app].owner();
+        reg.ledger.charge(&owner, Resource::Workers, 1)?;
+        let worker = Self::add_worker(&mut reg, app, thread, link);
         let token = reg.apps[&app].token;
         drop(reg);
         self.resume(worker, resume);
@@ -750,7 +863,6 @@ impl SessionLayer {
         app: AppId,
         thread: usize,
         link: Arc<dyn WorkerLink>,
-        doorbell: OwnedFd,
     ) -> WorkerId {
         reg.next_worker += 1;
         let id = WorkerId(reg.next_worker);
@@ -761,7 +873,6 @@ impl SessionLayer {
                 app,
                 thread,
                 link,
-                doorbell: Arc::new(doorbell),
                 listeners: Vec::new(),
             },
         );
@@ -771,89 +882,80 @@ impl SessionLayer {
         id
     }
 
-    /// Re-creates what a worker carried over from an earlier shuntd.
+    /// Re-opens the listeners a worker carried over from an earlier shuntd; its sessions follow
+    /// in [`SessionLayer::resume_sessions`].
     fn resume(&self, worker: WorkerId, resume: &Resume) {
         for ep in &resume.listeners {
             if let Err(e) = self.listen(worker, *ep) {
                 tracing::warn!(%worker, endpoint = %ep, error = %e, "cannot restore listener after re-attach");
             }
         }
-        let mut reg = self.registry();
-        let Some(w) = reg.workers.get(&worker) else {
-            return;
-        };
-        let (app, thread) = (w.app, w.thread);
-        let namespace = reg.apps[&app].namespace.clone();
-        for s in &resume.sessions {
-            let id = reg.session_id(thread);
-            let tuple = FiveTuple {
-                proto: TransportProto::CutThrough,
-                local: s.local,
-                remote: s.remote,
-            };
-            if reg.table.insert_established(tuple, id).is_err() {
-                continue;
-            }
-            reg.sessions.insert(
-                id,
-                SessionRecord {
-                    id,
-                    worker,
-                    app,
-                    namespace: namespace.clone(),
-                    transport: TransportProto::CutThrough,
-                    connection: None,
-                    tuple,
-                    is_client: s.is_client,
-                    state: SessionState::Resumed,
-                    peer: None,
-                },
-            );
-        }
     }
 
     /// A worker's socket closed: its listeners go, and its sessions' peers are reset.
     pub fn detach_worker(&self, worker: WorkerId) {
-        let mut reg = self.registry();
-        let Some(rec) = reg.workers.remove(&worker) else {
-            return;
-        };
-        reg.pairings.remove_worker(worker);
-        for lid in rec.listeners {
-            Self::remove_listener_worker(&mut reg, lid, worker);
-        }
-        let gone_conns = self.cut_through.worker_gone(worker);
-        let doomed: Vec<SessionId> = reg
-            .sessions
-            .values()
-            .filter(|s| s.worker == worker || s.connection.is_some_and(|c| gone_conns.contains(&c)))
-            .map(|s| s.id)
-            .collect();
-        for id in doomed {
-            let Some(s) = reg.sessions.remove(&id) else {
-                continue;
+        self.locked(|reg, out| {
+            let Some(rec) = reg.workers.remove(&worker) else {
+                return;
             };
-            reg.table.remove(&s.tuple);
-            if s.worker != worker {
-                // The peer survives; tell it through shuntd too, in case it missed the hang-up.
-                if let Some(peer) = reg.workers.get(&s.worker) {
-                    let _ = peer.link.post(&Event::Reset { session_id: s.id.0 });
+            reg.pairings.remove_worker(worker);
+            let owner = reg.apps.get(&rec.app).map(AppRecord::owner);
+            for lid in rec.listeners {
+                Self::remove_listener_worker(reg, lid, worker);
+            }
+            let gone = self.cut_through.worker_gone(worker);
+            reg.segments_freed(&gone.segments);
+            let doomed: Vec<SessionId> = reg
+                .sessions
+                .values()
+                .filter(|s| {
+                    s.worker == worker
+                        || s.connection.is_some_and(|c| gone.connections.contains(&c))
+                })
+                .map(|s| s.id)
+                .collect();
+            for id in doomed {
+                let Some(s) = reg.remove_session(id) else {
+                    continue;
+                };
+                if s.worker != worker {
+                    // The peer survives; tell it through shuntd too, in case it missed the
+                    // hang-up.
+                    if let Some(peer) = reg.workers.get(&s.worker) {
+                        let _ = out.post(&peer.link, &Event::Reset { session_id: s.id.0 });
+                    }
                 }
             }
-        }
-        let app = rec.app;
-        let empty = reg.apps.get_mut(&app).map(|a| {
-            a.workers.retain(|w| *w != worker);
-            a.workers.is_empty()
+            let app = rec.app;
+            if let Some(owner) = &owner {
+                reg.ledger.release(owner, Resource::Workers, 1);
+            }
+            let empty = reg.apps.get_mut(&app).map(|a| {
+                a.workers.retain(|w| *w != worker);
+                a.workers.is_empty()
+            });
+            if empty == Some(true) {
+                reg.apps.remove(&app);
+                if let Some(owner) = &owner {
+                    reg.ledger.release(owner, Resource::Apps, 1);
+                }
+            }
         });
-        if empty == Some(true) {
-            reg.apps.remove(&app);
-        }
     }
 
     // ---- listeners ----
 
     pub fn listen(
+        &self,
+        worker: WorkerId,
+        endpoint: SocketAddr,
+    ) -> Result<ListenerId, SessionError> {
+        let result = self.try_listen(worker, endpoint);
+        self.counters.count_limit(&result);
+        result
+    }
+
+    fn try_listen(
         &self,
         worker: WorkerId,
         endpoint: SocketAddr,
@@ -895,7 +997,12 @@ impl SessionLayer {
             }
             return Ok(lid);
         }
-        self.transport(proto).start_listen(endpoint)?;
+        let owner = reg.apps[&app].owner();
+        reg.ledger.charge(&owner, Resource::Listeners, 1)?;
+        if let Err(e) = self.transport(proto).start_listen(endpoint) {
+            reg.ledger.release(&owner, Resource::Listeners, 1);
+            return Err(e.into());
+        }
         reg.next_listener += 1;
         let lid = ListenerId(reg.next_listener);
         let inserted = match scope {
@@ -917,6 +1024,7 @@ impl SessionLayer {
                 scope,
                 workers: vec![worker],
                 rotor: 0,
+                charged_to: owner,
             },
         );
         reg.workers
@@ -950,6 +1058,7 @@ impl SessionLayer {
             return;
         }
         let l = reg.listeners.remove(&lid).expect("present");
+        reg.ledger.release(&l.charged_to, Resource::Listeners, 1);
         let proto = TransportProto::CutThrough;
         match l.scope {
             Scope::Local => {
@@ -1014,7 +1123,10 @@ impl SessionLayer {
         remote: SocketAddr,
         standby: bool,
     ) -> Result<ConnectOutcome, SessionError> {
-        let result = self.try_connect(worker, request_id, remote, standby);
+        let mut out = Deliveries::default();
+        let result = self.try_connect(&mut out, worker, request_id, remote, standby);
+        out.deliver();
+        self.counters.count_limit(&result);
         match &result {
             Ok(_) => {
                 self.counters.connects.fetch_add(1, Ordering::Relaxed);
@@ -1031,6 +1143,7 @@ impl SessionLayer {
 
     fn try_connect(
         &self,
+        out: &mut Deliveries,
         worker: WorkerId,
         request_id: u32,
         mut remote: SocketAddr,
@@ -1077,7 +1190,8 @@ impl SessionLayer {
             .ok_or(SessionError::NoListener(remote))?;
 
         let port = reg
-            .alloc_local_port(ns_address, remote, proto)
+            .table
+            .free_local_port(proto, ns_address, remote)
             .ok_or_else(|| SessionError::NoLocalPort(namespace.clone()))?;
         let local = SocketAddr::new(ns_address, port);
 
@@ -1099,6 +1213,7 @@ impl SessionLayer {
         l.rotor = l.rotor.wrapping_add(1);
         self.establish(
             &mut reg,
+            out,
             Establish {
                 proto,
                 client: worker,
@@ -1116,9 +1231,15 @@ impl SessionLayer {
         )
     }
 
-    /// Creates the transport connection between two workers, tells both, and records the
-    /// session pair. Each worker receives the segment before it hears of the session.
-    fn establish(&self, reg: &mut Registry, e: Establish) -> Result<ConnectOutcome, SessionError> {
+    /// Creates the transport connection between two workers, queues word of it to both, and
+    /// records the session pair. Each worker receives the segment before it hears of the
+    /// session. The connecting side pays for the session, and for a segment if one is made.
+    fn establish(
+        &self,
+        reg: &mut Registry,
+        out: &mut Deliveries,
+        e: Establish,
+    ) -> Result<ConnectOutcome, SessionError> {
         let Establish {
             proto,
             client: worker,
@@ -1142,7 +1263,11 @@ impl SessionLayer {
         let namespace = reg.apps[&client_app].namespace.clone();
         let server_ns = reg.apps[&server_app].namespace.clone();
         let (client_link, server_link) = (client_rec.link.clone(), server_rec.link.clone());
-        let (cd, sd) = (client_rec.doorbell.clone(), server_rec.doorbell.clone());
+        let owner = reg.apps[&client_app].owner();
+        let segment_bytes = self.cut_through.config().segment_size as u64;
+        let may_grow = reg
+            .ledger
+            .check(&owner, Resource::SegmentBytes, segment_bytes);
 
         let client_tuple = FiveTuple {
             proto,
@@ -1153,9 +1278,18 @@ impl SessionLayer {
         reg.table
             .insert_half_open(client_tuple, client_id)
             .map_err(|_| SessionError::AddressInUse(local))?;
+        if let Err(e) = reg.ledger.charge(&owner, Resource::Sessions, 1) {
+            reg.table.remove(&client_tuple);
+            return Err(e.into());
+        }
+        // Undoes the two steps above when the connect goes no further.
+        let undo = |reg: &mut Registry| {
+            reg.table.remove(&client_tuple);
+            reg.ledger.release(&owner, Resource::Sessions, 1);
+        };
 
         if !server_link.has_room(1) || !client_link.has_room(1) {
-            reg.table.remove(&client_tuple);
+            undo(reg);
             let full = if server_link.has_room(1) {
                 worker
             } else {
@@ -1163,41 +1297,54 @@ impl SessionLayer {
             };
             return Err(SessionError::Link(full, LinkError::QueueFull));
         }
-        let connected = {
-            let req = ConnectRequest {
-                client: worker,
-                server,
-                local,
-                remote,
-                client_doorbell: cd.as_fd(),
-                server_doorbell: sd.as_fd(),
-                fifo_size,
-            };
-            match self.transport(proto).connect(&req) {
-                Ok(c) => c,
-                Err(e) => {
-                    reg.table.remove(&client_tuple);
-                    return Err(e.into());
-                }
+        let req = ConnectRequest {
+            client: worker,
+            server,
+            local,
+            remote,
+            fifo_size,
+            may_create_segment: may_grow.is_ok(),
+        };
+        let connected = match self.transport(proto).connect(&req) {
+            Ok(c) => c,
+            Err(e) => {
+                undo(reg);
+                return Err(match (e, may_grow) {
+                    (TransportError::NeedsSegment, Err(limit)) => limit.into(),
+                    (e, _) => e.into(),
+                });
             }
         };
+        if let Some(seg) = connected.new_segment {
+            // Checked above; the ledger still refuses rather than overdraw.
+            if reg
+                .ledger
+                .charge(&owner, Resource::SegmentBytes, seg.bytes)
+                .is_ok()
+            {
+                reg.segment_charges
+                    .insert(seg.id, (owner.clone(), seg.bytes));
+            }
+        }
         let server_id = reg.session_id(server_thread);
         let conn = connected.id;
 
         // Nobody waits on a standby session: each side finds it at its next dispatch, which
         // comes before the client can use it and before the server hears it was opened. So
         // neither is woken for it.
-        let post = |link: &Arc<dyn WorkerLink>, event: &Event| {
-            if matches!(server_notice, ServerNotice::Standby(_)) {
-                link.post_quietly(event)
+        let quiet = matches!(server_notice, ServerNotice::Standby(_));
+        let post = |out: &mut Deliveries, link: &Arc<dyn WorkerLink>, event: &Event| {
+            if quiet {
+                out.post_quietly(link, event)
             } else {
-                link.post(event)
+                out.post(link, event)
             }
         };
-        let tell_client = || -> Result<(), SessionError> {
-            if let Some(g) = connected.client_grant {
-                client_link
-                    .grant_segment(g)
+        let client_grant = connected.client_grant;
+        let server_grant = connected.server_grant;
+        let tell_client = |out: &mut Deliveries| -> Result<(), SessionError> {
+            if let Some(g) = client_grant {
+                out.grant(&client_link, g)
                     .map_err(|e| SessionError::Link(worker, e))?;
             }
             let event = Event::Connected {
@@ -1206,12 +1353,11 @@ impl SessionLayer {
                 fifos: connected.client_fifos,
                 local,
             };
-            post(&client_link, &event).map_err(|e| SessionError::Link(worker, e))
+            post(out, &client_link, &event).map_err(|e| SessionError::Link(worker, e))
         };
-        let tell_server = || -> Result<(), SessionError> {
-            if let Some(g) = connected.server_grant {
-                server_link
-                    .grant_segment(g)
+        let tell_server = |out: &mut Deliveries| -> Result<(), SessionError> {
+            if let Some(g) = server_grant {
+                out.grant(&server_link, g)
                     .map_err(|e| SessionError::Link(server, e))?;
             }
             let event = match server_notice {
@@ -1220,7 +1366,7 @@ impl SessionLayer {
                     session_id: server_id.0,
                     fifos: connected.server_fifos,
                     peer: local,
-                    standby: matches!(server_notice, ServerNotice::Standby(_)),
+                    standby: quiet,
                 },
                 ServerNotice::Connected(request_id) => Event::Connected {
                     request_id,
@@ -1229,24 +1375,17 @@ impl SessionLayer {
                     local: remote,
                 },
             };
-            post(&server_link, &event).map_err(|e| SessionError::Link(server, e))
+            post(out, &server_link, &event).map_err(|e| SessionError::Link(server, e))
         };
         // A listener learns first, so its backlog holds the session before the client can
         // write. The two ends of a pairing only talk to each other over the connection they
         // replace, and the responder answers on it once told; so the initiator learns first.
         let delivered = match server_notice {
             ServerNotice::Accepted(_) | ServerNotice::Standby(_) => {
-                tell_server().and_then(|()| tell_client())
+                tell_server(out).and_then(|()| tell_client(out))
             }
-            ServerNotice::Connected(_) => tell_client().and_then(|()| tell_server()),
+            ServerNotice::Connected(_) => tell_client(out).and_then(|()| tell_server(out)),
         };
-        if let Err(e) = delivered {
-            reg.table.remove(&client_tuple);
-            let t = self.transport(proto);
-            let _ = t.reset(conn);
-            t.cleanup(conn);
-            return Err(e);
-        }
 
         reg.table
             .establish(&client_tuple)
@@ -1266,6 +1405,7 @@ impl SessionLayer {
                 is_client: true,
                 state: SessionState::Ready,
                 peer: Some(server_id),
+                charged_to: Some(owner),
             },
         );
         reg.sessions.insert(
@@ -1281,8 +1421,16 @@ impl SessionLayer {
                 is_client: false,
                 state: SessionState::Ready,
                 peer: Some(client_id),
+                charged_to: None,
             },
         );
+        if let Err(e) = delivered {
+            // A worker that cannot be told is gone or going (the queues had room). One side may
+            // already have word of the session, so its FIFOs stay allocated, reset, until the
+            // gone worker's detach frees them with the rest of its pair's segments.
+            let _ = self.transport(proto).reset(conn);
+            return Err(e);
+        }
         Ok(ConnectOutcome {
             client_session: client_id,
             server_session: server_id,
@@ -1301,7 +1449,10 @@ impl SessionLayer {
         request_id: u32,
         offer: PairOffer,
     ) -> Result<PairOutcome, SessionError> {
-        let result = self.try_pair(worker, request_id, offer);
+        let mut out = Deliveries::default();
+        let result = self.try_pair(&mut out, worker, request_id, offer);
+        out.deliver();
+        self.counters.count_limit(&result);
         match &result {
             Ok(PairOutcome::Paired(_)) => {
                 self.counters.connects.fetch_add(1, Ordering::Relaxed);
@@ -1315,12 +1466,13 @@ impl SessionLayer {
 
     fn try_pair(
         &self,
+        out: &mut Deliveries,
         worker: WorkerId,
         request_id: u32,
         offer: PairOffer,
     ) -> Result<PairOutcome, SessionError> {
         let mut reg = self.registry();
-        self.expire_offers(&mut reg);
+        self.expire_offers(&mut reg, out);
         if !reg.workers.contains_key(&worker) {
             return Err(SessionError::UnknownWorker(worker));
         }
@@ -1346,6 +1498,7 @@ impl SessionLayer {
             .and_then(|()| {
                 self.establish(
                     &mut reg,
+                    out,
                     Establish {
                         proto: TransportProto::CutThrough,
                         client: initiator.worker,
@@ -1369,7 +1522,7 @@ impl SessionLayer {
                 } else {
                     &initiator
                 };
-                Self::refuse_offer(&reg, first, e.code());
+                Self::refuse_offer(&reg, out, first, e.code());
                 Err(e)
             }
         }
@@ -1429,27 +1582,29 @@ impl SessionLayer {
         Ok(())
     }
 
-    fn refuse_offer(reg: &Registry, offer: &Offer, code: ErrorCode) {
+    fn refuse_offer(reg: &Registry, out: &mut Deliveries, offer: &Offer, code: ErrorCode) {
         if let Some(w) = reg.workers.get(&offer.worker) {
-            let _ = w.link.post(&Event::ConnectFailed {
-                request_id: offer.request_id,
-                code,
-            });
+            let _ = out.post(
+                &w.link,
+                &Event::ConnectFailed {
+                    request_id: offer.request_id,
+                    code,
+                },
+            );
         }
     }
 
-    fn expire_offers(&self, reg: &mut Registry) {
+    fn expire_offers(&self, reg: &mut Registry, out: &mut Deliveries) {
         for offer in reg.pairings.expire(Instant::now()) {
             LayerCounters::bump(&self.counters.pairings, ErrorCode::PairTimeout.as_str());
-            Self::refuse_offer(reg, &offer, ErrorCode::PairTimeout);
+            Self::refuse_offer(reg, out, &offer, ErrorCode::PairTimeout);
         }
     }
 
     /// Answers the offers that waited too long; shuntd calls this now and then, since an
     /// offer's other end may never come.
     pub fn expire_pair_offers(&self) {
-        let mut reg = self.registry();
-        self.expire_offers(&mut reg);
+        self.locked(|reg, out| self.expire_offers(reg, out));
     }
 
     /// An app closed (or reset) its side of a session.
@@ -1467,8 +1622,7 @@ impl SessionLayer {
         if !owned {
             return Err(SessionError::UnknownWorker(worker));
         }
-        let s = reg.sessions.remove(&session).expect("checked");
-        reg.table.remove(&s.tuple);
+        let s = reg.remove_session(session).expect("checked");
         if let Some(conn) = s.connection {
             let t = self.transport(s.transport);
             if reset {

@@ -9,6 +9,7 @@ use std::net::IpAddr;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use crate::access::AccessList;
 use crate::certificates::Certificates;
 use crate::rules::RulesTable;
 
@@ -22,6 +23,12 @@ pub enum NamespaceError {
     Exists(String),
     #[error("namespace id must be 1 to 128 characters of [A-Za-z0-9._-], got `{0}`")]
     BadId(String),
+    #[error("uid {uid} (gid {gid}) may not attach to namespace `{namespace}`")]
+    NotPermitted {
+        namespace: String,
+        uid: u32,
+        gid: u32,
+    },
 }
 
 /// Digest of a secret; comparing equal-length digests keeps the comparison constant-time even
@@ -43,6 +50,8 @@ pub struct Namespace {
     secret: SecretDigest,
     /// Local address of connects made from this namespace.
     pub address: IpAddr,
+    /// Who may attach, beside knowing the secret.
+    pub access: AccessList,
     /// Egress rules for connects made from this namespace.
     pub local_rules: RulesTable,
     /// Workload certificates its apps may fetch.
@@ -73,6 +82,7 @@ impl Namespace {
             id: id.to_owned(),
             secret: SecretDigest::of(secret),
             address,
+            access: AccessList::default(),
             local_rules: RulesTable::default(),
             certificates: Certificates::default(),
         })
@@ -80,6 +90,12 @@ impl Namespace {
 
     pub fn set_secret(&mut self, secret: &[u8]) {
         self.secret = SecretDigest::of(secret);
+    }
+
+    /// Sets who may attach (see [`AccessList`]).
+    pub fn with_access(mut self, access: AccessList) -> Self {
+        self.access = access;
+        self
     }
 }
 
@@ -96,6 +112,7 @@ impl Namespaces {
                 // its policy.
                 existing.secret = ns.secret;
                 existing.address = ns.address;
+                existing.access = ns.access;
                 Ok(())
             }
             Some(_) => Err(NamespaceError::Exists(ns.id)),

@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
+use crate::ports::LocalPorts;
 use crate::transport::TransportProto;
 
 /// A session as the network would name it. The local side is the side that owns the entry.
@@ -38,6 +39,8 @@ pub enum TableError {
 pub struct SessionTable<V> {
     established: HashMap<FiveTuple, V>,
     half_open: HashMap<FiveTuple, V>,
+    /// Local ports in use by either, per remote.
+    ports: LocalPorts,
 }
 
 impl<V> Default for SessionTable<V> {
@@ -45,6 +48,7 @@ impl<V> Default for SessionTable<V> {
         Self {
             established: HashMap::new(),
             half_open: HashMap::new(),
+            ports: LocalPorts::default(),
         }
     }
 }
@@ -59,6 +63,7 @@ impl<V: Copy> SessionTable<V> {
             return Err(TableError::Exists(key));
         }
         self.half_open.insert(key, value);
+        self.ports.take(key.proto, key.local, key.remote);
         Ok(())
     }
 
@@ -77,6 +82,7 @@ impl<V: Copy> SessionTable<V> {
             Entry::Occupied(_) => Err(TableError::Exists(key)),
             Entry::Vacant(v) if !self.half_open.contains_key(&key) => {
                 v.insert(value);
+                self.ports.take(key.proto, key.local, key.remote);
                 Ok(())
             }
             Entry::Vacant(_) => Err(TableError::Exists(key)),
@@ -92,9 +98,14 @@ impl<V: Copy> SessionTable<V> {
     }
 
     pub fn remove(&mut self, key: &FiveTuple) -> Option<V> {
-        self.established
+        let removed = self
+            .established
             .remove(key)
-            .or_else(|| self.half_open.remove(key))
+            .or_else(|| self.half_open.remove(key));
+        if removed.is_some() {
+            self.ports.release(key.proto, key.local, key.remote);
+        }
+        removed
     }
 
     pub fn len(&self) -> usize {
@@ -109,9 +120,15 @@ impl<V: Copy> SessionTable<V> {
         self.established.is_empty() && self.half_open.is_empty()
     }
 
-    /// Whether any session of `proto` uses local endpoint `local`, to pick free source ports.
-    pub fn local_in_use(&self, key: &FiveTuple) -> bool {
-        self.in_use(key)
+    /// A local port on `ip` that no session of `proto` uses toward `remote`; `None` when
+    /// every ephemeral port is taken. Costs a few word reads however full the table is.
+    pub fn free_local_port(
+        &mut self,
+        proto: TransportProto,
+        ip: IpAddr,
+        remote: SocketAddr,
+    ) -> Option<u16> {
+        self.ports.pick(proto, ip, remote)
     }
 }
 
@@ -198,6 +215,39 @@ mod tests {
         assert_eq!(t.establish(&k), Err(TableError::NotHalfOpen(k)));
         assert_eq!(t.remove(&k), Some(1));
         assert!(t.is_empty());
+    }
+
+    #[test]
+    fn free_ports_skip_sessions_in_either_table_until_they_go() {
+        let mut t = SessionTable::default();
+        let ip = "10.0.0.1".parse().unwrap();
+        let remote = "10.0.0.2:80".parse().unwrap();
+        let proto = TransportProto::CutThrough;
+        let first = t.free_local_port(proto, ip, remote).unwrap();
+        let half = FiveTuple {
+            proto,
+            local: SocketAddr::new(ip, first + 1),
+            remote,
+        };
+        let full = FiveTuple {
+            local: SocketAddr::new(ip, first + 2),
+            ..half
+        };
+        t.insert_half_open(half, 1u64).unwrap();
+        t.insert_established(full, 2).unwrap();
+        assert_eq!(t.free_local_port(proto, ip, remote), Some(first + 3));
+        t.remove(&half);
+        t.remove(&full);
+        t.remove(&full);
+        let mut seen = Vec::new();
+        for _ in 0..3 {
+            seen.push(t.free_local_port(proto, ip, remote).unwrap());
+        }
+        assert_eq!(
+            seen,
+            [first + 4, first + 5, first + 6],
+            "round robin goes on"
+        );
     }
 
     #[test]

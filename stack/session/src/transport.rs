@@ -6,11 +6,11 @@
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::os::fd::BorrowedFd;
 
 use shunt_sapi::event::FifoPair;
 
-use crate::app::{SegmentGrant, WorkerId};
+use crate::app::WorkerId;
+use crate::link::SegmentGrant;
 
 /// Transports known to the session layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -68,6 +68,8 @@ pub enum TransportError {
     Segment(String),
     #[error("connection {0:?} is unknown to this transport")]
     UnknownConnection(ConnectionId),
+    #[error("the connection needs a new segment, and the connecting side may not have one")]
+    NeedsSegment,
 }
 
 /// A transport's own name for a connection.
@@ -76,16 +78,32 @@ pub struct ConnectionId(pub u64);
 
 /// What the session layer asks a transport to connect.
 #[derive(Debug, Clone, Copy)]
-pub struct ConnectRequest<'a> {
+pub struct ConnectRequest {
     pub client: WorkerId,
     pub server: WorkerId,
     pub local: SocketAddr,
     pub remote: SocketAddr,
-    /// Doorbells of both workers, for transports whose peers notify each other directly.
-    pub client_doorbell: BorrowedFd<'a>,
-    pub server_doorbell: BorrowedFd<'a>,
     /// Bytes per FIFO the apps asked for, for transports with FIFOs; `None`: the default.
     pub fifo_size: Option<u32>,
+    /// Whether the connection may make a new shared segment, which is charged to the
+    /// connecting side; if it may not and needs one, the connect fails with `NeedsSegment`.
+    pub may_create_segment: bool,
+}
+
+/// A shared segment a connect made, for the layer to charge to the connecting side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NewSegment {
+    pub id: u32,
+    pub bytes: u64,
+}
+
+/// What a transport freed when a worker went away.
+#[derive(Debug, Default)]
+pub struct WorkerGone {
+    /// Its connections, now reset and freed.
+    pub connections: Vec<ConnectionId>,
+    /// Segments freed with them.
+    pub segments: Vec<u32>,
 }
 
 /// A new connection and what each side must be told to use it.
@@ -99,6 +117,8 @@ pub struct Connected {
     /// Shared segments each side must receive before it hears of the session.
     pub client_grant: Option<SegmentGrant>,
     pub server_grant: Option<SegmentGrant>,
+    /// The segment made for this connection, if one was.
+    pub new_segment: Option<NewSegment>,
 }
 
 /// Byte counters read from the transport, for listings and metrics.
@@ -116,7 +136,7 @@ pub trait Transport: Send + Sync {
     // Setup.
     fn start_listen(&self, endpoint: SocketAddr) -> Result<(), TransportError>;
     fn stop_listen(&self, endpoint: SocketAddr);
-    fn connect(&self, req: &ConnectRequest<'_>) -> Result<Connected, TransportError>;
+    fn connect(&self, req: &ConnectRequest) -> Result<Connected, TransportError>;
     /// One side closed its write direction.
     fn half_close(&self, id: ConnectionId, by_client: bool) -> Result<(), TransportError>;
     /// One side closed; the connection is freed once both have.
@@ -126,7 +146,7 @@ pub trait Transport: Send + Sync {
     /// Free everything the connection holds, whatever state it is in.
     fn cleanup(&self, id: ConnectionId);
     /// A worker is gone: reset its connections and release what only it held.
-    fn worker_gone(&self, worker: WorkerId) -> Vec<ConnectionId>;
+    fn worker_gone(&self, worker: WorkerId) -> WorkerGone;
 
     // Retrieval.
     fn stats(&self, id: ConnectionId) -> Option<ConnectionStats>;

@@ -1,4 +1,4 @@
-//! Passing file descriptors (segments, doorbells) over Unix sockets with `SCM_RIGHTS`.
+//! Passing file descriptors (segments, wake-up channels) over Unix sockets with `SCM_RIGHTS`.
 //!
 //! # Rules
 //!
@@ -45,6 +45,26 @@ pub fn send_with_fds(
     data: &[u8],
     fds: &[BorrowedFd<'_>],
 ) -> io::Result<usize> {
+    send_with_flags(sock, data, fds, SendFlags::NOSIGNAL)
+}
+
+/// Like [`send_with_fds`], but never blocks, whatever the socket's own flags say
+/// (`MSG_DONTWAIT`): a full socket is `WouldBlock`. shuntd sends to apps this way, so that no
+/// app can make it wait.
+pub fn try_send_with_fds(
+    sock: BorrowedFd<'_>,
+    data: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> io::Result<usize> {
+    send_with_flags(sock, data, fds, SendFlags::NOSIGNAL | SendFlags::DONTWAIT)
+}
+
+fn send_with_flags(
+    sock: BorrowedFd<'_>,
+    data: &[u8],
+    fds: &[BorrowedFd<'_>],
+    flags: SendFlags,
+) -> io::Result<usize> {
     if fds.len() > MAX_FDS_PER_MESSAGE {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -67,7 +87,7 @@ pub fn send_with_fds(
     }
     let iov = [IoSlice::new(data)];
     loop {
-        match sendmsg(sock, &iov, &mut control, SendFlags::NOSIGNAL) {
+        match sendmsg(sock, &iov, &mut control, flags) {
             Err(Errno::INTR) => continue,
             other => return other.map_err(io::Error::from),
         }

@@ -1,5 +1,5 @@
 //! Shared-memory foundation of Shunt: memfd segments, SPSC byte FIFOs, fixed-record event rings,
-//! eventfd doorbells and file-descriptor passing.
+//! wake-up channels, eventfd doorbells and file-descriptor passing.
 //!
 //! # Why it looks like this
 //!
@@ -7,10 +7,12 @@
 //! applications in cut-through) without copying them through a kernel socket. The bytes live in a
 //! *segment*: a sealed memfd that both processes map. Inside a segment sit single-producer /
 //! single-consumer byte [`fifo`]s (one per direction of a session) and [`ring`]s of 64-byte
-//! records (control and IO events). A process that has just made data available rings the peer's
-//! [`doorbell`] (an eventfd) — but only when the peer may be asleep, so a busy stream costs no
-//! system calls at all. File descriptors for segments and doorbells travel over a Unix socket with
-//! [`fdpass`].
+//! records (control and IO events). A process that has just made data available wakes the peer
+//! through a [`wake`] channel (its own end of a socketpair) — but only when the peer may be
+//! asleep, so a busy stream costs no system calls at all. File descriptors for segments and
+//! wake-up channels travel over a Unix socket with [`fdpass`]. A [`doorbell`] (an eventfd) wakes
+//! the threads of one process; it is never shared with another, because any holder of an
+//! eventfd can make every writer of it block.
 //!
 //! # The peer is not trusted
 //!
@@ -36,7 +38,8 @@
 //!
 //! The crate denies `unsafe_code`; only [`region`] (mapping, raw pointers, atomics placed in
 //! shared memory) and the small `fifo::slices` module (building zero-copy slices under the SPSC
-//! ownership argument) opt back in. [`fdpass`] and [`doorbell`] are safe wrappers over `rustix`.
+//! ownership argument) opt back in. [`fdpass`], [`wake`] and [`doorbell`] are safe wrappers over
+//! `rustix`.
 //!
 //! # Example
 //!
@@ -76,10 +79,11 @@ pub mod region;
 pub mod ring;
 pub mod segment;
 mod sync;
+pub mod wake;
 
 pub use alloc::SegmentAllocator;
 pub use doorbell::{Doorbell, wait_readable, wait_writable};
-pub use fdpass::{recv_with_fds, send_with_fds, seqpacket_pair};
+pub use fdpass::{recv_with_fds, send_with_fds, seqpacket_pair, try_send_with_fds};
 pub use fifo::{
     Consumer, FIFO_HEADER_LEN, FifoError, OooInterval, Producer, ReadSlices, WriteSlices,
     fifo_footprint, init_fifo,
@@ -89,3 +93,4 @@ pub use ring::{
     RECORD_LEN, RingConsumer, RingError, RingProducer, Wake, init_ring, ring_footprint,
 };
 pub use segment::{SEGMENT_HEADER_LEN, Segment, SegmentError};
+pub use wake::{Drained, Rung, WakeError, WakeSocket};

@@ -137,6 +137,11 @@ impl Segment {
             .close_on_exec(true)
             .create(name)
             .map_err(SegmentError::Memfd)?;
+        // memfds are born mode 0777. Only the holders of the fd map it anyway, but a process
+        // of another user that can reach it through /proc (see docs/security.md) must not open
+        // it by path: owner only.
+        rustix::fs::fchmod(memfd.as_file(), rustix::fs::Mode::from_raw_mode(0o600))
+            .map_err(std::io::Error::from)?;
         memfd.as_file().set_len(len as u64)?;
         memfd
             .add_seals(&[
@@ -312,6 +317,14 @@ mod tests {
         // The fd is close-on-exec.
         let flags = rustix::io::fcntl_getfd(seg.as_fd()).unwrap();
         assert!(flags.contains(rustix::io::FdFlags::CLOEXEC));
+    }
+
+    #[test]
+    #[cfg_attr(miri, ignore = "memfd/mmap syscalls")]
+    fn created_segment_is_owner_only() {
+        let seg = Segment::create("shunt-test", page()).unwrap();
+        let mode = rustix::fs::fstat(seg.as_fd()).unwrap().st_mode & 0o777;
+        assert_eq!(mode, 0o600);
     }
 
     #[test]

@@ -3,25 +3,38 @@
 //! Each app worker's connection is pinned to one shuntd worker thread (round robin), which runs
 //! a single-threaded runtime. Everything the app worker asks for is handled there, and the
 //! sessions it opens are pinned there too.
+//!
+//! Anyone on the node can connect to the attach socket, so nothing here trusts a connection
+//! until it attached: connections that have not attached yet are capped (per user and in all)
+//! and must attach within a timeout, and none of them holds a buffer of its own. When shuntd
+//! runs out of file descriptors, accepting backs off instead of spinning.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use rustix::io::Errno;
 use rustix::net::{self, AddressFamily, SocketFlags, SocketType};
 use shunt_sapi::ErrorCode;
 use shunt_sapi::event::Event;
-use shunt_sapi::message::{CertificateMaterial, DaemonReply, MAX_MESSAGE_LEN, Request};
+use shunt_sapi::message::{
+    CertificateMaterial, DaemonReply, DecodeError, MAX_MESSAGE_LEN, Request, ResumedSession,
+};
 use shunt_session::SessionLayer;
-use shunt_session::app::{PeerCred, WorkerId, WorkerLink};
+use shunt_session::app::{PeerCred, WorkerId};
 use shunt_session::layer::{AttachRequest, Attached, PairOutcome, SessionError, SessionId};
-use shunt_shm::doorbell::Doorbell;
+use shunt_session::link::WorkerLink;
 use shunt_shm::fdpass;
+use shunt_shm::wake::WakeSocket;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
 
 use crate::link::DaemonLink;
+use crate::log_throttle::LogThrottle;
 use crate::sidecar_usage::SidecarUsage;
 
 /// Daemon-side counters that the session layer does not see.
@@ -31,24 +44,111 @@ pub struct ServerCounters {
     /// Control API calls refused for the caller's credentials.
     pub control_refusals: AtomicU64,
     pub sidecar_usage: SidecarUsage,
+    /// Deliveries that found an app's socket full and waited for it to read.
+    pub socket_full: AtomicU64,
+    /// App-socket connections closed before they attached, by reason.
+    pub refused_connections: Mutex<HashMap<&'static str, u64>>,
+    /// Failed accepts on the app socket, by reason.
+    pub accept_errors: Mutex<HashMap<&'static str, u64>>,
+    /// Lines an app could trigger at will, written once per interval.
+    pub log: LogThrottle,
+}
+
+impl ServerCounters {
+    fn bump(map: &Mutex<HashMap<&'static str, u64>>, key: &'static str) {
+        *map.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(key)
+            .or_default() += 1;
+    }
+}
+
+/// Caps on app-socket connections that have not attached yet.
+#[derive(Debug, Clone, Copy)]
+pub struct UnattachedLimits {
+    /// In all.
+    pub total: usize,
+    /// Per user.
+    pub per_uid: usize,
+    /// How long a connection may take to attach.
+    pub timeout: Duration,
+}
+
+impl Default for UnattachedLimits {
+    fn default() -> Self {
+        Self {
+            total: 1024,
+            per_uid: 64,
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What the app server needs besides the session layer.
+#[derive(Debug, Clone, Copy)]
+pub struct AppServerConfig {
+    /// Events per worker's event queue, unless the app asks for another size.
+    pub event_queue_len: u32,
+    pub unattached: UnattachedLimits,
+}
+
+/// Connections that have not attached yet, counted against [`UnattachedLimits`].
+#[derive(Debug, Default)]
+struct Unattached {
+    total: usize,
+    by_uid: HashMap<u32, usize>,
+}
+
+/// One connection's place among the unattached; given back when dropped.
+struct UnattachedTicket {
+    uid: u32,
+    pool: Arc<Mutex<Unattached>>,
+}
+
+impl Drop for UnattachedTicket {
+    fn drop(&mut self) {
+        let mut u = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        u.total -= 1;
+        if let Some(n) = u.by_uid.get_mut(&self.uid) {
+            *n -= 1;
+            if *n == 0 {
+                u.by_uid.remove(&self.uid);
+            }
+        }
+    }
 }
 
 struct NewConnection {
     fd: OwnedFd,
     cred: PeerCred,
+    ticket: UnattachedTicket,
 }
 
 pub struct AppServer {
     workers: Vec<mpsc::UnboundedSender<NewConnection>>,
     next: AtomicUsize,
+    unattached: Arc<Mutex<Unattached>>,
+    limits: UnattachedLimits,
+    counters: Arc<ServerCounters>,
 }
 
 #[derive(Clone)]
 struct Shared {
     layer: Arc<SessionLayer>,
     counters: Arc<ServerCounters>,
-    event_queue_len: u32,
+    config: AppServerConfig,
 }
+
+thread_local! {
+    /// One receive buffer per worker thread, shared by every connection it serves: a message
+    /// is decoded into owned values before anything awaits, so no connection holds it.
+    static RECEIVE_BUFFER: RefCell<Vec<u8>> = RefCell::new(vec![0; MAX_MESSAGE_LEN]);
+}
+
+/// How long accepting pauses after the first failure for lack of descriptors or memory, and
+/// at most.
+const ACCEPT_BACKOFF_FIRST: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// Binds a SOCK_SEQPACKET listening socket at `path`, replacing a stale socket file.
 pub fn bind_seqpacket(path: &Path) -> std::io::Result<OwnedFd> {
@@ -104,12 +204,12 @@ impl AppServer {
         n: usize,
         layer: Arc<SessionLayer>,
         counters: Arc<ServerCounters>,
-        event_queue_len: u32,
+        config: AppServerConfig,
     ) -> std::io::Result<Self> {
         let shared = Shared {
             layer,
-            counters,
-            event_queue_len,
+            counters: counters.clone(),
+            config,
         };
         let mut workers = Vec::with_capacity(n);
         for thread in 0..n {
@@ -132,12 +232,16 @@ impl AppServer {
         Ok(Self {
             workers,
             next: AtomicUsize::new(0),
+            unattached: Arc::new(Mutex::new(Unattached::default())),
+            limits: config.unattached,
+            counters,
         })
     }
 
     /// Accepts app connections forever, handing each to the next worker thread.
     pub async fn accept_loop(&self, listener: OwnedFd) -> std::io::Result<()> {
         let listener = crate::reactor::watch(listener)?;
+        let mut backoff = ACCEPT_BACKOFF_FIRST;
         loop {
             let mut guard = listener.readable().await?;
             match net::accept_with(
@@ -145,24 +249,80 @@ impl AppServer {
                 SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
             ) {
                 Ok(fd) => {
-                    let cred = net::sockopt::socket_peercred(&fd)
-                        .map(|c| PeerCred {
-                            pid: c.pid.as_raw_nonzero().get() as u32,
-                            uid: c.uid.as_raw(),
-                            gid: c.gid.as_raw(),
-                        })
-                        .unwrap_or_default();
-                    let i = self.next.fetch_add(1, Ordering::Relaxed) % self.workers.len();
-                    if self.workers[i].send(NewConnection { fd, cred }).is_err() {
-                        tracing::error!(
-                            worker = i,
-                            "worker thread is gone; dropping app connection"
-                        );
+                    backoff = ACCEPT_BACKOFF_FIRST;
+                    self.admit(fd);
+                }
+                Err(Errno::AGAIN) => guard.clear_ready(),
+                Err(e) => {
+                    let reason = match e {
+                        Errno::MFILE => "process_fd_limit",
+                        Errno::NFILE => "system_fd_limit",
+                        Errno::NOBUFS | Errno::NOMEM => "no_memory",
+                        _ => "other",
+                    };
+                    ServerCounters::bump(&self.counters.accept_errors, reason);
+                    if let Some(held_back) = self.counters.log.admit(reason) {
+                        tracing::warn!(error = %e, held_back, "accept on the app socket failed");
+                    }
+                    if reason != "other" {
+                        // The connection waits in the backlog; retrying at once would spin
+                        // until a descriptor frees up.
+                        drop(guard);
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
                     }
                 }
-                Err(e) if e == rustix::io::Errno::AGAIN => guard.clear_ready(),
-                Err(e) => tracing::warn!(error = %e, "accept on the app socket failed"),
             }
+        }
+    }
+
+    /// Hands a new connection to a worker thread, or closes it when its user (or everyone)
+    /// already has as many unattached connections as allowed.
+    fn admit(&self, fd: OwnedFd) {
+        let cred = net::sockopt::socket_peercred(&fd)
+            .map(|c| PeerCred {
+                pid: c.pid.as_raw_nonzero().get() as u32,
+                uid: c.uid.as_raw(),
+                gid: c.gid.as_raw(),
+            })
+            .unwrap_or_default();
+        let ticket = {
+            let mut u = self.unattached.lock().unwrap_or_else(|e| e.into_inner());
+            let mine = u.by_uid.get(&cred.uid).copied().unwrap_or(0);
+            let full = if u.total >= self.limits.total {
+                Some("unattached_total")
+            } else if mine >= self.limits.per_uid {
+                Some("unattached_per_uid")
+            } else {
+                None
+            };
+            if let Some(reason) = full {
+                drop(u);
+                ServerCounters::bump(&self.counters.refused_connections, reason);
+                if let Some(held_back) = self.counters.log.admit(reason) {
+                    tracing::warn!(
+                        uid = cred.uid,
+                        pid = cred.pid,
+                        reason,
+                        held_back,
+                        "too many app connections that have not attached; closing"
+                    );
+                }
+                return;
+            }
+            u.total += 1;
+            *u.by_uid.entry(cred.uid).or_default() += 1;
+            UnattachedTicket {
+                uid: cred.uid,
+                pool: self.unattached.clone(),
+            }
+        };
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.workers.len();
+        if self.workers[i]
+            .send(NewConnection { fd, cred, ticket })
+            .is_err()
+        {
+            tracing::error!(worker = i, "worker thread is gone; dropping app connection");
         }
     }
 }
@@ -172,12 +332,22 @@ enum Step {
     Close,
 }
 
+/// What one datagram from an app brought.
+enum Received {
+    Message(Result<(u32, Request), DecodeError>, Vec<OwnedFd>),
+    WouldBlock,
+    Closed,
+    Failed(std::io::Error),
+}
+
 struct Connection {
     fd: AsyncFd<OwnedFd>,
     cred: PeerCred,
     thread: usize,
     shared: Shared,
     worker: Option<(WorkerId, Arc<DaemonLink>)>,
+    /// Held until the connection attaches.
+    ticket: Option<UnattachedTicket>,
 }
 
 async fn serve(conn: NewConnection, thread: usize, shared: Shared) {
@@ -188,34 +358,51 @@ async fn serve(conn: NewConnection, thread: usize, shared: Shared) {
             return;
         }
     };
+    let attach_deadline = tokio::time::Instant::now() + shared.config.unattached.timeout;
     let mut c = Connection {
         fd,
         cred: conn.cred,
         thread,
         shared,
         worker: None,
+        ticket: Some(conn.ticket),
     };
-    let mut buf = vec![0u8; MAX_MESSAGE_LEN];
     loop {
-        let received = {
-            let Ok(mut guard) = c.fd.readable().await else {
-                break;
-            };
-            match fdpass::recv_with_fds(guard.get_inner().as_fd(), &mut buf, 1) {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    guard.clear_ready();
-                    continue;
+        let link = c.worker.as_ref().map(|(_, l)| l.clone());
+        let received = match link {
+            Some(link) => {
+                tokio::select! {
+                    r = c.receive() => r,
+                    () = link.stalled() => {
+                        c.unstall(&link).await;
+                        continue;
+                    }
                 }
-                other => other,
             }
+            None => match tokio::time::timeout_at(attach_deadline, c.receive()).await {
+                Ok(r) => r,
+                Err(_) => {
+                    ServerCounters::bump(&c.shared.counters.refused_connections, "attach_timeout");
+                    if let Some(held_back) = c.shared.counters.log.admit("attach_timeout") {
+                        tracing::warn!(
+                            pid = c.cred.pid,
+                            uid = c.cred.uid,
+                            held_back,
+                            "app connection did not attach in time; closing"
+                        );
+                    }
+                    break;
+                }
+            },
         };
         match received {
-            Ok((0, _)) => break,
-            Ok((n, fds)) => match c.handle(&buf[..n], fds).await {
+            Received::Message(msg, fds) => match c.handle(msg, fds).await {
                 Step::Continue => {}
                 Step::Close => break,
             },
-            Err(e) => {
+            Received::WouldBlock => {}
+            Received::Closed => break,
+            Received::Failed(e) => {
                 tracing::debug!(pid = c.cred.pid, error = %e, "app connection failed");
                 break;
             }
@@ -228,10 +415,43 @@ async fn serve(conn: NewConnection, thread: usize, shared: Shared) {
 }
 
 impl Connection {
+    /// Waits for the next datagram and decodes it.
+    async fn receive(&self) -> Received {
+        let Ok(mut guard) = self.fd.readable().await else {
+            return Received::Closed;
+        };
+        let fd = guard.get_inner().as_fd();
+        let received =
+            RECEIVE_BUFFER.with_borrow_mut(|buf| match fdpass::recv_with_fds(fd, buf, 1) {
+                Ok((0, _)) => Received::Closed,
+                Ok((n, fds)) => Received::Message(Request::decode(&buf[..n]), fds),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Received::WouldBlock,
+                Err(e) => Received::Failed(e),
+            });
+        if matches!(received, Received::WouldBlock) {
+            guard.clear_ready();
+        }
+        received
+    }
+
+    /// Delivers what waited for the app to read its socket, as its socket drains.
+    async fn unstall(&self, link: &DaemonLink) {
+        loop {
+            let Ok(mut guard) = self.fd.writable().await else {
+                return;
+            };
+            link.flush();
+            if !link.is_stalled() {
+                return;
+            }
+            guard.clear_ready();
+        }
+    }
+
     async fn send(&self, request_id: u32, reply: DaemonReply, fds: &[std::os::fd::BorrowedFd<'_>]) {
         let msg = reply.encode(request_id);
         loop {
-            match fdpass::send_with_fds(self.fd.get_ref().as_fd(), &msg, fds) {
+            match fdpass::try_send_with_fds(self.fd.get_ref().as_fd(), &msg, fds) {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     match self.fd.writable().await {
                         Ok(mut g) => g.clear_ready(),
@@ -252,8 +472,12 @@ impl Connection {
             .await;
     }
 
-    async fn handle(&mut self, bytes: &[u8], fds: Vec<OwnedFd>) -> Step {
-        let (request_id, request) = match Request::decode(bytes) {
+    async fn handle(
+        &mut self,
+        decoded: Result<(u32, Request), DecodeError>,
+        fds: Vec<OwnedFd>,
+    ) -> Step {
+        let (request_id, request) = match decoded {
             Ok(r) => r,
             Err(e) => {
                 self.shared
@@ -295,7 +519,7 @@ impl Connection {
                 },
                 None,
             ) => {
-                let Some((doorbell, link)) = self.make_link(request_id, fds, event_queue_len).await
+                let Some((link, app_wake)) = self.make_link(request_id, fds, event_queue_len).await
                 else {
                     return Step::Close;
                 };
@@ -307,17 +531,16 @@ impl Connection {
                     cred: self.cred,
                     thread: self.thread,
                     link: link.clone(),
-                    doorbell,
                     resume,
                 };
                 match self.shared.layer.attach(req) {
                     Ok(a) => {
                         tracing::info!(app = a.app.0, worker = %a.worker, name = %app_name, namespace = %namespace_id, pid = self.cred.pid, uid = self.cred.uid, "app attached");
-                        self.attached(request_id, a, link).await;
+                        self.attached(request_id, a, link, app_wake).await;
                         Step::Continue
                     }
                     Err(e) => {
-                        tracing::warn!(namespace = %namespace_id, pid = self.cred.pid, uid = self.cred.uid, error = %e, "attach refused");
+                        self.refused("attach", &e);
                         self.fail(request_id, e.code(), e.to_string()).await;
                         Step::Close
                     }
@@ -332,7 +555,7 @@ impl Connection {
                 },
                 None,
             ) => {
-                let Some((doorbell, link)) = self.make_link(request_id, fds, event_queue_len).await
+                let Some((link, app_wake)) = self.make_link(request_id, fds, event_queue_len).await
                 else {
                     return Step::Close;
                 };
@@ -342,16 +565,15 @@ impl Connection {
                     &app_token,
                     self.thread,
                     link.clone(),
-                    doorbell,
                     &resume,
                 ) {
                     Ok(a) => {
                         tracing::info!(app = app_id, worker = %a.worker, pid = self.cred.pid, "app worker attached");
-                        self.attached(request_id, a, link).await;
+                        self.attached(request_id, a, link, app_wake).await;
                         Step::Continue
                     }
                     Err(e) => {
-                        tracing::warn!(app = app_id, pid = self.cred.pid, error = %e, "worker attach refused");
+                        self.refused("worker attach", &e);
                         self.fail(request_id, e.code(), e.to_string()).await;
                         Step::Close
                     }
@@ -362,6 +584,10 @@ impl Connection {
                 self.fail(request_id, ErrorCode::InvalidRequest, "nested batch".into())
                     .await;
                 Step::Close
+            }
+            (Request::ResumeSessions(sessions), Some(w)) => {
+                self.resume_sessions(request_id, w, fds, &sessions).await;
+                Step::Continue
             }
             (Request::Attach { .. } | Request::AttachWorker { .. }, Some(_)) => {
                 self.fail(
@@ -392,7 +618,7 @@ impl Connection {
                         .await;
                     }
                     Err(e) => {
-                        tracing::info!(worker = %w, %endpoint, error = %e, "listen refused");
+                        self.refused("listen", &e);
                         self.fail(request_id, e.code(), e.to_string()).await;
                     }
                 }
@@ -474,11 +700,15 @@ impl Connection {
         let code = e.code();
         match code {
             ErrorCode::Denied => tracing::info!(worker = %w, %remote, error = %e, "connect denied"),
+            ErrorCode::LimitExceeded => self.refused("connect", &e),
             _ => tracing::debug!(worker = %w, %remote, error = %e, "connect failed"),
         }
         let posted = self.worker.as_ref().is_some_and(|(_, link)| {
-            link.post(&Event::ConnectFailed { request_id, code })
-                .is_ok()
+            let posted = link
+                .post(&Event::ConnectFailed { request_id, code })
+                .is_ok();
+            link.flush();
+            posted
         });
         if !posted {
             // The worker's own queue is full: answer on the socket instead.
@@ -486,25 +716,67 @@ impl Connection {
         }
     }
 
-    /// Checks the attach's doorbell fd and builds the worker's event queue.
-    async fn make_link(
+    /// Logs a refusal an app can provoke at will (limits, who may attach), one line per
+    /// interval per kind; its metric counts each.
+    fn refused(&self, what: &'static str, e: &SessionError) {
+        if let Some(held_back) = self.shared.counters.log.admit(what) {
+            tracing::warn!(pid = self.cred.pid, uid = self.cred.uid, error = %e, held_back, "{what} refused");
+        }
+    }
+
+    /// Checks and lists the sessions of one segment an app kept across a restart of shuntd.
+    async fn resume_sessions(
         &self,
         request_id: u32,
+        w: WorkerId,
         mut fds: Vec<OwnedFd>,
-        queue_len: u32,
-    ) -> Option<(OwnedFd, Arc<DaemonLink>)> {
-        if fds.len() != 1 {
+        sessions: &[ResumedSession],
+    ) {
+        let Some(segment) = fds.pop().filter(|_| fds.is_empty()) else {
             self.fail(
                 request_id,
                 ErrorCode::InvalidRequest,
-                format!("attach carries {} fds, expected 1 doorbell", fds.len()),
+                "resumed sessions travel with their segment's memfd".into(),
+            )
+            .await;
+            return;
+        };
+        let outcomes = self.shared.layer.resume_sessions(w, segment, sessions);
+        let refused = outcomes.iter().filter(|o| o.is_err()).count();
+        if refused > 0
+            && let Some(held_back) = self.shared.counters.log.admit("resume")
+        {
+            let first = outcomes.iter().find_map(|o| o.as_ref().err());
+            tracing::warn!(worker = %w, pid = self.cred.pid, refused, first = ?first.map(ToString::to_string), held_back, "resumed sessions refused");
+        }
+        let reply = DaemonReply::Resumed(
+            outcomes
+                .into_iter()
+                .map(|o| o.map(|id| id.0).map_err(|e| e.code()))
+                .collect(),
+        );
+        self.send(request_id, reply, &[]).await;
+    }
+
+    /// Builds the worker's event queue and wake-up socket. An attach carries no fds: shuntd
+    /// writes only to descriptors it made, so no app can hand it one that blocks.
+    async fn make_link(
+        &self,
+        request_id: u32,
+        fds: Vec<OwnedFd>,
+        queue_len: u32,
+    ) -> Option<(Arc<DaemonLink>, WakeSocket)> {
+        if !fds.is_empty() {
+            self.fail(
+                request_id,
+                ErrorCode::InvalidRequest,
+                format!("attach carries {} fds, expected none", fds.len()),
             )
             .await;
             return None;
         }
-        let doorbell_fd = fds.pop().expect("one fd");
         let queue_len = if queue_len == 0 {
-            self.shared.event_queue_len
+            self.shared.config.event_queue_len
         } else {
             queue_len
         };
@@ -517,12 +789,12 @@ impl Connection {
             .await;
             return None;
         }
-        let built = (|| -> anyhow::Result<(OwnedFd, Arc<DaemonLink>)> {
-            let keep = doorbell_fd.try_clone()?;
+        let built = (|| -> anyhow::Result<(Arc<DaemonLink>, WakeSocket)> {
             let socket = self.fd.get_ref().try_clone()?;
             let name = format!("shunt-evq-{}", self.cred.pid);
-            let link = DaemonLink::new(socket, Doorbell::from_fd(doorbell_fd)?, queue_len, &name)?;
-            Ok((keep, Arc::new(link)))
+            let counters = self.shared.counters.clone();
+            let (link, app_wake) = DaemonLink::new(socket, queue_len, &name, counters)?;
+            Ok((Arc::new(link), app_wake))
         })();
         match built {
             Ok(v) => Some(v),
@@ -535,7 +807,13 @@ impl Connection {
         }
     }
 
-    async fn attached(&mut self, request_id: u32, a: Attached, link: Arc<DaemonLink>) {
+    async fn attached(
+        &mut self,
+        request_id: u32,
+        a: Attached,
+        link: Arc<DaemonLink>,
+        app_wake: WakeSocket,
+    ) {
         let reply = DaemonReply::Attached {
             app_id: a.app.0,
             app_token: a.app_token.to_vec(),
@@ -544,8 +822,11 @@ impl Connection {
             namespace_address: std::net::SocketAddr::new(a.namespace_address, 0),
         };
         let seg = link.segment().clone();
-        self.send(request_id, reply, &[seg.as_fd()]).await;
+        self.send(request_id, reply, &[seg.as_fd(), app_wake.as_fd()])
+            .await;
         tracing::trace!(fd = self.fd.get_ref().as_raw_fd(), "attach reply sent");
         self.worker = Some((a.worker, link));
+        // Attached: no longer one of the connections that have not.
+        self.ticket = None;
     }
 }

@@ -4,8 +4,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use shunt_session::access::AccessList;
 use shunt_session::cut_through::CutThroughConfig;
 use shunt_session::identity_match::IdentityMatch;
+use shunt_session::limits::{Caps, Limits};
 use shunt_session::rules::{self, PortRange, Rule, RuleAction, RuleError};
 
 /// The configuration used when no file is given.
@@ -46,9 +48,51 @@ pub struct Config {
     /// How long one end of a pairing waits for the other, in milliseconds.
     pub pair_timeout_ms: u64,
     pub cut_through: CutThroughSection,
+    /// What one user, one namespace, and connections that have not attached may hold.
+    pub limits: LimitsSection,
     pub namespaces: Vec<NamespaceSection>,
     #[serde(default)]
     pub rules: Vec<RuleSection>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSection {
+    pub per_uid: CapsSection,
+    pub per_namespace: CapsSection,
+    pub unattached: UnattachedSection,
+}
+
+/// Caps of one holder; see `shunt_session::limits`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CapsSection {
+    pub apps: u64,
+    pub workers: u64,
+    pub listeners: u64,
+    pub sessions: u64,
+    pub segment_bytes: u64,
+}
+
+impl From<CapsSection> for Caps {
+    fn from(c: CapsSection) -> Caps {
+        Caps {
+            apps: c.apps,
+            workers: c.workers,
+            listeners: c.listeners,
+            sessions: c.sessions,
+            segment_bytes: c.segment_bytes,
+        }
+    }
+}
+
+/// App-socket connections that have not attached yet.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnattachedSection {
+    pub total: usize,
+    pub per_uid: usize,
+    pub timeout_ms: u64,
 }
 
 /// Users and groups allowed on the control socket. With both lists empty, root and the user
@@ -77,6 +121,21 @@ pub struct NamespaceSection {
     #[serde(default)]
     pub secret: String,
     pub address: IpAddr,
+    /// Who may attach, beside knowing the secret: both empty means root and the user shuntd
+    /// runs as; otherwise exactly these users, and callers whose primary group is listed.
+    #[serde(default)]
+    pub uids: Vec<u32>,
+    #[serde(default)]
+    pub gids: Vec<u32>,
+}
+
+impl NamespaceSection {
+    pub fn access(&self) -> AccessList {
+        AccessList {
+            uids: self.uids.clone(),
+            gids: self.gids.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -295,6 +354,13 @@ impl Config {
                 "must be a power of two, at least 16",
             ));
         }
+        let u = &self.limits.unattached;
+        if u.total == 0 || u.per_uid == 0 || u.timeout_ms == 0 {
+            return Err(invalid(
+                "limits.unattached",
+                "total, per_uid and timeout_ms must be above 0",
+            ));
+        }
         if !self.metrics_address.is_empty() && self.metrics_address.parse::<SocketAddr>().is_err() {
             return Err(invalid("metrics_address", "must be ip:port or empty"));
         }
@@ -325,6 +391,22 @@ impl Config {
             segment_size: self.cut_through.segment_size,
         }
     }
+
+    pub fn limits(&self) -> Limits {
+        Limits {
+            per_uid: self.limits.per_uid.into(),
+            per_namespace: self.limits.per_namespace.into(),
+        }
+    }
+
+    pub fn unattached(&self) -> crate::app_server::UnattachedLimits {
+        let u = &self.limits.unattached;
+        crate::app_server::UnattachedLimits {
+            total: u.total,
+            per_uid: u.per_uid,
+            timeout: std::time::Duration::from_millis(u.timeout_ms),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -335,7 +417,39 @@ mod tests {
     fn default_config_is_valid() {
         let c = Config::load(None).unwrap();
         assert_eq!(c.namespaces[0].id, "default");
+        assert!(c.namespaces[0].access().is_default());
         assert!(c.rules.is_empty());
+    }
+
+    #[test]
+    fn the_documented_limits_are_the_session_layers_defaults() {
+        let c = Config::load(None).unwrap();
+        assert_eq!(c.limits(), Limits::default());
+        let u = c.unattached();
+        let d = crate::app_server::UnattachedLimits::default();
+        assert_eq!(
+            (u.total, u.per_uid, u.timeout),
+            (d.total, d.per_uid, d.timeout)
+        );
+        let c = Config::parse("limits: {per_uid: {sessions: 10}}").unwrap();
+        assert_eq!(c.limits().per_uid.sessions, 10);
+        assert_eq!(
+            c.limits().per_uid.apps,
+            Caps::DEFAULT.apps,
+            "the rest stays"
+        );
+        let e = Config::parse("limits: {unattached: {per_uid: 0}}").unwrap_err();
+        assert!(e.to_string().contains("limits.unattached"), "{e}");
+    }
+
+    #[test]
+    fn namespaces_may_list_who_attaches() {
+        let c = Config::parse(
+            "namespaces: [{id: mesh, address: 127.0.0.1, uids: [1337], gids: [2000]}]",
+        )
+        .unwrap();
+        let a = c.namespaces[0].access();
+        assert!(a.admits(1337, 1337, 0) && a.admits(5, 2000, 0) && !a.admits(0, 0, 0));
     }
 
     #[test]

@@ -278,6 +278,8 @@ impl Control for ControlService {
                     address: ns.address.to_string(),
                     attached_apps: apps.iter().filter(|a| a.2 == ns.id).count() as u32,
                     local_rules: ns.local_rules.len() as u32,
+                    uids: ns.access.uids.clone(),
+                    gids: ns.access.gids.clone(),
                 })
                 .collect()
         });
@@ -296,8 +298,13 @@ impl Control for ControlService {
             .address
             .parse()
             .map_err(|_| Status::invalid_argument("address: must be an IP address"))?;
+        let access = shunt_session::access::AccessList {
+            uids: ns.uids,
+            gids: ns.gids,
+        };
         let ns = Namespace::new(&ns.id, &ns.secret, address)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            .map_err(|e| Status::invalid_argument(e.to_string()))?
+            .with_access(access);
         tracing::info!(namespace = %ns.id, "namespace added through the control API");
         self.layer
             .add_namespace(ns, req.replace)

@@ -2,9 +2,10 @@
 //!
 //! - [`config`]: the YAML configuration and its built-in default.
 //! - [`app_server`]: the attach socket and the worker threads apps are pinned to.
-//! - [`link`]: how the session layer reaches an attached app worker.
+//! - [`link`]: how the session layer reaches an attached app worker, never blocking on it.
 //! - [`control`]: the gRPC control API, and [`control_access`]: who may call it.
-//! - [`metrics`]: Prometheus metrics.
+//! - [`metrics`]: Prometheus metrics, and [`log_throttle`]: log lines an app can provoke,
+//!   written once per interval.
 //! - [`background`]: shuntd on a thread of its own, for programs that embed it.
 //!
 //! [`build`] assembles them and returns what it bound, so tests can run a whole daemon
@@ -16,6 +17,7 @@ pub mod config;
 pub mod control;
 pub mod control_access;
 pub mod link;
+pub mod log_throttle;
 pub mod metrics;
 mod reactor;
 pub mod sidecar_usage;
@@ -31,7 +33,7 @@ use shunt_session::{SessionLayer, SessionLayerConfig};
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::service::interceptor::InterceptedService;
 
-use crate::app_server::{AppServer, ServerCounters};
+use crate::app_server::{AppServer, AppServerConfig, ServerCounters};
 use crate::config::{Config, RuleScopeSection};
 use crate::control_access::ControlAccess;
 
@@ -57,13 +59,17 @@ impl Bound {
 /// Builds the session layer from `config` and starts every service. Must run inside a tokio
 /// runtime, which will host the control plane (gRPC, metrics, accept loop).
 pub async fn build(config: &Config) -> anyhow::Result<Bound> {
+    raise_fd_limit();
     let layer = Arc::new(SessionLayer::new(SessionLayerConfig {
         cut_through: config.cut_through(),
         pair_timeout: std::time::Duration::from_millis(config.pair_timeout_ms),
+        limits: config.limits(),
+        daemon_uid: rustix::process::geteuid().as_raw(),
     }));
     for ns in &config.namespaces {
         let n = Namespace::new(&ns.id, ns.secret.as_bytes(), ns.address)
-            .with_context(|| format!("namespace `{}`", ns.id))?;
+            .with_context(|| format!("namespace `{}`", ns.id))?
+            .with_access(ns.access());
         layer.add_namespace(n, false)?;
     }
     for (i, r) in config.rules.iter().enumerate() {
@@ -85,7 +91,10 @@ pub async fn build(config: &Config) -> anyhow::Result<Bound> {
         workers,
         layer.clone(),
         counters.clone(),
-        config.event_queue_len,
+        AppServerConfig {
+            event_queue_len: config.event_queue_len,
+            unattached: config.unattached(),
+        },
     )?);
     let app_listener = app_server::bind_seqpacket(&config.app_socket)
         .with_context(|| format!("app socket {}", config.app_socket.display()))?;
@@ -169,9 +178,25 @@ pub use shunt_proto::CONTROL_MESSAGE_LIMIT;
 /// How often waiting pairing offers are checked for expiry.
 const PAIR_EXPIRY_TICK: std::time::Duration = std::time::Duration::from_millis(250);
 
-/// Apps in other containers attach as other users; namespace secrets, not file modes, decide
-/// who gets in.
+/// Apps in other containers attach as other users; namespaces (their secrets, and the users
+/// they admit, checked against each caller's kernel credentials), not file modes, decide who
+/// gets in.
 const APP_SOCKET_MODE: u32 = 0o777;
+
+/// Every attached worker and segment holds descriptors; the soft limit is often far below
+/// what the system allows a service (the hard limit). Raising it is what service managers do
+/// for daemons; failing to is only logged, and the limits in the configuration still hold.
+fn raise_fd_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    // `None` is unlimited.
+    if limit.current != limit.maximum {
+        limit.current = limit.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, limit) {
+            tracing::warn!(error = %e, "cannot raise the file descriptor limit");
+        }
+    }
+}
 
 fn set_mode(path: &std::path::Path, mode: u32) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;

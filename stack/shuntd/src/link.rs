@@ -1,49 +1,88 @@
 //! How the session layer reaches one attached app worker: fds over its socket, events through
-//! its shared-memory event queue, and a ring of its eventfd doorbell.
+//! its shared-memory event queue, and a wake-up through its wake-up socket.
+//!
+//! Whatever the layer hands over is queued here, under the layer's registry lock, and delivered
+//! by [`DaemonLink::flush`] once that lock is free (see `shunt_session::link`). Delivering
+//! never blocks:
+//!
+//! * grants go out with `MSG_DONTWAIT` on shuntd's own end of the app's socket. When the app
+//!   has let its socket fill up, the grant and everything queued after it wait, in order,
+//!   until the app reads; the app's connection task is told ([`DaemonLink::stalled`]) and
+//!   flushes again once the socket is writable. Nothing is lost and nobody else waits;
+//! * events are memory writes into the app's event queue; the room they need was counted when
+//!   they were queued ([`WorkerLink::has_room`]), so they always fit;
+//! * the wake-up is one non-blocking send on shuntd's own end of a socketpair, whose other end
+//!   the app holds. The app cannot make that send block: it does not hold shuntd's end, and a
+//!   full buffer means a wake-up is pending anyway.
 
+use std::collections::VecDeque;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use shunt_sapi::event::Event;
 use shunt_sapi::layout;
 use shunt_sapi::message::DaemonReply;
-use shunt_session::app::{LinkError, SegmentGrant, WorkerLink};
-use shunt_shm::doorbell::Doorbell;
+use shunt_session::link::{LinkError, SegmentGrant, WorkerLink};
 use shunt_shm::fdpass;
-use shunt_shm::ring::{self, RingProducer, Wake};
+use shunt_shm::ring::{self, RECORD_LEN, RingProducer, Wake};
 use shunt_shm::segment::Segment;
+use shunt_shm::wake::WakeSocket;
+
+use crate::app_server::ServerCounters;
 
 pub struct DaemonLink {
+    /// A duplicate of shuntd's end of the app's connection.
     socket: OwnedFd,
-    queue: Mutex<Queue>,
+    /// shuntd's end of the app's wake-up socket.
+    wake: WakeSocket,
     queue_len: u32,
-    doorbell: Doorbell,
     segment: Arc<Segment>,
+    outbox: Mutex<Outbox>,
+    /// Told when a grant waits for the app to read its socket.
+    stalled: tokio::sync::Notify,
+    counters: Arc<ServerCounters>,
 }
 
-struct Queue {
+enum Outgoing {
+    Grant(SegmentGrant),
+    Event {
+        record: [u8; RECORD_LEN],
+        /// Whether the app must be woken for it (see `WorkerLink::post_quietly`).
+        loud: bool,
+    },
+}
+
+struct Outbox {
     producer: RingProducer,
-    /// A quiet post found the queue empty and did not ring: the worker may be asleep on it.
-    ring_owed: bool,
+    items: VecDeque<Outgoing>,
+    /// Events in `items`, which the event queue must have room for.
+    queued_events: usize,
+    /// A quiet event found the queue empty and did not wake the app: it may be asleep on it.
+    wake_owed: bool,
+    /// Someone is delivering; others only queue.
+    flushing: bool,
+    /// The first item is a grant the app's full socket refused.
+    stalled: bool,
+    /// The app's socket or queue failed for good; it is detaching.
+    gone: bool,
 }
 
-impl Queue {
-    fn push(&mut self, event: &Event) -> Result<Wake, LinkError> {
-        self.producer.push(&event.encode()).map_err(|e| match e {
-            ring::RingError::Full => LinkError::QueueFull,
-            _ => LinkError::Gone,
-        })
+impl Outbox {
+    fn room(&self) -> usize {
+        (self.producer.free_slots() as usize).saturating_sub(self.queued_events)
     }
 }
 
 impl DaemonLink {
-    /// Makes the worker's event queue. `socket` is a duplicate of the worker's connection.
+    /// Makes the worker's event queue and wake-up socket. `socket` is a duplicate of the
+    /// worker's connection. Returns the link and the app's end of the wake-up socket.
     pub fn new(
         socket: OwnedFd,
-        doorbell: Doorbell,
         queue_len: u32,
         name: &str,
-    ) -> anyhow::Result<Self> {
+        counters: Arc<ServerCounters>,
+    ) -> anyhow::Result<(Self, WakeSocket)> {
         let segment = Arc::new(Segment::create(
             name,
             layout::event_queue_segment_len(queue_len),
@@ -51,63 +90,164 @@ impl DaemonLink {
         let offset = layout::event_queue_offset();
         ring::init_ring(segment.region(), offset, queue_len)?;
         let producer = RingProducer::attach(segment.clone(), offset)?;
-        Ok(Self {
+        let (wake, app_end) = WakeSocket::pair()?;
+        // The app only ever listens on this channel.
+        wake.stop_receiving()?;
+        let link = Self {
             socket,
-            queue: Mutex::new(Queue {
-                producer,
-                ring_owed: false,
-            }),
+            wake,
             queue_len,
-            doorbell,
             segment,
-        })
+            outbox: Mutex::new(Outbox {
+                producer,
+                items: VecDeque::new(),
+                queued_events: 0,
+                wake_owed: false,
+                flushing: false,
+                stalled: false,
+                gone: false,
+            }),
+            stalled: tokio::sync::Notify::new(),
+            counters,
+        };
+        Ok((link, app_end))
     }
 
     pub fn segment(&self) -> &Arc<Segment> {
         &self.segment
     }
 
-    pub fn doorbell_fd(&self) -> std::io::Result<OwnedFd> {
-        self.doorbell.as_fd().try_clone_to_owned()
+    fn outbox(&self) -> MutexGuard<'_, Outbox> {
+        self.outbox.lock().unwrap_or_else(|e| e.into_inner())
     }
-}
 
-impl WorkerLink for DaemonLink {
-    fn grant_segment(&self, grant: SegmentGrant) -> Result<(), LinkError> {
+    /// Waits until a grant is stalled on the app's full socket.
+    pub async fn stalled(&self) {
+        self.stalled.notified().await;
+    }
+
+    /// Whether a grant still waits for the app to read its socket.
+    pub fn is_stalled(&self) -> bool {
+        self.outbox().stalled
+    }
+
+    fn queue_event(&self, event: &Event, loud: bool) -> Result<(), LinkError> {
+        let mut ob = self.outbox();
+        if ob.gone {
+            return Err(LinkError::Gone);
+        }
+        if ob.room() == 0 {
+            return Err(LinkError::QueueFull);
+        }
+        ob.items.push_back(Outgoing::Event {
+            record: event.encode(),
+            loud,
+        });
+        ob.queued_events += 1;
+        Ok(())
+    }
+
+    /// Sends one grant; `false` if the socket is full.
+    fn send_grant(&self, grant: &SegmentGrant) -> std::io::Result<bool> {
         let msg = DaemonReply::SegmentAdded {
             segment_id: grant.segment_id,
             is_client: grant.is_client,
         }
         .encode(0);
-        let fds = [
-            grant.segment.as_fd(),
-            grant.peer_doorbell.as_fd(),
-            grant.liveness.as_fd(),
-        ];
-        fdpass::send_with_fds(self.socket.as_fd(), &msg, &fds)?;
+        let fds = [grant.segment.as_fd(), grant.pair_socket.as_fd()];
+        match fdpass::try_send_with_fds(self.socket.as_fd(), &msg, &fds) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl WorkerLink for DaemonLink {
+    fn grant_segment(&self, grant: SegmentGrant) -> Result<(), LinkError> {
+        let mut ob = self.outbox();
+        if ob.gone {
+            return Err(LinkError::Gone);
+        }
+        ob.items.push_back(Outgoing::Grant(grant));
         Ok(())
     }
 
     fn post(&self, event: &Event) -> Result<(), LinkError> {
-        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-        let wake = q.push(event)?;
-        if wake == Wake::Needed || q.ring_owed {
-            q.ring_owed = false;
-            self.doorbell.ring()?;
-        }
-        Ok(())
+        self.queue_event(event, true)
     }
 
     fn post_quietly(&self, event: &Event) -> Result<(), LinkError> {
-        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-        if q.push(event)? == Wake::Needed {
-            q.ring_owed = true;
-        }
-        Ok(())
+        self.queue_event(event, false)
     }
 
     fn has_room(&self, n: usize) -> bool {
-        let q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-        q.producer.free_slots() as usize >= n.min(self.queue_len as usize)
+        self.outbox().room() >= n.min(self.queue_len as usize)
+    }
+
+    fn flush(&self) {
+        let mut ob = self.outbox();
+        if ob.flushing {
+            // The thread delivering now takes whatever was queued before this call.
+            return;
+        }
+        ob.flushing = true;
+        let mut wake = false;
+        while let Some(item) = ob.items.pop_front() {
+            match item {
+                Outgoing::Event { record, loud } => {
+                    ob.queued_events -= 1;
+                    match ob.producer.push(&record) {
+                        Ok(Wake::Needed) if !loud => ob.wake_owed = true,
+                        Ok(Wake::Needed) => wake = true,
+                        Ok(Wake::NotNeeded) if loud && ob.wake_owed => wake = true,
+                        Ok(Wake::NotNeeded) => {}
+                        Err(e) => {
+                            // Room was counted, so only an app that wrote into its own queue's
+                            // header gets here. It has lost its queue.
+                            tracing::warn!(error = %e, "app event queue unusable; dropping the app's events");
+                            ob.gone = true;
+                        }
+                    }
+                    if wake {
+                        ob.wake_owed = false;
+                    }
+                }
+                Outgoing::Grant(grant) => {
+                    // The socket call happens without the outbox lock; `flushing` keeps the
+                    // order, as only this thread delivers until it is done.
+                    drop(ob);
+                    let sent = self.send_grant(&grant);
+                    ob = self.outbox();
+                    match sent {
+                        Ok(true) => ob.stalled = false,
+                        Ok(false) => {
+                            ob.items.push_front(Outgoing::Grant(grant));
+                            if !ob.stalled {
+                                ob.stalled = true;
+                                self.counters.socket_full.fetch_add(1, Ordering::Relaxed);
+                                self.stalled.notify_one();
+                            }
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::debug!(error = %e, "cannot send a segment grant; the app is going");
+                            ob.gone = true;
+                        }
+                    }
+                }
+            }
+            if ob.gone {
+                ob.items.clear();
+                ob.queued_events = 0;
+                break;
+            }
+        }
+        ob.flushing = false;
+        drop(ob);
+        if wake {
+            // Pending or sent, the app will look; a closed end means it is going.
+            let _ = self.wake.ring();
+        }
     }
 }

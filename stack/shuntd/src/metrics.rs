@@ -36,6 +36,11 @@ pub struct Metrics {
     control_refusals: IntCounter,
     services: IntGauge,
     service_endpoints: IntGauge,
+    limit_refusals: IntCounterVec,
+    resume_refusals: IntCounterVec,
+    refused_connections: IntCounterVec,
+    accept_errors: IntCounterVec,
+    socket_full: IntCounter,
 }
 
 /// Moves a counter up to `value`; counters only ever rise, and the sources are monotonic.
@@ -149,6 +154,30 @@ impl Metrics {
                 "service_endpoints",
                 "Endpoints of the services config sources describe, in all sources.",
             )?,
+            limit_refusals: counter_vec(
+                "limit_refusals_total",
+                "Requests refused at a cap, by resource and by whose cap (uid or namespace).",
+                &["resource", "holder"],
+            )?,
+            resume_refusals: counter_vec(
+                "resume_refusals_total",
+                "Sessions reported as carried over from an earlier shuntd and refused, by reason.",
+                &["reason"],
+            )?,
+            refused_connections: counter_vec(
+                "app_connections_refused_total",
+                "App-socket connections closed before they attached, by reason.",
+                &["reason"],
+            )?,
+            accept_errors: counter_vec(
+                "app_socket_accept_errors_total",
+                "Failed accepts on the app socket, by reason.",
+                &["reason"],
+            )?,
+            socket_full: counter(
+                "app_socket_full_total",
+                "Deliveries that found an app's socket full and waited for the app to read.",
+            )?,
             registry,
             layer,
             server,
@@ -224,6 +253,33 @@ impl Metrics {
         raise(
             &self.control_refusals,
             self.server.control_refusals.load(Ordering::Relaxed),
+        );
+        for ((resource, holder), n) in c
+            .limit_refusals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            raise(
+                &self
+                    .limit_refusals
+                    .with_label_values(&[resource.as_str(), holder.as_str()]),
+                *n,
+            );
+        }
+        let by_reason = [
+            (&self.resume_refusals, &c.resume_refusals),
+            (&self.refused_connections, &self.server.refused_connections),
+            (&self.accept_errors, &self.server.accept_errors),
+        ];
+        for (family, counts) in by_reason {
+            for (reason, n) in counts.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+                raise(&family.with_label_values(&[reason]), *n);
+            }
+        }
+        raise(
+            &self.socket_full,
+            self.server.socket_full.load(Ordering::Relaxed),
         );
     }
 

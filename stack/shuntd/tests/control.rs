@@ -84,6 +84,7 @@ async fn replace_rules_swaps_one_sources_rules_and_list_rules_shows_them() {
             id: "blue".into(),
             secret: Vec::new(),
             address: "10.2.0.1".into(),
+            ..Default::default()
         }),
         replace: false,
     })

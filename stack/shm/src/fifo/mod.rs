@@ -352,6 +352,25 @@ impl Fifo {
         self.0.used(head, tail).ok_or(FifoError::Corrupt)
     }
 
+    /// Loads the peer's index (`Acquire`).
+    fn load_index(&self, field: usize) -> Result<u32, FifoError> {
+        self.word(field)
+            .map(|w| w.load(Ordering::Acquire))
+            .ok_or(FifoError::Corrupt)
+    }
+
+    /// Checks that the peer's index moved forward from `seen` by at most `room`, the most it
+    /// could have moved by the protocol, and marks the endpoint corrupt (for good) otherwise.
+    /// A peer that moves its index backwards could otherwise make a writer wait forever for
+    /// space that is free, or a reader take bytes it already had for new ones.
+    fn check_advance(&self, seen: u32, now: u32, room: u32) -> Result<(), FifoError> {
+        if self.corrupt.get() || now.wrapping_sub(seen) > room {
+            self.corrupt.set(true);
+            return Err(FifoError::Corrupt);
+        }
+        Ok(())
+    }
+
     /// Stores a statistics counter; `Relaxed` because nothing is ordered by it.
     fn publish_stat(&self, field: usize, value: u64) {
         if let Ok(w) = self.region().atomic_u64(self.offset + field) {
@@ -409,6 +428,8 @@ pub struct Producer {
     fifo: Fifo,
     /// Private tail; the shared one is only ever stored to.
     tail: u32,
+    /// The consumer's head as last loaded: the next one may lie between it and the tail.
+    head_seen: Cell<u32>,
     /// Bytes handed out by the last `reserve`.
     reserved: u32,
     ooo: Assembler,
@@ -443,11 +464,9 @@ impl Producer {
     {
         let fifo = Fifo::attach(region, offset, Role::Producer)?;
         // The shared tail is read exactly once, here, and validated against head.
-        let tail = fifo
-            .word(OFF_TAIL)
-            .map(|w| w.load(Ordering::Acquire))
-            .ok_or(FifoError::Corrupt)?;
-        fifo.used(None, Some(tail))?;
+        let tail = fifo.load_index(OFF_TAIL)?;
+        let head = fifo.load_index(OFF_HEAD)?;
+        fifo.used(Some(head), Some(tail))?;
         // Statistics continue from what a previous producer published (they are never trusted
         // for anything but reporting).
         let stat = |field| {
@@ -461,6 +480,7 @@ impl Producer {
             notifications: Cell::new(stat(OFF_NOTIFICATIONS)),
             fifo,
             tail,
+            head_seen: Cell::new(head),
             reserved: 0,
             ooo: Assembler::new(),
         })
@@ -488,7 +508,13 @@ impl Producer {
 
     /// Free space in bytes, or [`FifoError::Corrupt`].
     pub fn try_free_space(&self) -> Result<u32, FifoError> {
-        Ok(self.fifo.capacity - self.fifo.used(None, Some(self.tail))?)
+        let head = self.fifo.load_index(OFF_HEAD)?;
+        // The consumer only moves its head forward, and never past our tail.
+        let seen = self.head_seen.get();
+        self.fifo
+            .check_advance(seen, head, self.tail.wrapping_sub(seen))?;
+        self.head_seen.set(head);
+        Ok(self.fifo.capacity - self.fifo.used(Some(head), Some(self.tail))?)
     }
 
     /// Moves the tail over `n` newly written in-order bytes, collects out-of-order bytes that
@@ -524,9 +550,13 @@ impl Producer {
 
     /// Gathers from `bufs` in order as far as space allows; publishes the tail once.
     pub fn enqueue_vectored(&mut self, bufs: &[IoSlice<'_>]) -> usize {
-        let Ok(free) = self.try_free_space() else {
-            return 0;
-        };
+        self.try_enqueue_vectored(bufs).unwrap_or(0)
+    }
+
+    /// Like [`Producer::enqueue_vectored`] but reports corruption, so that a writer facing a
+    /// forged head fails instead of waiting for space that never comes.
+    pub fn try_enqueue_vectored(&mut self, bufs: &[IoSlice<'_>]) -> Result<usize, FifoError> {
+        let free = self.try_free_space()?;
         let mut left = free as usize;
         let mut written = 0usize;
         for buf in bufs {
@@ -547,7 +577,7 @@ impl Producer {
         if written > 0 {
             self.advance_tail(written as u32);
         }
-        written
+        Ok(written)
     }
 
     /// Zero-copy write: up to `max` bytes of free space at the tail, as at most two slices.
@@ -698,6 +728,8 @@ pub struct Consumer {
     fifo: Fifo,
     /// Private head; the shared one is only ever stored to.
     head: u32,
+    /// The producer's tail as last loaded: the next one may lie between it and a full FIFO.
+    tail_seen: Cell<u32>,
     /// Free bytes below which a space request is left for a later release.
     tx_space_threshold: u32,
 }
@@ -722,14 +754,13 @@ impl Consumer {
     {
         let fifo = Fifo::attach(region, offset, Role::Consumer)?;
         // The shared head is read exactly once, here, and validated against tail.
-        let head = fifo
-            .word(OFF_HEAD)
-            .map(|w| w.load(Ordering::Acquire))
-            .ok_or(FifoError::Corrupt)?;
-        fifo.used(Some(head), None)?;
+        let head = fifo.load_index(OFF_HEAD)?;
+        let tail = fifo.load_index(OFF_TAIL)?;
+        fifo.used(Some(head), Some(tail))?;
         Ok(Consumer {
             fifo,
             head,
+            tail_seen: Cell::new(tail),
             tx_space_threshold: 0,
         })
     }
@@ -751,7 +782,13 @@ impl Consumer {
 
     /// Readable bytes (validated).
     pub fn len(&self) -> Result<u32, FifoError> {
-        self.fifo.used(Some(self.head), None)
+        let tail = self.fifo.load_index(OFF_TAIL)?;
+        // The producer only moves its tail forward, and never past a full FIFO.
+        let seen = self.tail_seen.get();
+        let room = self.fifo.capacity - seen.wrapping_sub(self.head);
+        self.fifo.check_advance(seen, tail, room)?;
+        self.tail_seen.set(tail);
+        self.fifo.used(Some(self.head), Some(tail))
     }
 
     /// Whether nothing is readable.

@@ -220,17 +220,53 @@ fn hostile_head_far_behind_is_corrupt() {
 }
 
 #[test]
-fn hostile_head_within_window_only_changes_space() {
+fn a_head_moved_back_is_corrupt_not_full() {
+    // The attack: the consumer of an empty FIFO stores head = tail - capacity, so the FIFO
+    // looks full and the writer would wait for space forever. A head only moves forward.
+    let (r, mut p, mut c) = pair(CAP, 7);
+    assert_eq!(p.enqueue(&pattern(100, 0)), 100);
+    let mut buf = vec![0u8; 100];
+    assert_eq!(c.dequeue(&mut buf).unwrap(), 100);
+    assert_eq!(p.free_space(), CAP);
+    word(&r, OFF_HEAD).store(p.tail_position().wrapping_sub(CAP), Ordering::Release);
+    assert_eq!(p.try_free_space(), Err(FifoError::Corrupt));
+    assert_eq!(
+        p.try_enqueue_vectored(&[IoSlice::new(b"abc")]),
+        Err(FifoError::Corrupt)
+    );
+    assert_eq!(p.enqueue(b"abc"), 0);
+    // Moving it back by a single byte is as impossible.
+    let (r2, mut p2, _c2) = pair(CAP, 0);
+    assert_eq!(p2.enqueue(&pattern(10, 0)), 10);
+    word(&r2, OFF_HEAD).store(5, Ordering::Release);
+    assert_eq!(p2.free_space(), CAP - 5);
+    word(&r2, OFF_HEAD).store(4, Ordering::Release);
+    assert_eq!(p2.try_free_space(), Err(FifoError::Corrupt));
+    assert_canaries(&r);
+    assert_canaries(&r2);
+}
+
+#[test]
+fn a_head_moved_up_to_the_tail_frees_space_within_the_data_area() {
     let (r, mut p, _c) = pair(CAP, 7);
     assert_eq!(p.enqueue(&pattern(100, 0)), 100);
-    // Head moved backwards, but tail - head == capacity: FIFO looks full.
-    word(&r, OFF_HEAD).store(p.tail_position().wrapping_sub(CAP), Ordering::Release);
-    assert_eq!(p.free_space(), 0);
-    assert_eq!(p.enqueue(b"abc"), 0);
-    // Head moved to the tail: everything looks free; writes stay inside the data area.
+    // Head moved to the tail, as if everything was read: legal, and writes stay in bounds.
     word(&r, OFF_HEAD).store(p.tail_position(), Ordering::Release);
     let big = vec![0x11u8; CAP as usize * 2];
     assert_eq!(p.enqueue(&big), CAP as usize);
+    assert_canaries(&r);
+}
+
+#[test]
+fn a_tail_moved_back_is_corrupt() {
+    // A producer that takes back bytes the consumer already saw would have it read other bytes
+    // in their place.
+    let (r, mut p, c) = pair(CAP, 0);
+    assert_eq!(p.enqueue(&pattern(20, 0)), 20);
+    assert_eq!(c.len(), Ok(20));
+    word(&r, OFF_TAIL).store(19, Ordering::Release);
+    assert_eq!(c.len(), Err(FifoError::Corrupt));
+    assert!(c.is_corrupt());
     assert_canaries(&r);
 }
 
