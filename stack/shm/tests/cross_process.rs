@@ -1,10 +1,11 @@
 //! Two real processes share a segment.
 //!
-//! The parent creates a segment holding one FIFO, two doorbells ("data available" rung by the
-//! child, "space available" rung by the parent) and a seqpacket pair, then re-executes this test
-//! binary as the child (`--exact child_process_entry` with `SHUNT_SHM_CHILD_ROLE` set). The child's
-//! end of the socket becomes its stdin, so no descriptor has to be inherited by number; the
-//! segment and doorbell fds travel over the socket with `SCM_RIGHTS`.
+//! The parent creates a segment holding one FIFO, a wake-up socketpair (the child rings "data
+//! available" through its end, the parent "space available" through its own) and a seqpacket
+//! pair, then re-executes this test binary as the child (with `SHUNT_SHM_CHILD_ROLE` set, which
+//! `main` checks before it runs any test; the child is not a test of its own). The child's end
+//! of the socket becomes its stdin, so no descriptor has to be inherited by number; the segment
+//! and its wake-up end travel over the socket with `SCM_RIGHTS`.
 //!
 //! * `stream_more_than_4_gib_between_processes`: the child produces 4.5 GiB of a deterministic
 //!   pseudo-random pattern (so the u32 FIFO counters wrap), the parent consumes it; both compute
@@ -21,14 +22,44 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use libtest_mimic::{Arguments, Trial};
 use rustix::event::{PollFd, PollFlags, Timespec, poll};
 use shunt_shm::{
-    Consumer, Doorbell, Producer, Segment, SegmentAllocator, fifo_footprint, init_fifo,
+    Consumer, Producer, Segment, SegmentAllocator, WakeSocket, fifo_footprint, init_fifo,
     recv_with_fds, send_with_fds, seqpacket_pair,
 };
 
 const ROLE_ENV: &str = "SHUNT_SHM_CHILD_ROLE";
-const CHILD_TEST: &str = "child_process_entry";
+
+fn main() -> std::process::ExitCode {
+    if std::env::var_os(ROLE_ENV).is_some() {
+        return match run_child() {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("child failed: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
+    let args = Arguments::from_args();
+    let trial = |name: &str, test: fn()| {
+        Trial::test(name, move || {
+            test();
+            Ok(())
+        })
+    };
+    let trials = vec![
+        trial(
+            "stream_more_than_4_gib_between_processes",
+            stream_more_than_4_gib_between_processes,
+        ),
+        trial(
+            "killed_child_is_noticed_within_one_second",
+            killed_child_is_noticed_within_one_second,
+        ),
+    ];
+    libtest_mimic::run(&args, trials).exit_code()
+}
 /// Bound on every single wait; exceeding it fails the test instead of hanging.
 const WAIT: Duration = Duration::from_secs(10);
 const FIFO_CAPACITY: u32 = 1 << 20;
@@ -38,7 +69,7 @@ const SEED: u64 = 0x5eed_1234_abcd_0001;
 /// A child told to stream this much runs until killed.
 const FOREVER: u64 = u64::MAX;
 
-/// Setup message parent -> child, sent with [segment, data doorbell, space doorbell].
+/// Setup message parent -> child, sent with [segment, the child's wake-up end].
 struct Setup {
     offset: u64,
     total: u64,
@@ -125,17 +156,10 @@ fn timespec(d: Duration) -> Timespec {
 fn spawn_child(sock: OwnedFd) -> ChildGuard {
     let exe = std::env::current_exe().unwrap();
     let mut cmd = Command::new(exe);
-    cmd.args([
-        "--exact",
-        CHILD_TEST,
-        "--nocapture",
-        "--test-threads=1",
-        "-q",
-    ])
-    .env(ROLE_ENV, "producer")
-    .stdin(Stdio::from(sock))
-    .stdout(Stdio::null())
-    .stderr(Stdio::inherit());
+    cmd.env(ROLE_ENV, "producer")
+        .stdin(Stdio::from(sock))
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
     let child = cmd.spawn().unwrap();
     // Dropping the command closes our copy of the child's socket end, so the child's death is
     // visible as a hang-up on ours.
@@ -145,21 +169,21 @@ fn spawn_child(sock: OwnedFd) -> ChildGuard {
 
 struct Parent {
     sock: OwnedFd,
-    data_bell: Doorbell,
-    space_bell: Doorbell,
+    /// Our end: readable when the child rang for data; we ring it for space.
+    bell: WakeSocket,
     consumer: Consumer,
     child: ChildGuard,
 }
 
-/// Creates the segment, FIFO, doorbells and socket pair, spawns the child and hands it the fds.
+/// Creates the segment, FIFO, wake-up pair and socket pair, spawns the child and hands it the
+/// fds.
 fn start(total: u64) -> Parent {
     let seg_len = (fifo_footprint(FIFO_CAPACITY) + 64 * 1024).next_multiple_of(1 << 20);
     let segment = Segment::create("shunt-xproc", seg_len).unwrap();
     let mut alloc = SegmentAllocator::new(segment.len());
     let offset = alloc.alloc(fifo_footprint(FIFO_CAPACITY), 64).unwrap();
     init_fifo(segment.region(), offset, FIFO_CAPACITY).unwrap();
-    let data_bell = Doorbell::new().unwrap();
-    let space_bell = Doorbell::new().unwrap();
+    let (bell, child_bell) = WakeSocket::pair().unwrap();
     let (sock, child_sock) = seqpacket_pair().unwrap();
     let child = spawn_child(child_sock);
     let setup = Setup {
@@ -170,14 +194,13 @@ fn start(total: u64) -> Parent {
     send_with_fds(
         sock.as_fd(),
         &setup.encode(),
-        &[segment.as_fd(), data_bell.as_fd(), space_bell.as_fd()],
+        &[segment.as_fd(), child_bell.as_fd()],
     )
     .unwrap();
     let consumer = Consumer::attach(Arc::new(segment), offset).unwrap();
     Parent {
         sock,
-        data_bell,
-        space_bell,
+        bell,
         consumer,
         child,
     }
@@ -209,13 +232,11 @@ fn consume(parent: &mut Parent, crc: &mut crc32fast::Hasher) -> usize {
     let n = s.len();
     parent.consumer.release(n).unwrap();
     if n > 0 && parent.consumer.take_tx_space_request() {
-        parent.space_bell.ring().unwrap();
+        parent.bell.ring().unwrap();
     }
     n
 }
 
-#[test]
-#[cfg_attr(miri, ignore = "processes and shared memory")]
 fn stream_more_than_4_gib_between_processes() {
     let started = Instant::now();
     let mut parent = start(STREAM_BYTES);
@@ -233,9 +254,9 @@ fn stream_more_than_4_gib_between_processes() {
             break;
         }
         // Empty and not finished: sleep until the producer rings (has_event was cleared above,
-        // so a write after our read rings the doorbell).
-        let _ = wait_any([parent.data_bell.as_fd()], WAIT);
-        parent.data_bell.drain().unwrap();
+        // so a write after our read rings).
+        let _ = wait_any([parent.bell.as_fd()], WAIT);
+        parent.bell.drain().unwrap();
         sleeps += 1;
     }
     let mut msg = [0u8; 16];
@@ -265,8 +286,6 @@ fn stream_more_than_4_gib_between_processes() {
     );
 }
 
-#[test]
-#[cfg_attr(miri, ignore = "processes and shared memory")]
 fn killed_child_is_noticed_within_one_second() {
     let mut parent = start(FOREVER);
     let mut crc = crc32fast::Hasher::new();
@@ -276,8 +295,8 @@ fn killed_child_is_noticed_within_one_second() {
         let n = consume(&mut parent, &mut crc);
         received += n;
         if n == 0 {
-            let _ = wait_any([parent.data_bell.as_fd()], WAIT);
-            parent.data_bell.drain().unwrap();
+            let _ = wait_any([parent.bell.as_fd()], WAIT);
+            parent.bell.drain().unwrap();
         }
     }
     parent.child.child().kill().unwrap();
@@ -286,12 +305,12 @@ fn killed_child_is_noticed_within_one_second() {
     loop {
         let left = limit.saturating_sub(killed.elapsed());
         assert!(!left.is_zero(), "peer death not noticed within {limit:?}");
-        let [data, sock] = wait_any([parent.data_bell.as_fd(), parent.sock.as_fd()], left);
+        let [data, sock] = wait_any([parent.bell.as_fd(), parent.sock.as_fd()], left);
         if sock.contains(PollFlags::HUP) {
             break;
         }
         if !data.is_empty() {
-            parent.data_bell.drain().unwrap();
+            parent.bell.drain().unwrap();
         }
         // Whatever the child managed to publish before dying is still readable.
         consume(&mut parent, &mut crc);
@@ -312,26 +331,15 @@ fn killed_child_is_noticed_within_one_second() {
     eprintln!("cross-process: SIGKILLed producer noticed after {noticed:?}");
 }
 
-/// The child's side. A no-op unless this binary was started by one of the tests above.
-#[test]
-fn child_process_entry() {
-    if std::env::var_os(ROLE_ENV).is_none() {
-        return;
-    }
-    if let Err(e) = run_child() {
-        panic!("child failed: {e}");
-    }
-}
-
+/// The child's side, run by `main` when this binary was started by one of the tests above.
 fn run_child() -> io::Result<()> {
     let stdin = io::stdin();
     let sock = stdin.as_fd();
     let mut buf = [0u8; 64];
-    let (n, mut fds) = recv_with_fds(sock, &mut buf, 3)?;
-    assert_eq!(fds.len(), 3, "expected segment + two doorbells");
+    let (n, mut fds) = recv_with_fds(sock, &mut buf, 2)?;
+    assert_eq!(fds.len(), 2, "expected the segment and a wake-up end");
     let setup = Setup::decode(&buf[..n]);
-    let space_bell = Doorbell::from_fd(fds.pop().unwrap())?;
-    let data_bell = Doorbell::from_fd(fds.pop().unwrap())?;
+    let bell = WakeSocket::from_fd(fds.pop().unwrap())?;
     let segment = Segment::open(fds.pop().unwrap()).map_err(io::Error::other)?;
     let mut producer =
         Producer::attach(Arc::new(segment), setup.offset as usize).map_err(io::Error::other)?;
@@ -353,10 +361,10 @@ fn run_child() -> io::Result<()> {
             if producer.free_space() >= 8 {
                 continue;
             }
-            if !space_bell.wait(Some(WAIT))? {
+            if !bell.wait(Some(WAIT))? {
                 return Err(io::Error::other("timed out waiting for space"));
             }
-            space_bell.drain()?;
+            bell.drain()?;
             continue;
         }
         let a = w.first.len().min(n);
@@ -367,12 +375,12 @@ fn run_child() -> io::Result<()> {
         producer.commit(n).map_err(io::Error::other)?;
         sent += n as u64;
         if producer.set_event() {
-            data_bell.ring()?;
+            bell.ring().map_err(io::Error::other)?;
         }
     }
     producer.shutdown();
     if producer.set_event() {
-        data_bell.ring()?;
+        bell.ring().map_err(io::Error::other)?;
     }
     let mut msg = [0u8; 12];
     msg[..8].copy_from_slice(&sent.to_le_bytes());

@@ -5,8 +5,9 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 
+use common::{block_on, sample, scrape};
 use shunt_client::{AttachOptions, Worker};
 
 fn start(dir: &std::path::Path) -> SocketAddr {
@@ -29,36 +30,6 @@ fn start_with(dir: &std::path::Path, extra: &str) -> SocketAddr {
         .expect("shuntd starts")
         .metrics_address
         .expect("metrics enabled")
-}
-
-/// Runs a control-API exchange from a synchronous test.
-fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(f)
-}
-
-fn scrape(addr: SocketAddr) -> String {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: shuntd\r\n\r\n")
-        .unwrap();
-    let mut response = String::new();
-    s.read_to_string(&mut response).unwrap();
-    assert!(
-        response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200"),
-        "{response}"
-    );
-    response
-}
-
-/// The value of the sample whose name-and-labels line starts with `series`.
-fn sample(text: &str, series: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or_else(|| panic!("no sample {series} in\n{text}"))
 }
 
 #[test]

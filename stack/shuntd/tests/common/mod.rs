@@ -13,6 +13,8 @@ pub struct Daemon {
     pub dir: tempfile::TempDir,
     pub child: Child,
     pub config: PathBuf,
+    /// Where `/metrics` is served, when started with [`Daemon::start_with_metrics`].
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 pub fn app_socket(dir: &Path) -> PathBuf {
@@ -36,21 +38,44 @@ pub fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 
 impl Daemon {
     pub fn start(extra_config: &str) -> Daemon {
+        Self::start_serving(extra_config, None)
+    }
+
+    /// Like [`Daemon::start`], with `/metrics` on a free loopback port.
+    pub fn start_with_metrics(extra_config: &str) -> Daemon {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap();
+        Self::start_serving(extra_config, Some(port))
+    }
+
+    fn start_serving(extra_config: &str, metrics: Option<std::net::SocketAddr>) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("shuntd.yaml");
+        let metrics_address = metrics.map(|a| a.to_string()).unwrap_or_default();
         std::fs::write(
             &config,
             format!(
-                "app_socket: {}\ncontrol_socket: {}\nmetrics_address: ''\nworkers: 2\n{extra_config}",
+                "app_socket: {}\ncontrol_socket: {}\nmetrics_address: '{metrics_address}'\nworkers: 2\n{extra_config}",
                 app_socket(dir.path()).display(),
                 dir.path().join("control.sock").display(),
             ),
         )
         .unwrap();
         let child = Self::spawn(&config);
-        let d = Daemon { dir, child, config };
+        let d = Daemon {
+            dir,
+            child,
+            config,
+            metrics,
+        };
         d.wait_ready();
         d
+    }
+
+    /// shuntd's metrics in the text format (see [`Daemon::start_with_metrics`]).
+    pub fn scrape(&self) -> String {
+        scrape(self.metrics.expect("started with metrics"))
     }
 
     fn spawn(config: &Path) -> Child {
@@ -119,6 +144,33 @@ fn seqpacket_connects(path: &Path) -> bool {
         .is_ok()
 }
 
+/// Fails if any of `workers` went on after a blocked read or write only because its safety
+/// re-check ran out: each such time a wake-up was lost.
+pub fn assert_no_lost_wakeups(workers: &[&Worker]) {
+    for w in workers {
+        assert_eq!(w.stats().fallback_wakeups, 0, "a wake-up was lost");
+    }
+}
+
+/// One test per named function, for test binaries with a `main` of their own (they also run
+/// child roles, which must not be tests).
+#[macro_export]
+macro_rules! trials {
+    ($($test:ident),* $(,)?) => {
+        vec![$(libtest_mimic::Trial::test(stringify!($test), || {
+            $test();
+            Ok(())
+        })),*]
+    };
+}
+#[allow(unused_imports, reason = "used by the test binaries with a main of their own")]
+pub use trials;
+
+/// Runs `trials` as the test binary's tests, with the usual command line.
+pub fn run_trials(trials: Vec<libtest_mimic::Trial>) -> std::process::ExitCode {
+    libtest_mimic::run(&libtest_mimic::Arguments::from_args(), trials).exit_code()
+}
+
 /// A deterministic byte stream: the byte at position `i` of stream `seed`.
 pub fn pattern(seed: u64, offset: u64, buf: &mut [u8]) {
     for (i, b) in buf.iter_mut().enumerate() {
@@ -177,4 +229,51 @@ impl Daemon {
     pub fn control_socket(&self) -> PathBuf {
         self.dir.path().join("control.sock")
     }
+}
+
+/// Runs a control-API exchange from a synchronous test.
+pub fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+/// `/metrics` of the shuntd serving it at `addr`, retried while it starts.
+pub fn scrape(addr: std::net::SocketAddr) -> String {
+    use std::net::TcpStream;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut s = loop {
+        match TcpStream::connect(addr) {
+            Ok(s) => break s,
+            Err(e) if Instant::now() >= deadline => panic!("metrics at {addr}: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: shuntd\r\n\r\n")
+        .unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).unwrap();
+    assert!(
+        response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200"),
+        "{response}"
+    );
+    response
+}
+
+/// The value of the sample whose name-and-labels line starts with `series`.
+pub fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("no sample {series} in\n{text}"))
+}
+
+/// The value of `series`, or 0 when no sample of it was recorded yet.
+pub fn sample_or_zero(text: &str, series: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0.0)
 }
