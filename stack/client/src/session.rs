@@ -445,12 +445,14 @@ impl Session {
             return done;
         }
         loop {
+            let seen = self.worker.generation();
             match op(self) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    // Polling, if any, is done: sleep.
+                    // Polling, if any, is done: sleep, unless another thread's dispatch came
+                    // since we looked (it may have taken our notification).
                     let woke = self
                         .worker
-                        .sleep(Some(FALLBACK_RECHECK))
+                        .sleep(Some(FALLBACK_RECHECK), Some(seen))
                         .map_err(io::Error::from)?;
                     if woke == Woke::TimedOut
                         && let Some(done) = self.recheck(&mut op)

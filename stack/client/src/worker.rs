@@ -126,12 +126,22 @@ impl AttachOptions {
 /// A session shuntd announced to this worker: its id, FIFO pair, and the peer's address.
 type Announced = (u64, FifoPair, SocketAddr);
 
-/// Whether a peer's ring was emptied.
+/// What draining a peer's ring did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Drain {
-    Done,
-    /// The per-dispatch budget ran out first.
-    Unfinished,
+struct Drain {
+    /// Records taken.
+    taken: usize,
+    /// The per-dispatch budget ran out before the ring was empty.
+    unfinished: bool,
+}
+
+impl Drain {
+    fn done(taken: usize) -> Drain {
+        Drain {
+            taken,
+            unfinished: false,
+        }
+    }
 }
 
 pub(crate) struct ListenerState {
@@ -596,6 +606,7 @@ impl Worker {
         };
         let deadline = Instant::now() + DAEMON_TIMEOUT;
         loop {
+            let seen = self.generation();
             if let Some(reply) = self.lock().replies.remove(&id) {
                 return match reply {
                     DaemonReply::Failure { code, message } => Err(Error::Refused { code, message }),
@@ -608,7 +619,7 @@ impl Worker {
             if Instant::now() >= deadline {
                 return Err(Error::Timeout);
             }
-            self.wait(Some(Duration::from_millis(100)))?;
+            self.wait_since(Some(Duration::from_millis(100)), Some(seen))?;
         }
     }
 
@@ -876,14 +887,16 @@ impl Worker {
         }
         let deadline = Instant::now() + DAEMON_TIMEOUT;
         loop {
-            if let Some(s) = self.poll_connect(&pending)? {
+            self.dispatch()?;
+            let seen = self.generation();
+            if let Some(s) = self.take_connect(&pending, None)? {
                 return Ok(s);
             }
             if Instant::now() >= deadline {
                 self.lock().connects.remove(&pending.id);
                 return Err(Error::Timeout);
             }
-            self.wait(Some(Duration::from_millis(100)))?;
+            self.wait_since(Some(Duration::from_millis(100)), Some(seen))?;
         }
     }
 
@@ -938,6 +951,24 @@ impl Worker {
     /// [`AttachOptions::busy_poll`] budget, it polls first and sleeps only once the budget is
     /// spent.
     pub fn wait(&self, timeout: Option<Duration>) -> Result<(), Error> {
+        self.wait_since(timeout, None).map(drop)
+    }
+
+    /// The number of dispatches so far. A thread that looks for something, finds nothing and
+    /// then sleeps passes the number it read before looking to [`Worker::wait_since`]: if a
+    /// dispatch by another thread came in between, it may have taken what the thread looks
+    /// for, and the thread must look again instead of sleeping.
+    pub(crate) fn generation(&self) -> u64 {
+        self.sleeper().generation
+    }
+
+    /// Like [`Worker::wait`], but returns at once when a dispatch happened since `seen` (see
+    /// [`Worker::generation`]).
+    pub(crate) fn wait_since(
+        &self,
+        timeout: Option<Duration>,
+        seen: Option<u64>,
+    ) -> Result<Woke, Error> {
         self.reattach_if_due();
         let timeout = self.until_reattach(timeout);
         let start = Instant::now();
@@ -947,7 +978,7 @@ impl Worker {
             loop {
                 if self.dispatch_within(Some(&ZERO_TIMEOUT))? {
                     self.handled_outside_sleep()?;
-                    return Ok(());
+                    return Ok(Woke::Dispatched);
                 }
                 if start.elapsed() >= budget {
                     break;
@@ -956,8 +987,7 @@ impl Worker {
                 std::thread::yield_now();
             }
         }
-        self.sleep(timeout.map(|t| t.saturating_sub(start.elapsed())))
-            .map(drop)
+        self.sleep(timeout.map(|t| t.saturating_sub(start.elapsed())), seen)
     }
 
     /// While shuntd is away, calls that dispatch or wait try to attach again, at most once per
@@ -998,9 +1028,20 @@ impl Worker {
     /// `epoll_wait` and dispatches for all, the others sleep until its dispatch is done and then
     /// look at their own sessions again. Were several threads in `epoll_wait`, the one the
     /// kernel woke could take another's notification, and that other would sleep on.
-    pub(crate) fn sleep(&self, timeout: Option<Duration>) -> Result<Woke, Error> {
+    ///
+    /// With `seen` (see [`Worker::generation`]), a dispatch since then ends the call at once:
+    /// it may have taken the caller's notification after the caller looked and before it got
+    /// here, and nothing would announce it again.
+    pub(crate) fn sleep(
+        &self,
+        timeout: Option<Duration>,
+        seen: Option<u64>,
+    ) -> Result<Woke, Error> {
         self.flush_all(&mut self.lock())?;
         let mut sleeper = self.sleeper();
+        if seen.is_some_and(|g| g != sleeper.generation) {
+            return Ok(Woke::Dispatched);
+        }
         if sleeper.leading {
             let generation = sleeper.generation;
             sleeper.followers += 1;
@@ -1152,11 +1193,13 @@ impl Worker {
         if socket_ready {
             self.read_socket(&mut st);
         }
-        self.drain_daemon_queue(&mut st);
+        let mut taken = self.drain_daemon_queue(&mut st);
         let keys: Vec<SegmentKey> = st.peers.keys().copied().collect();
         let mut unfinished = false;
         for key in keys {
-            unfinished |= self.drain_peer(&mut st, key) == Drain::Unfinished;
+            let drained = self.drain_peer(&mut st, key);
+            taken += drained.taken;
+            unfinished |= drained.unfinished;
         }
         for key in hung_up {
             self.peer_died(&mut st, key);
@@ -1165,7 +1208,10 @@ impl Worker {
             // A peer wrote more than a dispatch takes: come back for the rest at once.
             self.inner.doorbell.ring()?;
         }
-        Ok(!events.is_empty())
+        // Records count even when no wake-up was seen: this dispatch may have taken one that
+        // another thread sleeps for (its writer, finding it taken, sent no wake-up of its
+        // own), and the caller must then tell the sleepers.
+        Ok(!events.is_empty() || taken > 0)
     }
 
     fn read_socket(&self, st: &mut State) {
@@ -1261,18 +1307,23 @@ impl Worker {
         }
     }
 
-    fn drain_daemon_queue(&self, st: &mut State) {
+    /// Handles shuntd's events; returns how many were taken.
+    fn drain_daemon_queue(&self, st: &mut State) -> usize {
+        let mut taken = 0;
         loop {
-            let Some(d) = st.daemon.as_mut() else { return };
+            let Some(d) = st.daemon.as_mut() else {
+                return taken;
+            };
             let rec = match d.queue.pop() {
                 Ok(Some(rec)) => rec,
-                Ok(None) => return,
+                Ok(None) => return taken,
                 Err(e) => {
                     tracing::warn!(error = %e, "event queue corrupt; detaching");
                     self.daemon_gone(st);
-                    return;
+                    return taken;
                 }
             };
+            taken += 1;
             match Event::decode(&rec) {
                 Ok(Event::Accepted {
                     listener_id,
@@ -1486,17 +1537,17 @@ impl Worker {
 
     /// Handles what the peer of segment `key` posted, up to [`PEER_RECORDS_PER_DISPATCH`].
     fn drain_peer(&self, st: &mut State, key: SegmentKey) -> Drain {
-        for _ in 0..PEER_RECORDS_PER_DISPATCH {
+        for taken in 0..PEER_RECORDS_PER_DISPATCH {
             let Some(peer) = st.peers.get_mut(&key) else {
-                return Drain::Done;
+                return Drain::done(taken);
             };
             let rec = match peer.inbound.pop() {
                 Ok(Some(rec)) => rec,
-                Ok(None) => return Drain::Done,
+                Ok(None) => return Drain::done(taken),
                 Err(e) => {
                     tracing::warn!(error = %e, "cut-through ring corrupt; resetting the peer's sessions");
                     self.peer_died(st, key);
-                    return Drain::Done;
+                    return Drain::done(taken);
                 }
             };
             let event = match Event::decode(&rec) {
@@ -1532,7 +1583,10 @@ impl Worker {
                 _ => {}
             }
         }
-        Drain::Unfinished
+        Drain {
+            taken: PEER_RECORDS_PER_DISPATCH,
+            unfinished: true,
+        }
     }
 
     fn peer_died(&self, st: &mut State, key: SegmentKey) {
@@ -1651,10 +1705,12 @@ impl Listener {
     /// Waits for the next accepted session.
     pub fn accept(&self) -> Result<Session, Error> {
         loop {
-            if let Some(s) = self.try_accept()? {
+            self.worker.dispatch()?;
+            let seen = self.worker.generation();
+            if let Some(s) = self.take(None)? {
                 return Ok(s);
             }
-            self.worker.wait(None)?;
+            self.worker.wait_since(None, Some(seen))?;
         }
     }
 }

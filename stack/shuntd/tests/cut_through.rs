@@ -35,6 +35,7 @@ fn main() -> std::process::ExitCode {
         polling_workers_connect_accept_and_move_bytes_intact,
         reads_that_outlast_their_polling_budget_sleep_and_wake,
         threads_blocking_on_sessions_of_one_worker_each_wake_for_their_data,
+        a_dispatch_that_takes_another_threads_notification_wakes_it,
     ])
 }
 
@@ -443,6 +444,56 @@ fn exchange_from_two_threads(d: &Daemon, port: u16, budget: Duration) {
     }
     for r in readers {
         assert_eq!(r.join().unwrap(), (0..40u8).collect::<Vec<_>>());
+    }
+    assert_no_lost_wakeups(&[&server, &client]);
+}
+
+fn a_dispatch_that_takes_another_threads_notification_wakes_it() {
+    // A server worker with an accepting thread and an echoing thread. The accepting thread
+    // dispatches whenever it wakes, and now and then takes the echo thread's data notification
+    // before that notification's wake-up reached anyone; the writer, finding its record taken,
+    // sends no wake-up of its own. A dispatch that took records must then wake the sleepers,
+    // or the echo thread sleeps until its re-check (counted as a lost wake-up).
+    let d = Daemon::start("");
+    let target = ep("127.0.0.1:7504");
+    let server = d.attach("server");
+    let listener = server.listen(target).unwrap();
+    thread::spawn(move || {
+        while let Ok(mut s) = listener.accept() {
+            thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 || s.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let client = d.attach("client");
+    let mut c = client.connect(target).unwrap();
+    // Busy cores preempt threads between their steps, which widens the window.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hogs: Vec<_> = (0..2)
+        .map(|_| {
+            let stop = stop.clone();
+            thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::hint::spin_loop();
+                }
+            })
+        })
+        .collect();
+    let mut back = [0u8; 4096];
+    for i in 0..40_000u32 {
+        let message = [(i % 251) as u8; 4096];
+        c.write_all(&message).unwrap();
+        c.read_exact(&mut back).unwrap();
+        assert_eq!(back, message);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for h in hogs {
+        h.join().unwrap();
     }
     assert_no_lost_wakeups(&[&server, &client]);
 }

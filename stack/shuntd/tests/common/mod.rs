@@ -15,6 +15,21 @@ pub struct Daemon {
     pub config: PathBuf,
     /// Where `/metrics` is served, when started with [`Daemon::start_with_metrics`].
     pub metrics: Option<std::net::SocketAddr>,
+    /// Where shuntd's log goes, when not to the test's own output.
+    pub log: Option<PathBuf>,
+}
+
+/// How to start a [`Daemon`].
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Options<'a> {
+    /// YAML lines added to the test configuration.
+    pub extra_config: &'a str,
+    /// Serve `/metrics` on a free loopback port.
+    pub metrics: bool,
+    /// Write shuntd's log to a file in its directory, for the test to read.
+    pub log_to_file: bool,
+    /// Let every user reach the app socket (its directory is otherwise the test's alone).
+    pub open_to_all_users: bool,
 }
 
 pub fn app_socket(dir: &Path) -> PathBuf {
@@ -38,19 +53,34 @@ pub fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 
 impl Daemon {
     pub fn start(extra_config: &str) -> Daemon {
-        Self::start_serving(extra_config, None)
+        Self::start_with(Options {
+            extra_config,
+            ..Options::default()
+        })
     }
 
     /// Like [`Daemon::start`], with `/metrics` on a free loopback port.
     pub fn start_with_metrics(extra_config: &str) -> Daemon {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .unwrap();
-        Self::start_serving(extra_config, Some(port))
+        Self::start_with(Options {
+            extra_config,
+            metrics: true,
+            ..Options::default()
+        })
     }
 
-    fn start_serving(extra_config: &str, metrics: Option<std::net::SocketAddr>) -> Daemon {
+    pub fn start_with(options: Options<'_>) -> Daemon {
+        let metrics = options.metrics.then(|| {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .unwrap()
+        });
+        let extra_config = options.extra_config;
         let dir = tempfile::tempdir().unwrap();
+        if options.open_to_all_users {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let log = options.log_to_file.then(|| dir.path().join("shuntd.log"));
         let config = dir.path().join("shuntd.yaml");
         let metrics_address = metrics.map(|a| a.to_string()).unwrap_or_default();
         std::fs::write(
@@ -62,12 +92,13 @@ impl Daemon {
             ),
         )
         .unwrap();
-        let child = Self::spawn(&config);
+        let child = Self::spawn(&config, log.as_deref());
         let d = Daemon {
             dir,
             child,
             config,
             metrics,
+            log,
         };
         d.wait_ready();
         d
@@ -78,14 +109,26 @@ impl Daemon {
         scrape(self.metrics.expect("started with metrics"))
     }
 
-    fn spawn(config: &Path) -> Child {
-        Command::new(env!("CARGO_BIN_EXE_shuntd"))
-            .arg("--config")
+    fn spawn(config: &Path, log: Option<&Path>) -> Child {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_shuntd"));
+        cmd.arg("--config")
             .arg(config)
             .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn shuntd")
+            .stdin(Stdio::null());
+        if let Some(log) = log {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+                .unwrap();
+            cmd.stderr(file);
+        }
+        cmd.spawn().expect("spawn shuntd")
+    }
+
+    /// shuntd's log so far (see [`Options::log_to_file`]).
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(self.log.as_ref().expect("logging to a file")).unwrap()
     }
 
     pub fn wait_ready(&self) {
@@ -111,7 +154,7 @@ impl Daemon {
     }
 
     pub fn restart(&mut self) {
-        self.child = Self::spawn(&self.config);
+        self.child = Self::spawn(&self.config, self.log.as_deref());
         self.wait_ready();
     }
 
@@ -163,7 +206,10 @@ macro_rules! trials {
         })),*]
     };
 }
-#[allow(unused_imports, reason = "used by the test binaries with a main of their own")]
+#[allow(
+    unused_imports,
+    reason = "used by the test binaries with a main of their own"
+)]
 pub use trials;
 
 /// Runs `trials` as the test binary's tests, with the usual command line.
