@@ -2,8 +2,8 @@
 //!
 //! An app attaches a [`Worker`] to its node's `shuntd`, then listens, accepts and connects.
 //! Sessions between co-located apps are *cut-through*: bytes move through a FIFO pair in shared
-//! memory and peers wake each other through a socketpair, without `shuntd` or the kernel's TCP
-//! stack in the path. Once established, a session keeps flowing even if `shuntd` restarts.
+//! memory and peers wake each other through pipes, without `shuntd` or the kernel's TCP stack in
+//! the path. Once established, a session keeps flowing even if `shuntd` restarts.
 //!
 //! The library starts no threads and needs no runtime. Everything happens in the caller's calls;
 //! [`Worker::readiness_fd`] is an fd to put in the caller's own epoll (or Envoy's dispatcher),

@@ -1,5 +1,5 @@
-//! A cut-through segment shared with one peer worker: its rings, and the socket through which
-//! the two wake each other and notice each other's death.
+//! A cut-through segment shared with one peer worker: its rings, and the two wake-up pipes
+//! through which the two wake each other and notice each other's death.
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
@@ -9,7 +9,7 @@ use shunt_sapi::event::Event;
 use shunt_sapi::layout;
 use shunt_shm::ring::{RingConsumer, RingProducer, Wake};
 use shunt_shm::segment::Segment;
-use shunt_shm::wake::{WakeError, WakeSocket};
+use shunt_shm::wake::{WakeError, WakeReceiver, WakeSender};
 
 use crate::Error;
 
@@ -20,9 +20,10 @@ pub(crate) struct PeerSegment {
     pub(crate) segment: Arc<Segment>,
     pub(crate) inbound: RingConsumer,
     pub(crate) outbound: RingProducer,
-    /// Our end of the pair's socketpair: we ring the peer through it, the peer rings us on it,
-    /// and its end-of-file says the peer died.
-    pub(crate) link: WakeSocket,
+    /// We ring the peer through this; only we hold it.
+    pub(crate) sender: WakeSender,
+    /// The peer rings us on this; its end-of-file says the peer died.
+    pub(crate) receiver: WakeReceiver,
     /// Slot -> local session index.
     pub(crate) slots: HashMap<u32, usize>,
     /// The peer hung up; nothing it had not closed will ever complete.
@@ -30,14 +31,19 @@ pub(crate) struct PeerSegment {
 }
 
 impl PeerSegment {
-    pub(crate) fn open(segment: OwnedFd, link: OwnedFd, is_client: bool) -> Result<Self, Error> {
+    pub(crate) fn open(
+        segment: OwnedFd,
+        [write, anchor, read]: [OwnedFd; 3],
+        is_client: bool,
+    ) -> Result<Self, Error> {
         let shm = |e: &dyn std::fmt::Display| Error::Shm(e.to_string());
         let segment = Arc::new(Segment::open(segment).map_err(|e| shm(&e))?);
         let (inbound, outbound) = layout::ct_rings(is_client);
         Ok(Self {
             inbound: RingConsumer::attach(segment.clone(), inbound).map_err(|e| shm(&e))?,
             outbound: RingProducer::attach(segment.clone(), outbound).map_err(|e| shm(&e))?,
-            link: WakeSocket::from_fd(link).map_err(|e| shm(&e))?,
+            sender: WakeSender::from_fds(write, anchor).map_err(|e| shm(&e))?,
+            receiver: WakeReceiver::from_fd(read).map_err(|e| shm(&e))?,
             segment,
             slots: HashMap::new(),
             dead: false,
@@ -50,8 +56,8 @@ impl PeerSegment {
             return Ok(());
         }
         match self.outbound.push(&event.encode()) {
-            Ok(Wake::Needed) => match self.link.ring() {
-                // A peer that closed its end is dead; its hang-up on our end says so too.
+            Ok(Wake::Needed) => match self.sender.ring() {
+                // A peer that closed its end is dead; its hang-up on our receiver says so too.
                 Ok(_) | Err(WakeError::PeerGone) => Ok(()),
                 Err(WakeError::Io(e)) => Err(e),
             },

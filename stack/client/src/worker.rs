@@ -21,7 +21,7 @@ use shunt_shm::fdpass;
 use shunt_shm::fifo::{Consumer, Producer};
 use shunt_shm::ring::RingConsumer;
 use shunt_shm::segment::Segment;
-use shunt_shm::wake::{Drained, WakeSocket};
+use shunt_shm::wake::{Drained, WakeReceiver};
 
 use crate::Error;
 use crate::peer::{PeerSegment, SegmentKey};
@@ -35,14 +35,14 @@ const DAEMON_TIMEOUT: Duration = Duration::from_secs(10);
 const TOKEN_DOORBELL: u64 = 0;
 /// The socket to shuntd.
 const TOKEN_SOCKET: u64 = 1;
-/// The wake-up socket shuntd rings when it posted events.
+/// The wake-up pipe shuntd rings when it posted events.
 const TOKEN_DAEMON_WAKE: u64 = 2;
 const ZERO_TIMEOUT: rustix::event::Timespec = rustix::event::Timespec {
     tv_sec: 0,
     tv_nsec: 0,
 };
-/// Peers' sockets (wake-ups and liveness) use tokens from here: TOKEN_PEER + (epoch << 32 |
-/// segment id).
+/// Peers' wake-up pipes (wake-ups and liveness) use tokens from here: TOKEN_PEER + (epoch <<
+/// 32 | segment id).
 const TOKEN_PEER: u64 = 1 << 63;
 /// Records taken from one peer's ring per dispatch. Well-behaved peers never have more
 /// outstanding (see `layout::CT_MAX_SLOTS`); a peer that keeps writing gets its turn at the
@@ -163,7 +163,7 @@ pub(crate) struct Daemon {
     pub(crate) socket: OwnedFd,
     pub(crate) queue: RingConsumer,
     /// Readable when shuntd posted events this worker may be asleep on.
-    wake: WakeSocket,
+    wake: WakeReceiver,
     _queue_segment: Arc<Segment>,
     pub(crate) epoch: u32,
     worker_id: u32,
@@ -422,11 +422,11 @@ impl Worker {
         };
         if fds.len() != 2 || offset as usize != layout::event_queue_offset() {
             return Err(Error::Protocol(
-                "attach reply must carry the event-queue segment, at the agreed offset, and a wake-up socket".into(),
+                "attach reply must carry the event-queue segment, at the agreed offset, and a wake-up pipe".into(),
             ));
         }
-        let wake = WakeSocket::from_fd(fds.pop().expect("two"))
-            .map_err(|e| Error::Protocol(format!("wake-up socket: {e}")))?;
+        let wake = WakeReceiver::from_fd(fds.pop().expect("two"))
+            .map_err(|e| Error::Protocol(format!("wake-up pipe: {e}")))?;
         let seg = Arc::new(Segment::open(fds.remove(0)).map_err(|e| Error::Shm(e.to_string()))?);
         let queue = RingConsumer::attach(seg.clone(), offset as usize)
             .map_err(|e| Error::Shm(e.to_string()))?;
@@ -1167,26 +1167,23 @@ impl Worker {
                 TOKEN_DAEMON_WAKE => daemon_rang = true,
                 t if t >= TOKEN_PEER => {
                     let packed = t - TOKEN_PEER;
-                    let key = ((packed >> 32) as u32, packed as u32);
-                    let closed =
-                        epoll::EventFlags::RDHUP | epoll::EventFlags::HUP | epoll::EventFlags::ERR;
                     let flags = ev.flags;
-                    if flags.intersects(closed) {
-                        hung_up.push(key);
-                    }
-                    peers_rang.push(key);
+                    // A hang-up is a pipe whose writer is gone (as is a read of end-of-file).
+                    let closed = flags.intersects(epoll::EventFlags::HUP | epoll::EventFlags::ERR);
+                    peers_rang.push(((packed >> 32) as u32, packed as u32, closed));
                 }
                 _ => {}
             }
         }
-        // Wake-ups are taken before what they announce is looked at, so one that comes while
-        // we look stays pending for the next wait.
+        // Wake-ups are read before what they announce is looked at, so one that comes while we
+        // look stays pending for the next wait.
         if daemon_rang && let Some(d) = st.daemon.as_ref() {
             let _ = d.wake.drain();
         }
-        for key in peers_rang {
-            let drained = st.peers.get(&key).map(|p| p.link.drain());
-            if matches!(drained, Some(Ok(Drained::PeerGone(_)) | Err(_))) {
+        for (segment, id, closed) in peers_rang {
+            let key = (segment, id);
+            let drained = st.peers.get(&key).map(|p| p.receiver.drain());
+            if closed || matches!(drained, Some(Ok(Drained::PeerGone(_)) | Err(_))) {
                 hung_up.push(key);
             }
         }
@@ -1218,7 +1215,7 @@ impl Worker {
         let mut buf = vec![0u8; MAX_MESSAGE_LEN];
         loop {
             let Some(d) = st.daemon.as_ref() else { return };
-            match fdpass::recv_with_fds(d.socket.as_fd(), &mut buf, 3) {
+            match fdpass::recv_with_fds(d.socket.as_fd(), &mut buf, 4) {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
                 Ok((n, fds)) if n > 0 => match DaemonReply::decode(&buf[..n]) {
                     Ok((
@@ -1275,28 +1272,22 @@ impl Worker {
         }
     }
 
-    fn add_segment(&self, st: &mut State, segment_id: u32, is_client: bool, mut fds: Vec<OwnedFd>) {
-        if fds.len() != 2 {
-            tracing::warn!(
-                segment_id,
-                fds = fds.len(),
-                "segment grant without its two fds"
-            );
+    fn add_segment(&self, st: &mut State, segment_id: u32, is_client: bool, fds: Vec<OwnedFd>) {
+        let Ok([seg, write, anchor, read]) = <[OwnedFd; 4]>::try_from(fds) else {
+            tracing::warn!(segment_id, "segment grant without its four fds");
             return;
-        }
-        let link = fds.pop().expect("2");
-        let seg = fds.pop().expect("2");
+        };
         let epoch = st.segment_epoch();
-        match PeerSegment::open(seg, link, is_client) {
+        match PeerSegment::open(seg, [write, anchor, read], is_client) {
             Ok(peer) => {
                 let token = TOKEN_PEER + ((u64::from(epoch) << 32) | u64::from(segment_id));
                 // Level-triggered: readable while the peer's wake-ups are unread, and for good
-                // once it hangs up.
+                // once the peer is gone.
                 let watch = epoll::add(
                     &self.inner.epoll,
-                    peer.link.as_fd(),
+                    peer.receiver.as_fd(),
                     epoll::EventData::new_u64(token),
-                    epoll::EventFlags::IN | epoll::EventFlags::RDHUP,
+                    epoll::EventFlags::IN,
                 );
                 if let Err(e) = watch {
                     tracing::warn!(error = %e, "cannot watch the peer");
@@ -1597,7 +1588,7 @@ impl Worker {
             tracing::debug!(segment = key.1, "cut-through peer hung up");
         }
         peer.dead = true;
-        let _ = epoll::delete(&self.inner.epoll, peer.link.as_fd());
+        let _ = epoll::delete(&self.inner.epoll, peer.receiver.as_fd());
         let indexes: Vec<usize> = peer.slots.values().copied().collect();
         for i in indexes {
             if let Some(Some(s)) = st.sessions.get_mut(i) {
@@ -1619,7 +1610,7 @@ impl Worker {
             return;
         };
         if peer.slots.is_empty() && (peer.dead || !current) {
-            let _ = epoll::delete(&self.inner.epoll, peer.link.as_fd());
+            let _ = epoll::delete(&self.inner.epoll, peer.receiver.as_fd());
             st.peers.remove(&key);
         }
     }

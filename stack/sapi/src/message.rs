@@ -466,7 +466,8 @@ impl Request {
 /// What shuntd sends an app worker.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DaemonReply {
-    /// Followed by two fds: the event-queue segment and the worker's wake-up socket.
+    /// Followed by two fds: the event-queue segment and the read end of the worker's wake-up
+    /// pipe.
     Attached {
         app_id: u64,
         app_token: Vec<u8>,
@@ -483,8 +484,9 @@ pub enum DaemonReply {
         code: ErrorCode,
         message: String,
     },
-    /// Followed by two fds: segment memfd, and this side's end of the pair's wake-up and
-    /// liveness socket.
+    /// Followed by four fds: segment memfd; this side's wake-up sender (the write end of the
+    /// pipe to the peer, and its anchor); and its receiver (the read end of the pipe from the
+    /// peer).
     SegmentAdded {
         segment_id: u32,
         is_client: bool,
@@ -516,7 +518,7 @@ impl DaemonReply {
     pub fn fd_count(&self) -> usize {
         match self {
             DaemonReply::Attached { .. } => 2,
-            DaemonReply::SegmentAdded { .. } => 2,
+            DaemonReply::SegmentAdded { .. } => 4,
             _ => 0,
         }
     }

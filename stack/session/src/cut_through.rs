@@ -4,14 +4,14 @@
 //! between the two processes that use it. A segment holds two event rings (one per direction)
 //! and up to [`CT_MAX_SLOTS`] FIFO pairs; when a pair's segments are full another is made.
 //! After the connect, shuntd is out of the data path: peers notify each other through the rings
-//! and a socketpair (each side ringing through its own end), and notice each other's death
-//! through the same socketpair, so a session keeps flowing even if shuntd is killed.
+//! and a wake-up pipe per direction (each write end held by its ringer alone), and notice each
+//! other's death when the other's pipe closes, so a session keeps flowing even if shuntd is
+//! killed.
 //!
 //! The allocator state stays in shuntd's private memory: a peer can scribble on the segment but
 //! cannot make shuntd hand out overlapping FIFOs.
 
 use std::collections::{BTreeMap, HashMap};
-use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 
 use shunt_sapi::event::FifoPair;
@@ -20,7 +20,7 @@ use shunt_shm::alloc::SegmentAllocator;
 use shunt_shm::fifo::{self, FifoObserver};
 use shunt_shm::ring;
 use shunt_shm::segment::Segment;
-use shunt_shm::wake::WakeSocket;
+use shunt_shm::wake::{self, WakeReceiver, WakeSender};
 
 use crate::app::WorkerId;
 use crate::link::SegmentGrant;
@@ -54,10 +54,10 @@ struct CtSegment {
     allocator: SegmentAllocator,
     slots: Vec<bool>,
     live: usize,
-    /// Ends of the pair's socketpair (wake-ups and liveness), handed out with the first grant
-    /// to each side; shuntd keeps neither, so each side's death closes the other's channel.
-    client_end: Option<OwnedFd>,
-    server_end: Option<OwnedFd>,
+    /// Each side's ends of the pair's wake-up channels, handed out with the first grant to it;
+    /// shuntd keeps none, so each side's death closes the other's channel.
+    client_ends: Option<(WakeSender, WakeReceiver)>,
+    server_ends: Option<(WakeSender, WakeReceiver)>,
 }
 
 struct CtConnection {
@@ -133,8 +133,9 @@ impl CutThrough {
             ring::init_ring(segment.region(), offset, CT_RING_RECORDS)
                 .map_err(|e| TransportError::Segment(e.to_string()))?;
         }
-        let (client_end, server_end) =
-            WakeSocket::pair().map_err(|e| TransportError::Segment(e.to_string()))?;
+        let io = |e: std::io::Error| TransportError::Segment(e.to_string());
+        let (to_server, from_client) = wake::channel().map_err(io)?;
+        let (to_client, from_server) = wake::channel().map_err(io)?;
         let mut allocator = SegmentAllocator::new(self.config.segment_size);
         // Reserve everything before the FIFO area so FIFOs never overlap the rings.
         allocator
@@ -153,8 +154,8 @@ impl CutThrough {
                 allocator,
                 slots: vec![false; CT_MAX_SLOTS as usize],
                 live: 0,
-                client_end: Some(client_end.into()),
-                server_end: Some(server_end.into()),
+                client_ends: Some((to_server, from_server)),
+                server_ends: Some((to_client, from_client)),
             },
         );
         st.pairs.entry((client, server)).or_default().push(id);
@@ -318,17 +319,18 @@ impl CutThrough {
 }
 
 fn grant(seg: &mut CtSegment, is_client: bool) -> Option<SegmentGrant> {
-    let end = if is_client {
-        &mut seg.client_end
+    let ends = if is_client {
+        &mut seg.client_ends
     } else {
-        &mut seg.server_end
+        &mut seg.server_ends
     };
-    let pair_socket = end.take()?;
+    let (sender, receiver) = ends.take()?;
     Some(SegmentGrant {
         segment_id: seg.id,
         is_client,
         segment: seg.segment.clone(),
-        pair_socket,
+        sender,
+        receiver,
     })
 }
 

@@ -548,6 +548,7 @@ impl SessionLayer {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .remove(id)?;
+        self.registry().ledger.forget_namespace(id);
         self.revoke_standby();
         Ok(())
     }

@@ -151,10 +151,6 @@ impl Usage {
     fn sub(&mut self, r: Resource, amount: u64) {
         self.0[r.index()] = self.0[r.index()].saturating_sub(amount);
     }
-
-    fn is_empty(&self) -> bool {
-        self.0.iter().all(|n| *n == 0)
-    }
 }
 
 /// What every user and namespace holds, against their caps. Lives under the registry lock.
@@ -224,27 +220,32 @@ impl Ledger {
             .entry(owner.uid)
             .or_default()
             .add(resource, amount);
-        self.by_namespace
-            .entry(owner.namespace.clone())
-            .or_default()
-            .add(resource, amount);
+        // The namespace's entry usually exists: look it up before making a key for it.
+        match self.by_namespace.get_mut(&owner.namespace) {
+            Some(usage) => usage.add(resource, amount),
+            None => {
+                let mut usage = Usage::default();
+                usage.add(resource, amount);
+                self.by_namespace.insert(owner.namespace.clone(), usage);
+            }
+        }
         Ok(())
     }
 
-    /// Gives back what [`Ledger::charge`] took.
+    /// Gives back what [`Ledger::charge`] took. Entries stay when they reach zero: the same
+    /// user comes back at its next connect, and users and namespaces are few.
     pub fn release(&mut self, owner: &Owner, resource: Resource, amount: u64) {
         if let Some(u) = self.by_uid.get_mut(&owner.uid) {
             u.sub(resource, amount);
-            if u.is_empty() {
-                self.by_uid.remove(&owner.uid);
-            }
         }
         if let Some(u) = self.by_namespace.get_mut(&owner.namespace) {
             u.sub(resource, amount);
-            if u.is_empty() {
-                self.by_namespace.remove(&owner.namespace);
-            }
         }
+    }
+
+    /// Forgets a namespace that was deleted.
+    pub fn forget_namespace(&mut self, id: &str) {
+        self.by_namespace.remove(id);
     }
 
     /// What `uid` holds of `resource`.
@@ -311,7 +312,7 @@ mod tests {
     }
 
     #[test]
-    fn releases_give_room_back_and_forget_empty_holders() {
+    fn releases_give_room_back_and_never_go_below_zero() {
         let mut l = ledger();
         let o = owner(5, "default");
         l.charge(&o, Resource::Sessions, 3).unwrap();
@@ -321,7 +322,10 @@ mod tests {
         l.charge(&o, Resource::Sessions, 2).unwrap();
         l.release(&o, Resource::Sessions, 3);
         l.release(&o, Resource::SegmentBytes, 1 << 26);
-        assert!(l.by_uid.is_empty() && l.by_namespace.is_empty());
+        assert_eq!(l.used_by_uid(5, Resource::Sessions), 0);
+        assert_eq!(l.used_by_uid(5, Resource::SegmentBytes), 0);
+        l.forget_namespace("default");
+        assert!(l.by_namespace.is_empty());
         // Releasing more than was charged cannot go below zero.
         l.release(&o, Resource::Sessions, 9);
         assert_eq!(l.used_by_namespace("default", Resource::Sessions), 0);

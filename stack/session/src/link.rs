@@ -2,28 +2,30 @@
 //! others: nothing that touches an app's file descriptors happens under the registry lock.
 //!
 //! Every connect, close and policy change runs under one registry lock, which every app needs.
-//! A system call on a descriptor an app can reach (its socket, its wake-up socket) could block
+//! A system call on a descriptor an app can reach (its socket, its wake-up pipe) could block
 //! or fail slowly because of what that app did to it, and everybody would wait behind it. So a
 //! [`WorkerLink`] only *queues* under the lock (grants and events, in order, in the link's own
 //! memory), and [`Deliveries`] remembers which links it queued to; once the lock is released,
 //! [`Deliveries::deliver`] has each link flush. Flushing never blocks either: a worker whose
 //! socket is full keeps the rest of its queue until it reads.
 
-use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 use shunt_sapi::event::Event;
 use shunt_shm::segment::Segment;
+use shunt_shm::wake::{WakeReceiver, WakeSender};
 
-/// A segment handed to one side of a cut-through pair: the memfd, and this side's end of the
-/// pair's socketpair (the peers' wake-up channel and liveness).
+/// A segment handed to one side of a cut-through pair: the memfd, and this side's ends of the
+/// pair's two wake-up channels (see `shunt_shm::wake`): it rings its peer through `sender`,
+/// and is rung, and learns of its peer's death, on `receiver`.
 #[derive(Debug)]
 pub struct SegmentGrant {
     pub segment_id: u32,
     pub is_client: bool,
     /// shuntd's own mapping; its memfd is what travels.
     pub segment: Arc<Segment>,
-    pub pair_socket: OwnedFd,
+    pub sender: WakeSender,
+    pub receiver: WakeReceiver,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -35,7 +37,7 @@ pub enum LinkError {
 }
 
 /// The session layer's way to an app worker. shuntd implements it over the worker's socket
-/// (fds), its shared-memory event queue (events) and its wake-up socket.
+/// (fds), its shared-memory event queue (events) and its wake-up pipe.
 ///
 /// `grant_segment`, `post`, `post_quietly` and `has_room` are called under the registry lock:
 /// they must only queue or look at memory, never make a system call. `flush` is called without

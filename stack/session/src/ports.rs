@@ -101,6 +101,9 @@ impl PortMap {
 
 type Key = (TransportProto, IpAddr, SocketAddr);
 
+/// Remotes whose maps stay when emptied (8 KiB each).
+const MAX_MAPS_KEPT: usize = 1024;
+
 /// Taken local ports, per (transport, local address, remote).
 #[derive(Default)]
 pub struct LocalPorts {
@@ -129,8 +132,11 @@ impl LocalPorts {
         let key = (proto, local.ip(), remote);
         if let Some(map) = self.maps.get_mut(&key) {
             map.set(local.port(), false);
-            if map.count == 0 {
-                self.maps.remove(&key);
+            // An emptied map is kept for the next connect to the same remote (8 KiB made and
+            // zeroed each time would cost a connect more than the search); past a bound on idle
+            // maps, the empty ones go.
+            if map.count == 0 && self.maps.len() > MAX_MAPS_KEPT {
+                self.maps.retain(|_, m| m.count > 0);
             }
         }
     }
@@ -198,13 +204,21 @@ mod tests {
     }
 
     #[test]
-    fn emptied_remotes_are_forgotten() {
+    fn emptied_remotes_are_forgotten_once_many_are_kept() {
         let mut p = LocalPorts::default();
         let a = SocketAddr::new(ip(), 2000);
         p.take(CT, a, remote());
-        p.take(CT, a, remote());
         p.release(CT, a, remote());
-        assert!(p.maps.is_empty());
+        assert_eq!(p.maps.len(), 1, "kept for the next connect");
+        let busy = SocketAddr::new(ip(), 2001);
+        p.take(CT, busy, remote());
+        for port in 0..2 * MAX_MAPS_KEPT as u16 {
+            let r = SocketAddr::new(ip(), 10_000 + port);
+            p.take(CT, a, r);
+            p.release(CT, a, r);
+            assert!(p.maps.len() <= MAX_MAPS_KEPT + 1);
+        }
+        assert!(p.is_taken(CT, busy, remote()), "maps in use stay");
     }
 
     proptest! {

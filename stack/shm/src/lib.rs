@@ -8,8 +8,8 @@
 //! *segment*: a sealed memfd that both processes map. Inside a segment sit single-producer /
 //! single-consumer byte [`fifo`]s (one per direction of a session) and [`ring`]s of 64-byte
 //! records (control and IO events). A process that has just made data available wakes the peer
-//! through a [`wake`] channel (its own end of a socketpair) — but only when the peer may be
-//! asleep, so a busy stream costs no system calls at all. File descriptors for segments and
+//! through a [`wake`] channel (a pipe whose write end only it holds) — but only when the peer
+//! may be asleep, so a busy stream costs no system calls at all. File descriptors for segments and
 //! wake-up channels travel over a Unix socket with [`fdpass`]. A [`doorbell`] (an eventfd) wakes
 //! the threads of one process; it is never shared with another, because any holder of an
 //! eventfd can make every writer of it block.
@@ -93,4 +93,4 @@ pub use ring::{
     RECORD_LEN, RingConsumer, RingError, RingProducer, Wake, init_ring, ring_footprint,
 };
 pub use segment::{SEGMENT_HEADER_LEN, Segment, SegmentError};
-pub use wake::{Drained, Rung, WakeError, WakeSocket};
+pub use wake::{Drained, Rung, WakeError, WakeReceiver, WakeSender};

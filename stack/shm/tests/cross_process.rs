@@ -1,11 +1,11 @@
 //! Two real processes share a segment.
 //!
-//! The parent creates a segment holding one FIFO, a wake-up socketpair (the child rings "data
-//! available" through its end, the parent "space available" through its own) and a seqpacket
-//! pair, then re-executes this test binary as the child (with `SHUNT_SHM_CHILD_ROLE` set, which
-//! `main` checks before it runs any test; the child is not a test of its own). The child's end
-//! of the socket becomes its stdin, so no descriptor has to be inherited by number; the segment
-//! and its wake-up end travel over the socket with `SCM_RIGHTS`.
+//! The parent creates a segment holding one FIFO, two wake-up channels ("data available" rung by
+//! the child, "space available" rung by the parent) and a seqpacket pair, then re-executes this
+//! test binary as the child (with `SHUNT_SHM_CHILD_ROLE` set, which `main` checks before it runs
+//! any test; the child is not a test of its own). The child's end of the socket becomes its
+//! stdin, so no descriptor has to be inherited by number; the segment and the child's channel
+//! ends travel over the socket with `SCM_RIGHTS`.
 //!
 //! * `stream_more_than_4_gib_between_processes`: the child produces 4.5 GiB of a deterministic
 //!   pseudo-random pattern (so the u32 FIFO counters wrap), the parent consumes it; both compute
@@ -24,9 +24,10 @@ use std::time::{Duration, Instant};
 
 use libtest_mimic::{Arguments, Trial};
 use rustix::event::{PollFd, PollFlags, Timespec, poll};
+use shunt_shm::wake::{self, WakeReceiver, WakeSender};
 use shunt_shm::{
-    Consumer, Producer, Segment, SegmentAllocator, WakeSocket, fifo_footprint, init_fifo,
-    recv_with_fds, send_with_fds, seqpacket_pair,
+    Consumer, Producer, Segment, SegmentAllocator, fifo_footprint, init_fifo, recv_with_fds,
+    send_with_fds, seqpacket_pair,
 };
 
 const ROLE_ENV: &str = "SHUNT_SHM_CHILD_ROLE";
@@ -69,7 +70,8 @@ const SEED: u64 = 0x5eed_1234_abcd_0001;
 /// A child told to stream this much runs until killed.
 const FOREVER: u64 = u64::MAX;
 
-/// Setup message parent -> child, sent with [segment, the child's wake-up end].
+/// Setup message parent -> child, sent with [segment, data sender's write end and anchor, space
+/// receiver].
 struct Setup {
     offset: u64,
     total: u64,
@@ -169,8 +171,10 @@ fn spawn_child(sock: OwnedFd) -> ChildGuard {
 
 struct Parent {
     sock: OwnedFd,
-    /// Our end: readable when the child rang for data; we ring it for space.
-    bell: WakeSocket,
+    /// Readable when the child rang for data.
+    data: WakeReceiver,
+    /// We ring the child for space.
+    space: WakeSender,
     consumer: Consumer,
     child: ChildGuard,
 }
@@ -183,7 +187,8 @@ fn start(total: u64) -> Parent {
     let mut alloc = SegmentAllocator::new(segment.len());
     let offset = alloc.alloc(fifo_footprint(FIFO_CAPACITY), 64).unwrap();
     init_fifo(segment.region(), offset, FIFO_CAPACITY).unwrap();
-    let (bell, child_bell) = WakeSocket::pair().unwrap();
+    let (child_data, data) = wake::channel().unwrap();
+    let (space, child_space) = wake::channel().unwrap();
     let (sock, child_sock) = seqpacket_pair().unwrap();
     let child = spawn_child(child_sock);
     let setup = Setup {
@@ -194,13 +199,19 @@ fn start(total: u64) -> Parent {
     send_with_fds(
         sock.as_fd(),
         &setup.encode(),
-        &[segment.as_fd(), child_bell.as_fd()],
+        &[
+            segment.as_fd(),
+            child_data.fds()[0],
+            child_data.fds()[1],
+            child_space.as_fd(),
+        ],
     )
     .unwrap();
     let consumer = Consumer::attach(Arc::new(segment), offset).unwrap();
     Parent {
         sock,
-        bell,
+        data,
+        space,
         consumer,
         child,
     }
@@ -232,7 +243,7 @@ fn consume(parent: &mut Parent, crc: &mut crc32fast::Hasher) -> usize {
     let n = s.len();
     parent.consumer.release(n).unwrap();
     if n > 0 && parent.consumer.take_tx_space_request() {
-        parent.bell.ring().unwrap();
+        parent.space.ring().unwrap();
     }
     n
 }
@@ -255,8 +266,8 @@ fn stream_more_than_4_gib_between_processes() {
         }
         // Empty and not finished: sleep until the producer rings (has_event was cleared above,
         // so a write after our read rings).
-        let _ = wait_any([parent.bell.as_fd()], WAIT);
-        parent.bell.drain().unwrap();
+        let _ = wait_any([parent.data.as_fd()], WAIT);
+        parent.data.drain().unwrap();
         sleeps += 1;
     }
     let mut msg = [0u8; 16];
@@ -295,8 +306,8 @@ fn killed_child_is_noticed_within_one_second() {
         let n = consume(&mut parent, &mut crc);
         received += n;
         if n == 0 {
-            let _ = wait_any([parent.bell.as_fd()], WAIT);
-            parent.bell.drain().unwrap();
+            let _ = wait_any([parent.data.as_fd()], WAIT);
+            parent.data.drain().unwrap();
         }
     }
     parent.child.child().kill().unwrap();
@@ -305,12 +316,12 @@ fn killed_child_is_noticed_within_one_second() {
     loop {
         let left = limit.saturating_sub(killed.elapsed());
         assert!(!left.is_zero(), "peer death not noticed within {limit:?}");
-        let [data, sock] = wait_any([parent.bell.as_fd(), parent.sock.as_fd()], left);
+        let [data, sock] = wait_any([parent.data.as_fd(), parent.sock.as_fd()], left);
         if sock.contains(PollFlags::HUP) {
             break;
         }
         if !data.is_empty() {
-            parent.bell.drain().unwrap();
+            parent.data.drain().unwrap();
         }
         // Whatever the child managed to publish before dying is still readable.
         consume(&mut parent, &mut crc);
@@ -336,10 +347,12 @@ fn run_child() -> io::Result<()> {
     let stdin = io::stdin();
     let sock = stdin.as_fd();
     let mut buf = [0u8; 64];
-    let (n, mut fds) = recv_with_fds(sock, &mut buf, 2)?;
-    assert_eq!(fds.len(), 2, "expected the segment and a wake-up end");
+    let (n, mut fds) = recv_with_fds(sock, &mut buf, 4)?;
+    assert_eq!(fds.len(), 4, "expected the segment and three wake-up ends");
     let setup = Setup::decode(&buf[..n]);
-    let bell = WakeSocket::from_fd(fds.pop().unwrap())?;
+    let space = WakeReceiver::from_fd(fds.pop().unwrap())?;
+    let anchor = fds.pop().unwrap();
+    let data = WakeSender::from_fds(fds.pop().unwrap(), anchor)?;
     let segment = Segment::open(fds.pop().unwrap()).map_err(io::Error::other)?;
     let mut producer =
         Producer::attach(Arc::new(segment), setup.offset as usize).map_err(io::Error::other)?;
@@ -361,10 +374,10 @@ fn run_child() -> io::Result<()> {
             if producer.free_space() >= 8 {
                 continue;
             }
-            if !bell.wait(Some(WAIT))? {
+            if !space.wait(Some(WAIT))? {
                 return Err(io::Error::other("timed out waiting for space"));
             }
-            bell.drain()?;
+            space.drain()?;
             continue;
         }
         let a = w.first.len().min(n);
@@ -375,12 +388,12 @@ fn run_child() -> io::Result<()> {
         producer.commit(n).map_err(io::Error::other)?;
         sent += n as u64;
         if producer.set_event() {
-            bell.ring().map_err(io::Error::other)?;
+            data.ring().map_err(io::Error::other)?;
         }
     }
     producer.shutdown();
     if producer.set_event() {
-        bell.ring().map_err(io::Error::other)?;
+        data.ring().map_err(io::Error::other)?;
     }
     let mut msg = [0u8; 12];
     msg[..8].copy_from_slice(&sent.to_le_bytes());

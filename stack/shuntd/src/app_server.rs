@@ -29,7 +29,7 @@ use shunt_session::app::{PeerCred, WorkerId};
 use shunt_session::layer::{AttachRequest, Attached, PairOutcome, SessionError, SessionId};
 use shunt_session::link::WorkerLink;
 use shunt_shm::fdpass;
-use shunt_shm::wake::WakeSocket;
+use shunt_shm::wake::WakeReceiver;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
 
@@ -758,14 +758,14 @@ impl Connection {
         self.send(request_id, reply, &[]).await;
     }
 
-    /// Builds the worker's event queue and wake-up socket. An attach carries no fds: shuntd
+    /// Builds the worker's event queue and wake-up pipe. An attach carries no fds: shuntd
     /// writes only to descriptors it made, so no app can hand it one that blocks.
     async fn make_link(
         &self,
         request_id: u32,
         fds: Vec<OwnedFd>,
         queue_len: u32,
-    ) -> Option<(Arc<DaemonLink>, WakeSocket)> {
+    ) -> Option<(Arc<DaemonLink>, WakeReceiver)> {
         if !fds.is_empty() {
             self.fail(
                 request_id,
@@ -789,7 +789,7 @@ impl Connection {
             .await;
             return None;
         }
-        let built = (|| -> anyhow::Result<(Arc<DaemonLink>, WakeSocket)> {
+        let built = (|| -> anyhow::Result<(Arc<DaemonLink>, WakeReceiver)> {
             let socket = self.fd.get_ref().try_clone()?;
             let name = format!("shunt-evq-{}", self.cred.pid);
             let counters = self.shared.counters.clone();
@@ -812,7 +812,7 @@ impl Connection {
         request_id: u32,
         a: Attached,
         link: Arc<DaemonLink>,
-        app_wake: WakeSocket,
+        app_wake: WakeReceiver,
     ) {
         let reply = DaemonReply::Attached {
             app_id: a.app.0,

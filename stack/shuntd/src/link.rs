@@ -1,5 +1,5 @@
 //! How the session layer reaches one attached app worker: fds over its socket, events through
-//! its shared-memory event queue, and a wake-up through its wake-up socket.
+//! its shared-memory event queue, and a wake-up through its wake-up pipe.
 //!
 //! Whatever the layer hands over is queued here, under the layer's registry lock, and delivered
 //! by [`DaemonLink::flush`] once that lock is free (see `shunt_session::link`). Delivering
@@ -11,9 +11,9 @@
 //!   flushes again once the socket is writable. Nothing is lost and nobody else waits;
 //! * events are memory writes into the app's event queue; the room they need was counted when
 //!   they were queued ([`WorkerLink::has_room`]), so they always fit;
-//! * the wake-up is one non-blocking send on shuntd's own end of a socketpair, whose other end
-//!   the app holds. The app cannot make that send block: it does not hold shuntd's end, and a
-//!   full buffer means a wake-up is pending anyway.
+//! * the wake-up is one write to a pipe whose write end only shuntd holds, non-blocking, and
+//!   whose read end the app holds. The app cannot make that write block: it does not hold
+//!   shuntd's description, and a full pipe means a wake-up is pending anyway.
 
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, OwnedFd};
@@ -27,15 +27,15 @@ use shunt_session::link::{LinkError, SegmentGrant, WorkerLink};
 use shunt_shm::fdpass;
 use shunt_shm::ring::{self, RECORD_LEN, RingProducer, Wake};
 use shunt_shm::segment::Segment;
-use shunt_shm::wake::WakeSocket;
+use shunt_shm::wake::{self, WakeReceiver, WakeSender};
 
 use crate::app_server::ServerCounters;
 
 pub struct DaemonLink {
     /// A duplicate of shuntd's end of the app's connection.
     socket: OwnedFd,
-    /// shuntd's end of the app's wake-up socket.
-    wake: WakeSocket,
+    /// The write end of the app's wake-up pipe.
+    wake: WakeSender,
     queue_len: u32,
     segment: Arc<Segment>,
     outbox: Mutex<Outbox>,
@@ -75,14 +75,14 @@ impl Outbox {
 }
 
 impl DaemonLink {
-    /// Makes the worker's event queue and wake-up socket. `socket` is a duplicate of the
-    /// worker's connection. Returns the link and the app's end of the wake-up socket.
+    /// Makes the worker's event queue and wake-up pipe. `socket` is a duplicate of the worker's
+    /// connection. Returns the link and the pipe's read end, for the app.
     pub fn new(
         socket: OwnedFd,
         queue_len: u32,
         name: &str,
         counters: Arc<ServerCounters>,
-    ) -> anyhow::Result<(Self, WakeSocket)> {
+    ) -> anyhow::Result<(Self, WakeReceiver)> {
         let segment = Arc::new(Segment::create(
             name,
             layout::event_queue_segment_len(queue_len),
@@ -90,9 +90,9 @@ impl DaemonLink {
         let offset = layout::event_queue_offset();
         ring::init_ring(segment.region(), offset, queue_len)?;
         let producer = RingProducer::attach(segment.clone(), offset)?;
-        let (wake, app_end) = WakeSocket::pair()?;
-        // The app only ever listens on this channel.
-        wake.stop_receiving()?;
+        // shuntd ignores SIGPIPE, so it needs no anchor: an app that closed its end is `PeerGone`.
+        let (wake, app_end) = wake::channel()?;
+        let wake = wake.without_anchor();
         let link = Self {
             socket,
             wake,
@@ -154,7 +154,8 @@ impl DaemonLink {
             is_client: grant.is_client,
         }
         .encode(0);
-        let fds = [grant.segment.as_fd(), grant.pair_socket.as_fd()];
+        let [write, anchor] = grant.sender.fds();
+        let fds = [grant.segment.as_fd(), write, anchor, grant.receiver.as_fd()];
         match fdpass::try_send_with_fds(self.socket.as_fd(), &msg, &fds) {
             Ok(_) => Ok(true),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),

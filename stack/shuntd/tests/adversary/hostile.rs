@@ -238,13 +238,14 @@ fn attached() -> Result<RawApp, String> {
 }
 
 /// Every fd shuntd gave, made blocking and full; then a listener the victim connects to, whose
-/// pair socket gets the same; then connects to nowhere, never reading the answers.
+/// session's wake-up pipe ends get the same; then connects to nowhere, never reading the
+/// answers.
 fn poison() -> Result<(), String> {
     let mut app = attached()?;
-    // Its wake-up socket, the only descriptor shuntd writes to for it (shuntd's end refuses
-    // what the app writes back; the memfd beside it is the app's own queue).
+    // Its wake-up pipe, the only descriptor shuntd writes to for it (the memfd beside it is
+    // the app's own queue).
     for fd in &app.received {
-        if rustix::net::sockopt::socket_type(fd).is_ok() {
+        if is_pipe(fd) {
             raw::make_blocking_and_full(fd.as_fd());
         }
     }
@@ -260,8 +261,12 @@ fn poison() -> Result<(), String> {
         app.recv(Duration::from_millis(50))
             .map_err(|e| e.to_string())?;
     }
-    let (_, _, pair) = app.grants.first().ok_or("no victim connected")?;
-    raw::make_blocking_and_full(pair.as_fd());
+    // Every wake-up end of the session's pair: the pipe it writes to the victim (filled), its
+    // anchor and the pipe it reads from (made blocking, never read).
+    let grant = app.grants.first().ok_or("no victim connected")?;
+    for end in &grant.wake_ends {
+        raw::make_blocking_and_full(end.as_fd());
+    }
     // Until its own socket refuses more: shuntd stops reading from an app whose answers it
     // cannot deliver, and that stalls only this app.
     let nowhere = Request::Connect {
@@ -283,17 +288,20 @@ fn poison() -> Result<(), String> {
     Ok(())
 }
 
-/// Connects to the victim and writes events into its ring, and bytes into its socket, as fast
-/// as it can, until told to stop.
+/// Connects to the victim and writes events into its ring, and bytes into its wake-up pipe, as
+/// fast as it can, until told to stop.
 fn flood() -> Result<(), String> {
     let mut app = attached()?;
     let (fifos, segment) = app.connect_session(target()).map_err(|e| e.to_string())?;
-    let (_, _, pair) = app
+    let grant = app
         .grants
         .iter()
-        .find(|(id, ..)| *id == fifos.segment_id)
+        .find(|g| g.segment_id == fifos.segment_id)
         .ok_or("no grant")?;
-    let pair: OwnedFd = pair.try_clone().map_err(|e| e.to_string())?;
+    let to_victim: OwnedFd = grant
+        .to_peer()
+        .try_clone_to_owned()
+        .map_err(|e| e.to_string())?;
     let mut ring = RingProducer::attach(segment.clone(), raw::outbound_ring(true))
         .map_err(|e| e.to_string())?;
     let stop = stop_flag();
@@ -306,7 +314,7 @@ fn flood() -> Result<(), String> {
                 pushed += 1;
             }
         }
-        let _ = rustix::net::send(&pair, &junk, rustix::net::SendFlags::DONTWAIT);
+        let _ = rustix::io::write(&to_victim, &junk);
         if !said && pushed > 10_000 {
             say("ready");
             said = true;
@@ -585,4 +593,9 @@ fn attach_to() -> Result<(), String> {
         Err(code) => say(&format!("attach {}", code.as_str())),
     }
     Ok(())
+}
+
+fn is_pipe(fd: &OwnedFd) -> bool {
+    rustix::fs::fstat(fd)
+        .is_ok_and(|s| rustix::fs::FileType::from_raw_mode(s.st_mode) == rustix::fs::FileType::Fifo)
 }

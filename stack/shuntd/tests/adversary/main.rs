@@ -78,7 +78,7 @@ fn sessions_by_app(d: &Daemon) -> Vec<pb::Session> {
 fn poisoned_wake_up_channels_stall_neither_shuntd_nor_the_victim() {
     // Against eventfds this attack froze shuntd (it rang the poisoned doorbell under its
     // registry lock) and the victim's writes. The attacker poisons every socket it holds:
-    // its wake-up socket from shuntd, and the pair socket of a session a second victim opens
+    // its wake-up pipe from shuntd, and the pipe ends of a session a second victim opens
     // to it; then it floods shuntd with connects and never reads an answer.
     let d = daemon(OPEN_DEFAULT);
     let victim = Victim::start(&d, ep("127.0.0.1:7900"));

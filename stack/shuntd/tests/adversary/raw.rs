@@ -17,15 +17,30 @@ use shunt_shm::fdpass;
 use shunt_shm::ring::RingConsumer;
 use shunt_shm::segment::Segment;
 
+/// A segment shuntd granted: its memfd, and this side's wake-up ends (the write end of the pipe
+/// to the peer, its anchor, and the read end of the pipe from the peer).
+pub struct Grant {
+    pub segment_id: u32,
+    pub segment: OwnedFd,
+    pub wake_ends: Vec<OwnedFd>,
+}
+
+impl Grant {
+    /// The write end of the pipe to the peer.
+    pub fn to_peer(&self) -> BorrowedFd<'_> {
+        self.wake_ends[0].as_fd()
+    }
+}
+
 /// A connection to shuntd's app socket, attached or not.
 pub struct RawApp {
     pub sock: OwnedFd,
     /// The event queue, once attached.
     queue: Option<RingConsumer>,
-    /// Everything shuntd handed over: the event-queue segment, the wake-up socket, grants.
+    /// Everything shuntd handed over outside grants: the event-queue segment, the wake-up pipe.
     pub received: Vec<OwnedFd>,
-    /// Segment grants as they came: (segment id, segment memfd, pair socket).
-    pub grants: Vec<(u32, OwnedFd, OwnedFd)>,
+    /// Segment grants as they came.
+    pub grants: Vec<Grant>,
     next_id: u32,
 }
 
@@ -71,8 +86,12 @@ impl RawApp {
         let (id, reply) = DaemonReply::decode(&buf[..n]).map_err(io::Error::other)?;
         if let DaemonReply::SegmentAdded { segment_id, .. } = reply {
             let mut fds = fds.into_iter();
-            if let (Some(seg), Some(pair)) = (fds.next(), fds.next()) {
-                self.grants.push((segment_id, seg, pair));
+            if let Some(segment) = fds.next() {
+                self.grants.push(Grant {
+                    segment_id,
+                    segment,
+                    wake_ends: fds.collect(),
+                });
             }
         } else {
             self.received.extend(fds);
@@ -153,17 +172,18 @@ impl RawApp {
                 }) if request_id == id => {
                     // The grant comes on the socket, maybe after the event.
                     let deadline = Instant::now() + Duration::from_secs(10);
-                    while !self.grants.iter().any(|(sid, ..)| *sid == fifos.segment_id)
+                    while !self.grants.iter().any(|g| g.segment_id == fifos.segment_id)
                         && Instant::now() < deadline
                     {
                         self.recv(Duration::from_millis(10))?;
                     }
-                    let (_, seg, _) = self
+                    let grant = self
                         .grants
                         .iter()
-                        .find(|(sid, ..)| *sid == fifos.segment_id)
+                        .find(|g| g.segment_id == fifos.segment_id)
                         .ok_or_else(|| io::Error::other("connected in a segment never granted"))?;
-                    let seg = Segment::open(seg.try_clone()?).map_err(io::Error::other)?;
+                    let seg =
+                        Segment::open(grant.segment.try_clone()?).map_err(io::Error::other)?;
                     return Ok((fifos, Arc::new(seg)));
                 }
                 Some(Event::ConnectFailed { code, .. }) => {
@@ -185,7 +205,7 @@ pub fn make_blocking_and_full(fd: BorrowedFd<'_>) {
     };
     let _ = fcntl_setfl(fd, flags | OFlags::NONBLOCK);
     let junk = [0xfeu8; 64 << 10];
-    // An eventfd would take u64::MAX - 1 here; sockets take bytes until full (or refuse).
+    // An eventfd would take u64::MAX - 1 here; pipes take bytes until full (or refuse).
     let _ = rustix::io::write(fd, &(u64::MAX - 1).to_ne_bytes());
     while let Ok(n) = rustix::io::write(fd, &junk) {
         if n == 0 {
