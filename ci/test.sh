@@ -16,6 +16,10 @@ echo "== cargo nextest"
 cargo build --release --locked -p shunt-envoy
 cargo nextest run --workspace --locked --no-fail-fast
 
+echo "== cargo nextest, wake-up pipes polled level-triggered (kernels 5.5 to 5.15)"
+SHUNT_WAKE_LEVEL_TRIGGERED=1 cargo nextest run --locked --no-fail-fast \
+    -p shunt-shm -p shuntd --lib --test cut_through --test adversary --test deliveries --test restart
+
 echo "== miri (shared-memory FIFOs and rings)"
 MIRIFLAGS="${MIRIFLAGS:-}" cargo +nightly miri test --locked -p shunt-shm --lib
 

@@ -20,6 +20,7 @@ use shunt_client::AttachOptions;
 
 use crate::Transport;
 use crate::conn::{Acceptor, Conn, Mode};
+use crate::cpu::cpu_time;
 use crate::daemon::Daemon;
 use crate::report::{self, RatiosHeader, Reporter};
 
@@ -54,6 +55,9 @@ struct Rate {
     connect_us: f64,
     exchange_us: f64,
     close_us: f64,
+    /// CPU time the whole bench process (apps and the in-process shuntd) spent per connection,
+    /// user and system, in µs: what decides the rate once the cores are busy.
+    cpu_us_per_conn: f64,
     connections: u64,
     secs: f64,
 }
@@ -187,6 +191,7 @@ pub(crate) fn run(opts: &Options, r: &mut Reporter) -> anyhow::Result<()> {
                 format!("{:.2}", m.connect_us),
                 format!("{:.2}", m.exchange_us),
                 format!("{:.2}", m.close_us),
+                format!("{:.1}", m.cpu_us_per_conn),
                 m.connections.to_string(),
             ]
         })
@@ -201,6 +206,7 @@ pub(crate) fn run(opts: &Options, r: &mut Reporter) -> anyhow::Result<()> {
             "connect",
             "byte+eof",
             "close",
+            "cpu us/conn",
             "connections",
         ],
         &rows,
@@ -291,6 +297,7 @@ fn measure(case: Case, opts: &Options, daemon: &Daemon) -> anyhow::Result<Rate> 
     }
 
     let claimed = Arc::new(AtomicU64::new(0));
+    let cpu_before = cpu_time(std::process::id())?;
     let start = Instant::now();
     let connectors = clients
         .into_iter()
@@ -327,6 +334,7 @@ fn measure(case: Case, opts: &Options, daemon: &Daemon) -> anyhow::Result<Rate> 
             .join()
             .map_err(|_| anyhow::anyhow!("acceptor thread panicked"))??;
     }
+    let cpu = cpu_time(std::process::id())?.saturating_sub(cpu_before);
     let (n, phases) = made?;
     anyhow::ensure!(n > 0, "no connection made");
     anyhow::ensure!(
@@ -346,6 +354,7 @@ fn measure(case: Case, opts: &Options, daemon: &Daemon) -> anyhow::Result<Rate> 
         connect_us: mean_us(phases.connect),
         exchange_us: mean_us(phases.exchange),
         close_us: mean_us(phases.close),
+        cpu_us_per_conn: mean_us(cpu),
         connections: n,
         secs,
     })

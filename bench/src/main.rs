@@ -6,6 +6,7 @@
 
 mod conn;
 mod connect;
+mod cpu;
 mod daemon;
 mod envoy;
 mod fifo;

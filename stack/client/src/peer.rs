@@ -9,6 +9,7 @@ use shunt_sapi::event::Event;
 use shunt_sapi::layout;
 use shunt_shm::ring::{RingConsumer, RingProducer, Wake};
 use shunt_shm::segment::Segment;
+use shunt_shm::wake::polling::PolledReceiver;
 use shunt_shm::wake::{WakeError, WakeReceiver, WakeSender};
 
 use crate::Error;
@@ -23,7 +24,7 @@ pub(crate) struct PeerSegment {
     /// We ring the peer through this; only we hold it.
     pub(crate) sender: WakeSender,
     /// The peer rings us on this; its end-of-file says the peer died.
-    pub(crate) receiver: WakeReceiver,
+    pub(crate) receiver: PolledReceiver,
     /// Slot -> local session index.
     pub(crate) slots: HashMap<u32, usize>,
     /// The peer hung up; nothing it had not closed will ever complete.
@@ -43,7 +44,7 @@ impl PeerSegment {
             inbound: RingConsumer::attach(segment.clone(), inbound).map_err(|e| shm(&e))?,
             outbound: RingProducer::attach(segment.clone(), outbound).map_err(|e| shm(&e))?,
             sender: WakeSender::from_fds(write, anchor).map_err(|e| shm(&e))?,
-            receiver: WakeReceiver::from_fd(read).map_err(|e| shm(&e))?,
+            receiver: PolledReceiver::new(WakeReceiver::from_fd(read).map_err(|e| shm(&e))?),
             segment,
             slots: HashMap::new(),
             dead: false,

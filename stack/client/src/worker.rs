@@ -21,6 +21,7 @@ use shunt_shm::fdpass;
 use shunt_shm::fifo::{Consumer, Producer};
 use shunt_shm::ring::RingConsumer;
 use shunt_shm::segment::Segment;
+use shunt_shm::wake::polling::{Polled, PolledReceiver};
 use shunt_shm::wake::{Drained, WakeReceiver};
 
 use crate::Error;
@@ -163,7 +164,7 @@ pub(crate) struct Daemon {
     pub(crate) socket: OwnedFd,
     pub(crate) queue: RingConsumer,
     /// Readable when shuntd posted events this worker may be asleep on.
-    wake: WakeReceiver,
+    wake: PolledReceiver,
     _queue_segment: Arc<Segment>,
     pub(crate) epoch: u32,
     worker_id: u32,
@@ -230,6 +231,8 @@ pub(crate) struct Inner {
     /// Blocked calls that found they could go on only after their sleep's safety timeout ran
     /// out, with no wake-up announcing it: each one a lost wake-up (see [`WorkerStats`]).
     pub(crate) fallback_wakeups: AtomicU64,
+    /// See [`WorkerStats::peer_records`].
+    peer_records: AtomicU64,
 }
 
 /// How a sleep on a worker ended.
@@ -248,6 +251,9 @@ pub struct WorkerStats {
     /// with no wake-up announcing it. Zero unless a wake-up was lost: the re-check keeps an app
     /// going, and this count keeps the loss from going unseen.
     pub fallback_wakeups: u64,
+    /// Records taken from peers' rings: notifications of data, space, opens and closes, each
+    /// announced by at most one wake-up.
+    pub peer_records: u64,
 }
 
 /// Who sleeps in `epoll_wait` for a worker, and who waits for that sleeper's dispatch.
@@ -366,6 +372,7 @@ impl Worker {
             sleeper: Mutex::new(Sleeper::default()),
             dispatched: Condvar::new(),
             fallback_wakeups: AtomicU64::new(0),
+            peer_records: AtomicU64::new(0),
         });
         let worker = Worker { inner };
         worker.reattach()?;
@@ -376,6 +383,7 @@ impl Worker {
     pub fn stats(&self) -> WorkerStats {
         WorkerStats {
             fallback_wakeups: self.inner.fallback_wakeups.load(Ordering::Relaxed),
+            peer_records: self.inner.peer_records.load(Ordering::Relaxed),
         }
     }
 
@@ -426,20 +434,21 @@ impl Worker {
             ));
         }
         let wake = WakeReceiver::from_fd(fds.pop().expect("two"))
+            .map(PolledReceiver::new)
             .map_err(|e| Error::Protocol(format!("wake-up pipe: {e}")))?;
         let seg = Arc::new(Segment::open(fds.remove(0)).map_err(|e| Error::Shm(e.to_string()))?);
         let queue = RingConsumer::attach(seg.clone(), offset as usize)
             .map_err(|e| Error::Shm(e.to_string()))?;
         set_nonblocking(socket.as_fd(), true)?;
-        for (fd, token) in [
-            (socket.as_fd(), TOKEN_SOCKET),
-            (wake.as_fd(), TOKEN_DAEMON_WAKE),
+        for (fd, token, flags) in [
+            (socket.as_fd(), TOKEN_SOCKET, epoll::EventFlags::IN),
+            (wake.as_fd(), TOKEN_DAEMON_WAKE, wake.events()),
         ] {
             epoll::add(
                 &self.inner.epoll,
                 fd,
                 epoll::EventData::new_u64(token),
-                epoll::EventFlags::IN,
+                flags,
             )
             .map_err(std::io::Error::from)?;
         }
@@ -1175,28 +1184,53 @@ impl Worker {
                 _ => {}
             }
         }
-        // Wake-ups are read before what they announce is looked at, so one that comes while we
-        // look stays pending for the next wait.
-        if daemon_rang && let Some(d) = st.daemon.as_ref() {
-            let _ = d.wake.drain();
-        }
-        for (segment, id, closed) in peers_rang {
-            let key = (segment, id);
-            let drained = st.peers.get(&key).map(|p| p.receiver.drain());
-            if closed || matches!(drained, Some(Ok(Drained::PeerGone(_)) | Err(_))) {
-                hung_up.push(key);
+        // A hang-up is final whether or not the end is read.
+        for &(segment, id, closed) in &peers_rang {
+            if closed {
+                hung_up.push((segment, id));
             }
         }
         if socket_ready {
             self.read_socket(&mut st);
         }
+        // Wake-up pipes are read, when they are, before what they announce is looked at (see
+        // `PolledReceiver::before_looking`).
+        let polled = |rang: bool| {
+            if rang {
+                Polled::Reported
+            } else {
+                Polled::NotReported
+            }
+        };
+        if let Some(d) = st.daemon.as_mut() {
+            let _ = d.wake.before_looking(polled(daemon_rang));
+        }
         let mut taken = self.drain_daemon_queue(&mut st);
+        if let Some(d) = st.daemon.as_mut() {
+            d.wake.taken(taken);
+        }
         let keys: Vec<SegmentKey> = st.peers.keys().copied().collect();
         let mut unfinished = false;
         for key in keys {
+            let Some(peer) = st.peers.get_mut(&key) else {
+                continue;
+            };
+            let rang = peers_rang.iter().any(|&(s, i, _)| (s, i) == key);
+            let read = peer.receiver.before_looking(polled(rang));
+            if matches!(read, Some(Ok(Drained::PeerGone(_)) | Err(_))) {
+                hung_up.push(key);
+            }
             let drained = self.drain_peer(&mut st, key);
+            if drained.taken > 0 {
+                self.inner
+                    .peer_records
+                    .fetch_add(drained.taken as u64, Ordering::Relaxed);
+            }
             taken += drained.taken;
             unfinished |= drained.unfinished;
+            if let Some(peer) = st.peers.get_mut(&key) {
+                peer.receiver.taken(drained.taken);
+            }
         }
         for key in hung_up {
             self.peer_died(&mut st, key);
@@ -1281,13 +1315,11 @@ impl Worker {
         match PeerSegment::open(seg, [write, anchor, read], is_client) {
             Ok(peer) => {
                 let token = TOKEN_PEER + ((u64::from(epoch) << 32) | u64::from(segment_id));
-                // Level-triggered: readable while the peer's wake-ups are unread, and for good
-                // once the peer is gone.
                 let watch = epoll::add(
                     &self.inner.epoll,
                     peer.receiver.as_fd(),
                     epoll::EventData::new_u64(token),
-                    epoll::EventFlags::IN,
+                    peer.receiver.events(),
                 );
                 if let Err(e) = watch {
                     tracing::warn!(error = %e, "cannot watch the peer");

@@ -40,15 +40,13 @@ pub struct AppRecord {
     pub cred: PeerCred,
     pub(crate) token: [u8; 32],
     pub workers: Vec<WorkerId>,
+    /// Whose allowance the app's resources come out of: its user's and its namespace's.
+    pub(crate) owner: Owner,
 }
 
 impl AppRecord {
-    /// Whose allowance the app's resources come out of: its user's and its namespace's.
     pub fn owner(&self) -> Owner {
-        Owner {
-            uid: self.cred.uid,
-            namespace: self.namespace.clone(),
-        }
+        self.owner.clone()
     }
 }
 

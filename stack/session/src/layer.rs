@@ -775,7 +775,7 @@ impl SessionLayer {
         };
         let owner = Owner {
             uid: req.cred.uid,
-            namespace: req.namespace_id.clone(),
+            namespace: req.namespace_id.as_str().into(),
         };
         let mut reg = self.registry();
         reg.ledger.check(&owner, Resource::Apps, 1)?;
@@ -795,6 +795,7 @@ impl SessionLayer {
                 cred: req.cred,
                 token,
                 workers: Vec::new(),
+                owner,
             },
         );
         let worker = Self::add_worker(&mut reg, app, req.thread, req.link);

@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::Arc;
 
 /// Something an app holds in shuntd.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -129,11 +130,12 @@ pub struct LimitExceeded {
     pub who: String,
 }
 
-/// Who a charge is made to: the user an app runs as, and the namespace it attached to.
+/// Who a charge is made to: the user an app runs as, and the namespace it attached to. Cheap
+/// to clone: every session keeps one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Owner {
     pub uid: u32,
-    pub namespace: String,
+    pub namespace: Arc<str>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -158,7 +160,7 @@ impl Usage {
 pub struct Ledger {
     limits: Limits,
     by_uid: HashMap<u32, Usage>,
-    by_namespace: HashMap<String, Usage>,
+    by_namespace: HashMap<Arc<str>, Usage>,
 }
 
 impl Ledger {
@@ -193,7 +195,7 @@ impl Ledger {
         }
         let used_ns = self
             .by_namespace
-            .get(&owner.namespace)
+            .get(&*owner.namespace)
             .map_or(0, |u| u.get(resource));
         let cap = self.limits.per_namespace.get(resource);
         if used_ns.saturating_add(amount) > cap {
@@ -201,7 +203,7 @@ impl Ledger {
                 resource,
                 holder: Holder::Namespace,
                 cap,
-                who: owner.namespace.clone(),
+                who: owner.namespace.to_string(),
             });
         }
         Ok(())
@@ -221,7 +223,7 @@ impl Ledger {
             .or_default()
             .add(resource, amount);
         // The namespace's entry usually exists: look it up before making a key for it.
-        match self.by_namespace.get_mut(&owner.namespace) {
+        match self.by_namespace.get_mut(&*owner.namespace) {
             Some(usage) => usage.add(resource, amount),
             None => {
                 let mut usage = Usage::default();
@@ -238,7 +240,7 @@ impl Ledger {
         if let Some(u) = self.by_uid.get_mut(&owner.uid) {
             u.sub(resource, amount);
         }
-        if let Some(u) = self.by_namespace.get_mut(&owner.namespace) {
+        if let Some(u) = self.by_namespace.get_mut(&*owner.namespace) {
             u.sub(resource, amount);
         }
     }

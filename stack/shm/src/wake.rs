@@ -23,17 +23,19 @@
 //!   through `/proc/self/fd`, so it shares no flags with the receiver's). While it is open the
 //!   pipe always has a reader: a sender whose receiver died gets a full pipe, never `EPIPE` and
 //!   the `SIGPIPE` that would kill an app that does not ignore it.
-//! * **The receiver drains before it looks.** A side woken by its read end being readable reads
-//!   the pending bytes ([`WakeReceiver::drain`]) *before* it looks at the shared memory they
-//!   announce, so a ring that arrives while it looks keeps the end readable for the next wait.
+//! * **No ring goes unseen.** A receiver that polls its end level-triggered reads the pending
+//!   bytes ([`WakeReceiver::drain`]) *before* it looks at the shared memory they announce, so a
+//!   ring that arrives while it looks keeps the end readable for the next wait. Where every
+//!   write to a pipe is an edge, a receiver polls edge-triggered and reads only now and then
+//!   ([`polling`]).
 //! * **The channel carries liveness.** When the sender's process dies its write end closes, and
 //!   the receiver's end reads end-of-file (`EPOLLHUP`).
 //!
-//! A ring costs one `write` of one byte to a pipe, and a wake-up one `read` to drain it. (A Unix
-//! socketpair would also do, with `MSG_DONTWAIT` per call, but each send allocates a buffer: a
-//! ping-pong between two processes measured a quarter slower. Polling the pipes
-//! edge-triggered, and reading the rings only now and then, saved the read, but made a bulk
-//! stream ring on nearly every write, at a tenth of the throughput.)
+//! A ring costs one `write` of one byte to a pipe. (A Unix socketpair would also do, with
+//! `MSG_DONTWAIT` per call, but each send allocates a buffer: a ping-pong between two processes
+//! measured a quarter slower.)
+//!
+//! # What a holder can still do
 //!
 //! What a hostile holder can still do: the receiver can fill the sender's pipe (through a write
 //! description of its own) or shrink it, which only makes the sender's rings report pending;
@@ -47,10 +49,12 @@ use rustix::fs::{FileType, Mode, OFlags};
 use rustix::io::Errno;
 use rustix::pipe::{PipeFlags, pipe_with};
 
+pub mod polling;
+
 /// The byte a ring writes. Its value carries nothing: any byte is a ring.
 const RING_BYTE: [u8; 1] = [1];
 /// Bytes read per `read` while draining.
-const DRAIN_CHUNK: usize = 256;
+const DRAIN_CHUNK: usize = 1024;
 /// Reads per drain. A well-behaved sender has rung a few times at most; one that keeps writing
 /// must not keep the receiver here. What is left keeps the end readable, so the receiver's next
 /// wait returns at once and drains again.
@@ -188,9 +192,14 @@ impl WakeReceiver {
     /// [`Drained::PeerGone`]. At most [`DRAIN_READS`] reads are made; whatever is left stays
     /// readable.
     pub fn drain(&self) -> io::Result<Drained> {
+        self.drain_at_most(DRAIN_READS * DRAIN_CHUNK)
+    }
+
+    /// Like [`WakeReceiver::drain`], reading up to about `max_bytes`.
+    pub fn drain_at_most(&self, max_bytes: usize) -> io::Result<Drained> {
         let mut buf = [0u8; DRAIN_CHUNK];
         let mut rings = 0u64;
-        for _ in 0..DRAIN_READS {
+        for _ in 0..max_bytes.div_ceil(DRAIN_CHUNK).max(1) {
             match rustix::io::read(&self.read, &mut buf) {
                 Ok(0) => return Ok(Drained::PeerGone(rings)),
                 Ok(n) => {

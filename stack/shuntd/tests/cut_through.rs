@@ -36,6 +36,7 @@ fn main() -> std::process::ExitCode {
         reads_that_outlast_their_polling_budget_sleep_and_wake,
         threads_blocking_on_sessions_of_one_worker_each_wake_for_their_data,
         a_dispatch_that_takes_another_threads_notification_wakes_it,
+        small_writes_through_a_small_fifo_lose_no_wake_up,
     ])
 }
 
@@ -65,6 +66,50 @@ fn transfers_64_mib_each_way_intact() {
         (64 << 20, server_sent),
         "server -> client bytes differ"
     );
+}
+
+/// Small writes and reads through a 4 KiB FIFO: the reader empties it and sleeps tens of
+/// thousands of times, so the wake-ups to it, and the records they announce, outnumber what a
+/// wake-up pipe holds, while the pipe is read only now and then (see
+/// `shunt_shm::wake::polling`). A ring swallowed or skipped would leave the reader asleep.
+fn small_writes_through_a_small_fifo_lose_no_wake_up() {
+    let d = Daemon::start("cut_through: {fifo_size: 4096}\n");
+    let server = d.attach("server");
+    let listener = server.listen(ep("127.0.0.1:7009")).unwrap();
+    let client = d.attach("client");
+    const LEN: usize = 128 << 20;
+    let reader = thread::spawn(move || {
+        let mut s = listener.accept().unwrap();
+        let mut crc = crc32fast::Hasher::new();
+        let mut buf = [0u8; 1000];
+        let mut total = 0;
+        loop {
+            let n = s.read(&mut buf).unwrap();
+            if n == 0 {
+                return (total, crc.finalize());
+            }
+            crc.update(&buf[..n]);
+            total += n;
+        }
+    });
+    let mut c = client.connect(ep("127.0.0.1:7009")).unwrap();
+    let mut crc = crc32fast::Hasher::new();
+    let mut buf = [0u8; 1024];
+    for sent in (0..LEN).step_by(buf.len()) {
+        common::pattern(7, sent as u64, &mut buf);
+        c.write_all(&buf).unwrap();
+        crc.update(&buf);
+    }
+    c.shutdown_write().unwrap();
+    assert_eq!(reader.join().unwrap(), (LEN, crc.finalize()));
+    // More notifications of data, each announced by a wake-up or found without one, than the
+    // reader's wake-up pipe holds.
+    let records = server.stats().peer_records;
+    assert!(
+        records > 65_536,
+        "the reader took {records} notifications only"
+    );
+    assert_no_lost_wakeups(&[&server, &client]);
 }
 
 fn half_close_works_in_both_directions() {
