@@ -95,7 +95,7 @@ impl Acceptor {
                 let target = path.display().to_string();
                 Ok((Acceptor::Unix(l, path, busy_poll), target))
             }
-            Transport::Memcpy | Transport::Eventfd => {
+            Transport::Memcpy | Transport::Eventfd | Transport::Pipe => {
                 anyhow::bail!("{} has no connections", transport.name())
             }
         }
@@ -197,7 +197,7 @@ impl Conn {
                 Conn::Tcp(Polled::new(s, busy_poll)?)
             }
             Transport::Unix => Conn::Unix(Polled::new(UnixStream::connect(target)?, busy_poll)?),
-            Transport::Memcpy | Transport::Eventfd => {
+            Transport::Memcpy | Transport::Eventfd | Transport::Pipe => {
                 anyhow::bail!("{} has no connections", transport.name())
             }
         })

@@ -67,7 +67,8 @@ enum Command {
     /// The child side of a two-process measurement.
     #[command(hide = true)]
     Peer(peer::PeerArgs),
-    /// The child side of the wake-up floor: echoes eventfd signals on stdin to stdout.
+    /// The child side of the wake-up floor: echoes the signals on stdin (an eventfd or a pipe)
+    /// to stdout.
     #[command(hide = true)]
     WakeEcho,
 }
@@ -184,8 +185,11 @@ pub(crate) enum Transport {
     TcpLoopback,
     Unix,
     Memcpy,
-    /// Two eventfds and no payload: the wake-up floor of any sleeping transport.
+    /// Two eventfds and no payload: the cheapest wake-up between two processes.
     Eventfd,
+    /// Two pipes and no payload: the wake-up floor of cut-through, which wakes a peer through
+    /// a pipe (eventfds can be poisoned by whoever holds them; see docs/security.md).
+    Pipe,
 }
 
 impl Transport {
@@ -202,6 +206,7 @@ impl Transport {
             Transport::Unix => "unix",
             Transport::Memcpy => "memcpy",
             Transport::Eventfd => "eventfd",
+            Transport::Pipe => "pipe",
         }
     }
 }

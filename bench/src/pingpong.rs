@@ -1,11 +1,12 @@
 //! Small-message round-trip latency, across two processes.
 //!
 //! This process pings; a re-executed copy of the binary echoes. Cut-through runs three ways:
-//! spinning on the FIFOs (the floor of what shared memory can do), sleeping on the eventfd
-//! doorbells at once (what an ordinary blocking app gets), and adaptive: blocking calls that
+//! spinning on the FIFOs (the floor of what shared memory can do), sleeping on the wake-up
+//! pipes at once (what an ordinary blocking app gets), and adaptive: blocking calls that
 //! poll for a short budget before they sleep (`AttachOptions::busy_poll`).
 //!
-//! Sleeping transports are also measured against the wake-up floor (two eventfds, no payload)
+//! Sleeping transports are also measured against the wake-up floors (two pipes, as
+//! cut-through wakes, or two eventfds, the cheapest there is; no payload)
 //! and a second time with both processes on one CPU, which shows how much of their latency is
 //! waking a peer on another CPU rather than moving bytes.
 
@@ -69,10 +70,13 @@ struct Ratios {
     /// (`event_ratio`), never on this.
     adaptive_ratio: f64,
     adaptive_busy_poll_us: u128,
-    /// The eventfd ping-pong's p50: no sleeping transport can go below it.
+    /// The pipe ping-pong's p50: sleeping cut-through, which wakes through pipes, cannot go
+    /// below it.
     wake_floor_p50_us: f64,
     /// cut-through event-driven p50 over the wake-up floor's.
     event_over_wake_floor: f64,
+    /// The eventfd ping-pong's p50: no sleeping transport can go below it.
+    eventfd_floor_p50_us: f64,
     /// cut-through event-driven p50 over tcp-loopback p50, both pairs of processes on one
     /// CPU. Informational: the target is judged where the scheduler places them.
     one_cpu_event_ratio: f64,
@@ -93,11 +97,13 @@ pub(crate) fn run(opts: &Options, r: &mut Reporter) -> anyhow::Result<()> {
         (Transport::Unix, Mode::Blocking, any),
         (Transport::Unix, Mode::Adaptive, any),
         (Transport::Eventfd, Mode::Blocking, any),
+        (Transport::Pipe, Mode::Blocking, any),
         // Only sleeping modes share a CPU: two spinners on one CPU measure the time slice.
         (Transport::CutThrough, Mode::Event, one),
         (Transport::TcpLoopback, Mode::Blocking, one),
         (Transport::Unix, Mode::Blocking, one),
         (Transport::Eventfd, Mode::Blocking, one),
+        (Transport::Pipe, Mode::Blocking, one),
     ];
     let worker = daemon.attach("shunt-bench-pinger")?;
     let polling_worker = daemon.attach_polling("shunt-bench-pinger-adaptive", opts.busy_poll)?;
@@ -114,10 +120,15 @@ pub(crate) fn run(opts: &Options, r: &mut Reporter) -> anyhow::Result<()> {
         },
         |&(t, mode, placement)| {
             let _placed = placement.apply()?;
-            let (samples, msg_size) = if t == Transport::Eventfd {
-                // The wake-up floor moves an eventfd's 8-byte count, not a message.
-                let samples = wake::round_trips(opts.iters, opts.warmup)?;
-                (samples, size_of::<u64>())
+            let floor = match t {
+                // The wake-up floors move an eventfd's 8-byte count or a byte, not a message.
+                Transport::Eventfd => Some((wake::Channel::Eventfd, size_of::<u64>())),
+                Transport::Pipe => Some((wake::Channel::Pipe, 1)),
+                _ => None,
+            };
+            let (samples, msg_size) = if let Some((channel, signal_len)) = floor {
+                let samples = wake::round_trips(channel, opts.iters, opts.warmup)?;
+                (samples, signal_len)
             } else {
                 let worker = if mode == Mode::Adaptive {
                     &polling_worker
@@ -182,9 +193,10 @@ pub(crate) fn run(opts: &Options, r: &mut Reporter) -> anyhow::Result<()> {
         adaptive_ratio: p50(Transport::CutThrough, Mode::Adaptive)
             / p50(Transport::TcpLoopback, Mode::Adaptive),
         adaptive_busy_poll_us: opts.busy_poll.as_micros(),
-        wake_floor_p50_us: p50(Transport::Eventfd, Mode::Blocking),
+        wake_floor_p50_us: p50(Transport::Pipe, Mode::Blocking),
         event_over_wake_floor: p50(Transport::CutThrough, Mode::Event)
-            / p50(Transport::Eventfd, Mode::Blocking),
+            / p50(Transport::Pipe, Mode::Blocking),
+        eventfd_floor_p50_us: p50(Transport::Eventfd, Mode::Blocking),
         one_cpu_event_ratio: p50_on(Transport::CutThrough, Mode::Event, one)
             / p50_on(Transport::TcpLoopback, Mode::Blocking, one),
         one_cpu_tcp_p50_us: p50_on(Transport::TcpLoopback, Mode::Blocking, one),

@@ -65,8 +65,15 @@ fn split<'a>(lines: &'a [Value], bench: &str) -> (Vec<&'a Value>, &'a Value) {
     (results, ratios[0])
 }
 
-/// The transports of the results, and `eventfd`: pingpong's wake-up floor.
-const TRANSPORTS: [&str; 5] = ["cut-through", "tcp-loopback", "unix", "memcpy", "eventfd"];
+/// The transports of the results, and `eventfd` and `pipe`: pingpong's wake-up floors.
+const TRANSPORTS: [&str; 6] = [
+    "cut-through",
+    "tcp-loopback",
+    "unix",
+    "memcpy",
+    "eventfd",
+    "pipe",
+];
 
 /// Whether kernel TCP was also measured polling, the baseline the adaptive mode compares with.
 fn has_polled_kernel_baseline(results: &[&Value]) -> bool {
@@ -141,7 +148,7 @@ fn pingpong_reports_every_cut_through_mode_and_the_kernel() {
     };
     assert_eq!(
         values_of("transport", ("placement", "one-cpu")),
-        BTreeSet::from(["cut-through", "tcp-loopback", "unix", "eventfd"])
+        BTreeSet::from(["cut-through", "tcp-loopback", "unix", "eventfd", "pipe"])
     );
     assert_eq!(
         values_of("mode", ("transport", "cut-through")),
@@ -159,6 +166,7 @@ fn pingpong_reports_every_cut_through_mode_and_the_kernel() {
             "adaptive_busy_poll_us",
             "wake_floor_p50_us",
             "event_over_wake_floor",
+            "eventfd_floor_p50_us",
             "one_cpu_event_ratio",
             "targets_met",
         ],
@@ -182,8 +190,11 @@ fn connect_reports_a_rate_per_transport() {
                 "connect_us",
                 "exchange_us",
                 "close_us",
+                "cpu_us_per_conn",
             ],
         );
+        // CPU time comes in clock ticks: a quick run may see none.
+        assert!(v["cpu_us_per_conn"].as_f64().unwrap() >= 0.0, "{v}");
         // The phases are parts of each connection's time, and each connecting thread spends
         // its wall-clock time on them, so they cannot add up to more than the threads had.
         let phases: f64 = ["connect_us", "exchange_us", "close_us"]
